@@ -1,0 +1,1 @@
+"""ocpp-lc package."""

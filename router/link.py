@@ -1,0 +1,515 @@
+"""One relayed station: its two websockets, the pumps between them and the controller's own calls.
+
+Theory of operation (Part 4 §6). A :class:`StationLink` owns a station's socket and the upstream
+socket opened for it under the same identity. Two pumps relay frames byte-for-byte, one per
+direction; each reads a message only after the previous one was written on, so a slow side slows
+only its own station. The pumps parse envelopes on the side, to
+
+* track calls in flight (call durations, the action a reply answers, observers);
+* keep at most one call *from our side* outstanding at the station (§4.1.1): relayed CSMS calls
+  and the controller's own calls (:meth:`StationLink.call`) share one :class:`CallSlot`;
+* take the station's answers to the controller's calls out of the stream: they never go upstream
+  (§6.4). Those calls carry ids of a reserved form (:func:`router.ocppj.new_lc_message_id`).
+
+When either socket ends, the other is closed with a deliberate code and reason (§6.3) and the link
+is done. Nothing about a station outlives its link.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Final
+
+import trio
+
+from . import ocppj
+from .metrics import RouterMetrics
+from .observers import LinkEvent, ObservedMessage, ObserverHub, RawFrame, Source
+from .ocppj import Envelope, FrameError, MessageType
+from .transport import (
+    ABNORMAL,
+    GOING_AWAY,
+    MESSAGE_TOO_BIG,
+    NORMAL,
+    UNSUPPORTED_DATA,
+    ConnectionClosed,
+    WebSocket,
+)
+
+log = logging.getLogger("ocpp_lc.link")
+
+#: The only subprotocol whose payloads the controller reads and writes; other versions are relayed.
+OCPP201: Final = "ocpp2.0.1"
+
+# Close codes a websocket close frame may carry (RFC 6455 §7.4): the ones a peer sent that we can
+# pass on unchanged to the other side.
+_RELAYABLE_CODES: Final = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+class LinkError(Exception):
+    """Base of errors from :meth:`StationLink.call`."""
+
+
+class LinkClosed(LinkError):
+    """The station's link closed before the call was answered."""
+
+
+class CallTimeout(LinkError):
+    """The station did not answer in time."""
+
+
+class CallRejected(LinkError):
+    """The station answered with a CALLERROR."""
+
+    def __init__(self, code: str, description: str, details: Any) -> None:
+        super().__init__(f"{code}: {description}")
+        self.code = code
+        self.description = description
+        self.details = details
+
+
+class UnsupportedVersion(LinkError):
+    """The link speaks an OCPP version the controller does not write (it only relays it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinkTimings:
+    """Per-link timing policy, from the configuration."""
+
+    lc_call_timeout_s: float = 30.0
+    csms_call_hold_s: float = 60.0
+    station_ping_interval_s: float = 60.0
+    station_ping_timeout_s: float = 30.0
+    csms_ping_interval_s: float = 60.0
+    csms_ping_timeout_s: float = 30.0
+    tracked_calls_max: int = 64
+
+
+class CallSlot:
+    """At most one call from our side outstanding at the station (§4.1.1).
+
+    Whoever sends a CALL to the station (the downstream pump for a CSMS call, or the controller)
+    first acquires the slot with that call's id; the station's answer releases it. A holder that is
+    never answered loses the slot at its deadline, so one lost answer does not block a station.
+    """
+
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self._metrics = metrics
+        self._holder: str | None = None
+        self._deadline = math.inf
+        self._released = trio.Event()
+
+    @property
+    def holder(self) -> str | None:
+        """The id of the outstanding call, if any."""
+        return self._holder
+
+    async def acquire(self, message_id: str, hold_s: float) -> bool:
+        """Wait for the slot and take it for ``message_id``; return whether we had to wait."""
+        waited = False
+        while self._holder is not None:
+            waited = True
+            with trio.move_on_at(self._deadline):
+                await self._released.wait()
+            if self._holder is not None and trio.current_time() >= self._deadline:
+                log.warning("call %s was never answered by the station; releasing", self._holder)
+                self._metrics.unanswered_calls.inc()
+                self._free()
+        self._holder = message_id
+        self._deadline = trio.current_time() + hold_s
+        self._released = trio.Event()
+        return waited
+
+    def release(self, message_id: str) -> bool:
+        """Free the slot if ``message_id`` holds it; return whether it did."""
+        if self._holder != message_id:
+            return False
+        self._free()
+        return True
+
+    def _free(self) -> None:
+        self._holder = None
+        self._deadline = math.inf
+        self._released.set()
+
+
+@dataclass(slots=True)
+class _Tracked:
+    action: str
+    payload: Any
+    started_s: float
+
+
+@dataclass(slots=True)
+class _PendingLcCall:
+    message_id: str
+    action: str
+    done: trio.Event
+    reply: Envelope | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CloseDecision:
+    """How a link ends: the metrics reason and what each side is told."""
+
+    reason: str
+    station_code: int
+    station_reason: str
+    csms_code: int
+    csms_reason: str
+
+
+def _passed_on(closed: ConnectionClosed, fallback_reason: str) -> tuple[int, str]:
+    """The close code and reason to give the other side when one side closed."""
+    if closed.by_peer and closed.code in _RELAYABLE_CODES:
+        return closed.code, closed.reason
+    return GOING_AWAY, fallback_reason
+
+
+def decide_close(leg: str, closed: ConnectionClosed) -> CloseDecision:
+    """Choose codes and a bounded reason label when ``leg`` ('station' or 'csms') ended."""
+    if closed.by_peer:
+        kind = "lost" if closed.code == ABNORMAL else "closed"
+    elif closed.code == MESSAGE_TOO_BIG:
+        kind = "message_too_big"
+    elif closed.code == UNSUPPORTED_DATA:
+        kind = "binary_frame"
+    else:
+        kind = "protocol_error"
+    if leg == "station":
+        code, text = _passed_on(closed, "charging station connection lost")
+        if not closed.by_peer:
+            text = f"charging station connection closed by the local controller: {closed.reason}"
+        return CloseDecision(f"station_{kind}", closed.code, closed.reason, code, text[:120])
+    code, text = _passed_on(closed, "CSMS connection lost")
+    if not closed.by_peer:
+        text = f"CSMS connection closed by the local controller: {closed.reason}"
+    return CloseDecision(f"csms_{kind}", code, text[:120], closed.code, closed.reason)
+
+
+class StationLink:
+    """A relayed station: both sockets, the pumps, keepalives and the controller's call API."""
+
+    def __init__(
+        self,
+        station_id: str,
+        station: WebSocket,
+        csms: WebSocket,
+        *,
+        metrics: RouterMetrics,
+        hub: ObserverHub,
+        timings: LinkTimings,
+    ) -> None:
+        self.station_id = station_id
+        self.subprotocol = station.subprotocol
+        self._station = station
+        self._csms = csms
+        self._metrics = metrics
+        self._hub = hub
+        self._timings = timings
+        self._slot = CallSlot(metrics)
+        self._lc_lock = trio.Lock()
+        self._lc_pending: _PendingLcCall | None = None
+        # Calls in flight, by id, to match answers: those the station sent (answered by the CSMS) and
+        # those sent to the station (by the CSMS). Bounded: a peer that never answers cannot grow them.
+        self._station_calls: dict[str, _Tracked] = {}
+        self._calls_to_station: dict[str, _Tracked] = {}
+        self._decision: CloseDecision | None = None
+        self._cancel_scope = trio.CancelScope()
+        self._done = trio.Event()
+        self.connected_at_s = trio.current_time()
+        self._speaks_201 = self.subprotocol == OCPP201
+
+    # -- the controller's own calls ------------------------------------------------------------
+
+    async def call(self, action: str, payload: dict[str, Any], *, timeout_s: float | None = None) -> dict[str, Any]:
+        """Send a CALL of the controller's own to the station and return its CALLRESULT payload.
+
+        Raises :class:`CallRejected` on a CALLERROR, :class:`CallTimeout` if no answer comes within
+        ``timeout_s`` (default: the configured LC call timeout, which includes waiting for a CSMS
+        call to the same station to be answered first), :class:`LinkClosed` if the link ends, and
+        :class:`UnsupportedVersion` if the station does not speak OCPP 2.0.1.
+        """
+        if not self._speaks_201:
+            raise UnsupportedVersion(f"{self.station_id} speaks {self.subprotocol}, not {OCPP201}")
+        if self._done.is_set():
+            raise LinkClosed(f"{self.station_id} is not connected")
+        limit_s = self._timings.lc_call_timeout_s if timeout_s is None else timeout_s
+        message_id = ocppj.new_lc_message_id()
+        frame = ocppj.encode_call(message_id, action, payload)
+        label = ocppj.action_label(action)
+        pending = _PendingLcCall(message_id, action, trio.Event())
+        outcome = "closed"
+        try:
+            with trio.fail_after(limit_s):
+                async with self._lc_lock:
+                    await self._slot.acquire(message_id, limit_s)
+                    self._lc_pending = pending
+                    try:
+                        await self._station.send_text(frame)
+                    except ConnectionClosed as exc:
+                        raise LinkClosed(f"{self.station_id} disconnected") from exc
+                    self._count("lc_to_station", label, frame)
+                    self._observe("lc", MessageType.CALL, message_id, action, payload, None)
+                    await self._wait_reply(pending)
+        except trio.TooSlowError:
+            outcome = "timeout"
+            raise CallTimeout(f"{self.station_id} did not answer {action} within {limit_s:g} s") from None
+        finally:
+            if self._lc_pending is pending:
+                self._lc_pending = None
+            self._slot.release(message_id)
+            if pending.reply is not None:
+                outcome = "result" if pending.reply.message_type is MessageType.CALLRESULT else "error"
+            self._metrics.lc_calls.labels(label, outcome).inc()
+        reply = pending.reply
+        assert reply is not None
+        if reply.message_type is MessageType.CALLERROR:
+            raise CallRejected(reply.error_code or "", reply.error_description or "", reply.payload)
+        result: dict[str, Any] = reply.payload
+        return result
+
+    async def _wait_reply(self, pending: _PendingLcCall) -> None:
+        # Wake on the reply or on the link ending, whichever comes first.
+        async with trio.open_nursery() as nursery:
+
+            async def on_done() -> None:
+                await self._done.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_done)
+            await pending.done.wait()
+            nursery.cancel_scope.cancel()
+        if pending.reply is None:
+            raise LinkClosed(f"{self.station_id} disconnected before answering {pending.action}")
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def close(self, reason: str, code: int = NORMAL, text: str = "") -> None:
+        """Ask the link to end: both sides get ``code`` with ``text``; ``reason`` labels the metric."""
+        if self._decision is None:
+            self._decision = CloseDecision(reason, code, text, code, text)
+        self._cancel_scope.cancel()
+
+    @property
+    def done(self) -> trio.Event:
+        """Set once both sockets are closed."""
+        return self._done
+
+    async def run(self) -> CloseDecision:
+        """Relay until either side ends, then close both; return how the link ended.
+
+        Always closes both sockets, whatever happens (cancellation included).
+        """
+        self._hub.publish(LinkEvent(self.station_id, "connected", self.subprotocol, trio.current_time()))
+        try:
+            with self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump_station_to_csms)
+                    nursery.start_soon(self._pump_csms_to_station)
+                    nursery.start_soon(
+                        self._keepalive,
+                        self._station,
+                        "station",
+                        self._timings.station_ping_interval_s,
+                        self._timings.station_ping_timeout_s,
+                    )
+                    nursery.start_soon(
+                        self._keepalive,
+                        self._csms,
+                        "csms",
+                        self._timings.csms_ping_interval_s,
+                        self._timings.csms_ping_timeout_s,
+                    )
+        except Exception:
+            log.exception("[%s] unexpected error; closing the pair", self.station_id)
+            self._metrics.handler_errors.inc()
+            if self._decision is None:
+                self._decision = CloseDecision(
+                    "internal_error", 1011, "local controller error", 1011, "local controller error"
+                )
+        finally:
+            decision = self._decision or CloseDecision(
+                "shutdown", GOING_AWAY, "local controller shutting down", GOING_AWAY, "local controller shutting down"
+            )
+            self._decision = decision
+            with trio.CancelScope(shield=True):
+                async with trio.open_nursery() as closer:
+                    closer.start_soon(self._station.aclose, decision.station_code, decision.station_reason)
+                    closer.start_soon(self._csms.aclose, decision.csms_code, decision.csms_reason)
+                self._done.set()
+                self._metrics.pair_closes.labels(decision.reason).inc()
+                self._hub.publish(
+                    LinkEvent(self.station_id, "disconnected", self.subprotocol, trio.current_time(), decision.reason)
+                )
+        log.info(
+            "[%s] pair closed (%s): station got %d, CSMS got %d",
+            self.station_id,
+            decision.reason,
+            decision.station_code,
+            decision.csms_code,
+        )
+        return decision
+
+    def _end(self, decision: CloseDecision) -> None:
+        if self._decision is None:
+            self._decision = decision
+        self._cancel_scope.cancel()
+
+    async def _keepalive(self, websocket: WebSocket, leg: str, interval_s: float, timeout_s: float) -> None:
+        """Ping at ``interval_s``; a pong missing for ``timeout_s`` means the peer is gone (Part 4 §5.2)."""
+        if interval_s <= 0:
+            return
+        sequence = 0
+        while True:
+            await trio.sleep(interval_s)
+            sequence += 1
+            try:
+                with trio.move_on_after(timeout_s) as scope:
+                    await websocket.ping(sequence.to_bytes(8, "big"))
+            except ConnectionClosed:
+                return  # the pump reading this leg reports the close
+            if scope.cancelled_caught:
+                log.warning("[%s] %s leg did not answer a ping within %g s", self.station_id, leg, timeout_s)
+                if leg == "station":
+                    self._end(
+                        CloseDecision(
+                            "station_timeout",
+                            GOING_AWAY,
+                            "ping timeout",
+                            GOING_AWAY,
+                            "charging station not responding",
+                        )
+                    )
+                else:
+                    self._end(
+                        CloseDecision("csms_timeout", GOING_AWAY, "CSMS not responding", GOING_AWAY, "ping timeout")
+                    )
+                return
+
+    # -- the pumps -----------------------------------------------------------------------------
+
+    def _count(self, direction: str, label: str, text: str) -> None:
+        self._metrics.frames.labels(direction, label).inc()
+        size = len(text) if text.isascii() else len(text.encode())
+        self._metrics.frame_bytes.labels(direction, label).inc(size)
+
+    def _parse(self, text: str, direction: str) -> Envelope | None:
+        try:
+            return ocppj.parse_frame(text)
+        except FrameError as exc:
+            # Relayed unchanged all the same: the far end owns validation (and answers it).
+            self._metrics.invalid_frames.labels(direction, exc.kind).inc()
+            log.info("[%s] %s frame is not valid OCPP-J (%s); relayed as is", self.station_id, direction, exc.reason)
+            return None
+
+    def _observe(
+        self,
+        source: Source,
+        message_type: MessageType,
+        message_id: str,
+        action: str | None,
+        payload: Any,
+        request: Any,
+    ) -> None:
+        if self._speaks_201 and self._hub.has_subscribers:
+            self._hub.publish(
+                ObservedMessage(
+                    self.station_id, source, message_type, message_id, action, payload, request, trio.current_time()
+                )
+            )
+
+    def _track(self, table: dict[str, _Tracked], envelope: Envelope) -> None:
+        if len(table) >= self._timings.tracked_calls_max:
+            table.pop(next(iter(table)))  # the oldest: its answer is long overdue
+        assert envelope.action is not None
+        table[envelope.message_id] = _Tracked(envelope.action, envelope.payload, trio.current_time())
+
+    async def _pump_station_to_csms(self) -> None:
+        direction = "station_to_csms"
+        while True:
+            try:
+                text = await self._station.receive_text()
+            except ConnectionClosed as closed:
+                self._end(decide_close("station", closed))
+                return
+            envelope = self._parse(text, direction)
+            if envelope is not None and envelope.message_type is not MessageType.CALL:
+                if ocppj.is_lc_message_id(envelope.message_id):
+                    self._answer_lc_call(envelope, text)
+                    continue  # §6.4: never relayed upstream
+                self._slot.release(envelope.message_id)
+            if self._hub.wants_raw:
+                self._hub.publish(RawFrame(self.station_id, direction, text, trio.current_time()))
+            try:
+                await self._csms.send_text(text)
+            except ConnectionClosed as closed:
+                self._end(decide_close("csms", closed))
+                return
+            self._after_relay(envelope, text, direction, "station")
+
+    async def _pump_csms_to_station(self) -> None:
+        direction = "csms_to_station"
+        while True:
+            try:
+                text = await self._csms.receive_text()
+            except ConnectionClosed as closed:
+                self._end(decide_close("csms", closed))
+                return
+            envelope = self._parse(text, direction)
+            if (
+                envelope is not None
+                and envelope.message_type is MessageType.CALL
+                and await self._slot.acquire(envelope.message_id, self._timings.csms_call_hold_s)
+            ):
+                self._metrics.held_calls.inc()
+            if self._hub.wants_raw:
+                self._hub.publish(RawFrame(self.station_id, direction, text, trio.current_time()))
+            try:
+                await self._station.send_text(text)
+            except ConnectionClosed as closed:
+                self._end(decide_close("station", closed))
+                return
+            self._after_relay(envelope, text, direction, "csms")
+
+    def _after_relay(self, envelope: Envelope | None, text: str, direction: str, source: Source) -> None:
+        """Bookkeeping once a frame is on its way: metrics, call tracking, observers."""
+        calls_sent_by_source = self._station_calls if source == "station" else self._calls_to_station
+        calls_answered_by_source = self._calls_to_station if source == "station" else self._station_calls
+        if envelope is None:
+            self._count(direction, "other", text)
+            return
+        if envelope.message_type is MessageType.CALL:
+            self._count(direction, ocppj.action_label(envelope.action), text)
+            self._track(calls_sent_by_source, envelope)
+            self._observe(source, envelope.message_type, envelope.message_id, envelope.action, envelope.payload, None)
+            return
+        tracked = calls_answered_by_source.pop(envelope.message_id, None)
+        label = ocppj.action_label(tracked.action if tracked else None)
+        self._count(direction, label, text)
+        if tracked is not None:
+            # The answer's sender is the leg that answered: 'station' answers CSMS calls.
+            self._metrics.call_duration.labels(source, label).observe(trio.current_time() - tracked.started_s)
+        self._observe(
+            source,
+            envelope.message_type,
+            envelope.message_id,
+            tracked.action if tracked else None,
+            envelope.payload,
+            tracked.payload if tracked else None,
+        )
+
+    def _answer_lc_call(self, envelope: Envelope, text: str) -> None:
+        pending = self._lc_pending
+        if pending is None or pending.message_id != envelope.message_id:
+            self._metrics.late_replies.inc()
+            self._count("station_to_lc", "other", text)
+            log.info("[%s] late answer to controller call %s dropped", self.station_id, envelope.message_id)
+            return
+        self._count("station_to_lc", ocppj.action_label(pending.action), text)
+        pending.reply = envelope
+        self._slot.release(envelope.message_id)
+        pending.done.set()
+        self._observe("station", envelope.message_type, envelope.message_id, pending.action, envelope.payload, None)

@@ -1,0 +1,308 @@
+"""The station server: accept a station, open its upstream twin, relay until either ends (Part 4 §6.2).
+
+For each accepted TCP connection the handler reads the station's opening handshake, checks the
+identity in the path, and *before answering* opens ``<csms url>/<identity>`` with the subprotocols
+the station offered and its ``Authorization`` header unchanged. The station's handshake then gets
+the CSMS's outcome: the subprotocol it chose, or its HTTP refusal. Only then does the pair become a
+:class:`~router.link.StationLink`. Every stream a handler accepts is closed when it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Final
+from urllib.parse import unquote
+
+import trio
+
+from .link import LinkTimings, StationLink
+from .metrics import RouterMetrics
+from .observers import ObserverHub
+from .transport import (
+    GOING_AWAY,
+    NORMAL,
+    HandshakeFailed,
+    IncomingHandshake,
+    connect,
+    read_handshake,
+    tls_server_handshake,
+)
+
+log = logging.getLogger("ocpp_lc.server")
+
+MAX_IDENTITY_CHARS: Final = 48
+
+
+class IdentityError(ValueError):
+    """The request path does not carry a usable station identity."""
+
+
+def parse_identity(target: str, base_path: str) -> tuple[str, str]:
+    """Split ``<base_path>/<identity>`` into (decoded identity, raw path segment) or raise.
+
+    The identity is percent-decoded (Part 4 §3.1.1), at most 48 characters, without ``:`` (it is
+    also the Basic-auth user name) and without control characters.
+    """
+    path = target.split("?", 1)[0]
+    prefix = base_path.rstrip("/") + "/"
+    if not path.startswith(prefix):
+        raise IdentityError(f"path must be {prefix}<identity>")
+    raw = path[len(prefix) :]
+    if not raw or "/" in raw:
+        raise IdentityError(f"path must be {prefix}<identity> with one identity segment")
+    try:
+        identity = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise IdentityError("identity is not valid percent-encoded UTF-8") from None
+    if len(identity) > MAX_IDENTITY_CHARS:
+        raise IdentityError(f"identity longer than {MAX_IDENTITY_CHARS} characters")
+    if ":" in identity:
+        raise IdentityError("identity must not contain ':'")
+    if not identity.isprintable():
+        raise IdentityError("identity must not contain control characters")
+    return identity, raw
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """Where and how to open upstream connections."""
+
+    host: str
+    port: int
+    path: str
+    ssl_context: ssl.SSLContext | None = None
+    connect_timeout_s: float = 10.0
+
+
+@dataclass
+class LinkRegistry:
+    """The live links by station identity (one per identity: a newer connection replaces an older)."""
+
+    links: dict[str, StationLink] = field(default_factory=dict)
+
+    def get(self, station_id: str) -> StationLink | None:
+        """The live link of ``station_id``, if connected."""
+        return self.links.get(station_id)
+
+    def __iter__(self) -> Iterator[StationLink]:
+        return iter(list(self.links.values()))
+
+    def __len__(self) -> int:
+        return len(self.links)
+
+
+class StationServer:
+    """Listens for stations and runs one handler per connection, each owning its pair."""
+
+    def __init__(
+        self,
+        *,
+        base_path: str,
+        upstream: UpstreamTarget,
+        timings: LinkTimings,
+        metrics: RouterMetrics,
+        hub: ObserverHub,
+        registry: LinkRegistry,
+        max_message_bytes: int,
+        handshake_timeout_s: float,
+        max_stations: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._base_path = base_path
+        self._upstream = upstream
+        self._timings = timings
+        self._metrics = metrics
+        self._hub = hub
+        self.registry = registry
+        self._max_message_bytes = max_message_bytes
+        self._handshake_timeout_s = handshake_timeout_s
+        self._max_stations = max_stations
+        self._ssl_context = ssl_context
+        self._handlers: trio.Nursery | None = None
+        self._listeners: list[trio.SocketListener] = []
+        self._accepting = True
+        self._in_progress = 0
+
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on ``host:port`` and serve until cancelled; report the bound port when ready."""
+        self._listeners = await trio.open_tcp_listeners(port, host=host or None, backlog=1024)
+        bound_port = self._listeners[0].socket.getsockname()[1]
+        log.info("listening for stations on %s:%d%s/<identity>", host, bound_port, self._base_path)
+        async with trio.open_nursery() as nursery:
+            self._handlers = nursery
+            for listener in self._listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+            task_status.started(bound_port)
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while self._accepting:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    # Out of file descriptors and the like: back off instead of spinning (trio's own
+                    # serve_listeners does the same for these errors).
+                    log.error("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                except trio.ClosedResourceError:
+                    return
+                nursery.start_soon(self._handle, stream)
+
+    async def stop_accepting(self) -> None:
+        """Stop taking new connections (shutdown's first step)."""
+        self._accepting = False
+        for listener in self._listeners:
+            await listener.aclose()
+
+    async def close_all(self, grace_s: float) -> None:
+        """Close every pair with 1001 and wait up to ``grace_s`` for them to finish."""
+        links = list(self.registry)
+        for link in links:
+            link.close("shutdown", GOING_AWAY, "local controller shutting down")
+        with trio.move_on_after(grace_s):
+            for link in links:
+                await link.done.wait()
+
+    def _refuse(self, reason: str) -> None:
+        self._metrics.handshake_refusals.labels(reason).inc()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        peer = _peer_name(stream)
+        station_id = "?"
+        try:
+            incoming = await self._open_handshake(stream, peer)
+            if incoming is None:
+                return
+            station_id, link = await self._pair(incoming, peer)
+            if link is None:
+                return
+            try:
+                await link.run()
+            finally:
+                if self.registry.links.get(station_id) is link:
+                    del self.registry.links[station_id]
+                self._update_gauges()
+        except Exception:
+            # One bad station never harms another: log, count, and let this handler end.
+            log.exception("[%s] unexpected error in the station handler (%s)", station_id, peer)
+            self._metrics.handler_errors.inc()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    async def _open_handshake(self, stream: trio.SocketStream, peer: str) -> IncomingHandshake | None:
+        transport: trio.abc.Stream = stream
+        with trio.move_on_after(self._handshake_timeout_s) as scope:
+            try:
+                if self._ssl_context is not None:
+                    transport = await tls_server_handshake(stream, self._ssl_context)
+                return await read_handshake(transport, max_message_bytes=self._max_message_bytes)
+            except HandshakeFailed as exc:
+                reason = "tls" if self._ssl_context is not None and exc.status is None else "not_websocket"
+                if exc.status is None and "closed" in exc.reason:
+                    reason = "abandoned"
+                self._refuse(reason)
+                log.info("refused a connection from %s: %s", peer, exc.reason)
+                return None
+        if scope.cancelled_caught:
+            self._refuse("handshake_timeout")
+            log.info("%s did not complete a handshake within %g s", peer, self._handshake_timeout_s)
+        return None
+
+    async def _pair(self, incoming: IncomingHandshake, peer: str) -> tuple[str, StationLink | None]:
+        try:
+            station_id, raw_segment = parse_identity(incoming.target, self._base_path)
+        except IdentityError as exc:
+            self._refuse("identity")
+            log.info("refused %s from %s: %s", incoming.target[:200], peer, exc)
+            await incoming.reject(404, str(exc))
+            return "?", None
+        if len(self.registry) + self._in_progress >= self._max_stations and station_id not in self.registry.links:
+            self._refuse("capacity")
+            log.warning("[%s] refused: %d stations is the configured maximum", station_id, self._max_stations)
+            await incoming.reject(503, "local controller at capacity")
+            return station_id, None
+        self._in_progress += 1
+        try:
+            return station_id, await self._open_pair(incoming, station_id, raw_segment)
+        finally:
+            self._in_progress -= 1
+
+    async def _open_pair(self, incoming: IncomingHandshake, station_id: str, raw_segment: str) -> StationLink | None:
+        headers: list[tuple[str, str]] = []
+        if "authorization" in incoming.headers:
+            headers.append(("Authorization", incoming.headers["authorization"]))
+        upstream = self._upstream
+        target = f"{upstream.path}/{raw_segment}"
+        csms = None
+        with trio.move_on_after(upstream.connect_timeout_s):
+            try:
+                csms = await connect(
+                    upstream.host,
+                    upstream.port,
+                    target,
+                    subprotocols=incoming.subprotocols,
+                    extra_headers=headers,
+                    ssl_context=upstream.ssl_context,
+                    max_message_bytes=self._max_message_bytes,
+                )
+            except HandshakeFailed as exc:
+                if exc.status is not None:
+                    # The station sees what it would have seen connecting directly.
+                    self._refuse("csms_refused")
+                    log.info("[%s] CSMS refused the connection with HTTP %d", station_id, exc.status)
+                    body = exc.body.decode("utf-8", "replace").strip() or f"CSMS refused with HTTP {exc.status}"
+                    await incoming.reject(exc.status, body)
+                else:
+                    self._refuse("csms_unreachable")
+                    log.warning("[%s] CSMS unreachable: %s", station_id, exc.reason)
+                    await incoming.reject(502, f"CSMS unreachable: {exc.reason}")
+                return None
+        if csms is None:
+            self._refuse("csms_timeout")
+            log.warning("[%s] CSMS did not answer within %g s", station_id, upstream.connect_timeout_s)
+            await incoming.reject(504, f"CSMS did not answer within {upstream.connect_timeout_s:g} s")
+            return None
+        try:
+            station = await incoming.accept(csms.subprotocol)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await csms.aclose(GOING_AWAY, "charging station connection lost")
+            raise
+        if csms.compressed:
+            self._metrics.compression.labels("csms").inc()
+        if station.compressed:
+            self._metrics.compression.labels("station").inc()
+        link = StationLink(station_id, station, csms, metrics=self._metrics, hub=self._hub, timings=self._timings)
+        previous = self.registry.links.get(station_id)
+        if previous is not None:
+            log.warning("[%s] connected again; closing the older connection", station_id)
+            previous.close("replaced", NORMAL, "replaced by a newer connection")
+        self.registry.links[station_id] = link
+        self._update_gauges()
+        log.info(
+            "[%s] connected (subprotocol %s, compression station=%s csms=%s)",
+            station_id,
+            csms.subprotocol,
+            station.compressed,
+            csms.compressed,
+        )
+        return link
+
+    def _update_gauges(self) -> None:
+        self._metrics.stations_connected.set(len(self.registry))
+        self._metrics.upstream_links_up.set(len(self.registry))
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "unknown peer"
+    return f"{address[0]}:{address[1]}"

@@ -1,0 +1,239 @@
+"""A test charging station: OCPP 2.0.1 on the PyPI `ocpp` library over a `websockets` client.
+
+Run as `python -m tests.peers.station --url ws://127.0.0.1:PORT/ocpp --identity CS01`. It connects
+once to `<url>/<percent-encoded identity>`, boots (unless `--no-boot`), answers CSMS CALLs with
+schema-valid canned responses, and exits when the connection ends. Events and commands are described
+in `tests/peers/common.py` and `tests/support/peers.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import sys
+import urllib.parse
+from typing import Any
+
+from ocpp.routing import on
+from ocpp.v201 import call_result
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
+
+from tests.peers.common import (
+    MAX_MESSAGE_BYTES,
+    Behaviour,
+    CallFailed,
+    FrameLog,
+    Ocpp16Echo,
+    PeerChargePoint,
+    configure_logging,
+    emit,
+    follow_commands,
+    race,
+    run_peer,
+    stop_on_signals,
+)
+
+
+def _variable_result(item: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """Echo the component/variable/attribute type of a requested variable into its result."""
+    result = {"component": item["component"], "variable": item["variable"], **extra}
+    if "attribute_type" in item:
+        result["attribute_type"] = item["attribute_type"]
+    return result
+
+
+class StationChargePoint(PeerChargePoint):
+    """The station end: canned answers for CSMS-initiated CALLs (the handlers see snake_case keys)."""
+
+    @on("GetVariables")
+    def on_get_variables(self, get_variable_data: list[dict[str, Any]], **_: Any) -> call_result.GetVariables:
+        return call_result.GetVariables(
+            get_variable_result=[
+                _variable_result(item, attribute_status="Accepted", attribute_value="42") for item in get_variable_data
+            ]
+        )
+
+    @on("SetVariables")
+    def on_set_variables(self, set_variable_data: list[dict[str, Any]], **_: Any) -> call_result.SetVariables:
+        return call_result.SetVariables(
+            set_variable_result=[_variable_result(item, attribute_status="Accepted") for item in set_variable_data]
+        )
+
+    @on("RequestStartTransaction")
+    def on_request_start_transaction(self, **_: Any) -> call_result.RequestStartTransaction:
+        return call_result.RequestStartTransaction(status="Accepted")
+
+    @on("RequestStopTransaction")
+    def on_request_stop_transaction(self, **_: Any) -> call_result.RequestStopTransaction:
+        return call_result.RequestStopTransaction(status="Accepted")
+
+    @on("SetChargingProfile")
+    def on_set_charging_profile(self, **_: Any) -> call_result.SetChargingProfile:
+        return call_result.SetChargingProfile(status="Accepted")
+
+    @on("ClearChargingProfile")
+    def on_clear_charging_profile(self, **_: Any) -> call_result.ClearChargingProfile:
+        return call_result.ClearChargingProfile(status="Accepted")
+
+    @on("GetChargingProfiles")
+    def on_get_charging_profiles(self, **_: Any) -> call_result.GetChargingProfiles:
+        return call_result.GetChargingProfiles(status="NoProfiles")
+
+    @on("GetCompositeSchedule")
+    def on_get_composite_schedule(self, **_: Any) -> call_result.GetCompositeSchedule:
+        return call_result.GetCompositeSchedule(status="Rejected")
+
+    @on("Reset")
+    def on_reset(self, **_: Any) -> call_result.Reset:
+        return call_result.Reset(status="Accepted")
+
+    @on("TriggerMessage")
+    def on_trigger_message(self, **_: Any) -> call_result.TriggerMessage:
+        return call_result.TriggerMessage(status="Accepted")
+
+    @on("UpdateFirmware")
+    def on_update_firmware(self, **_: Any) -> call_result.UpdateFirmware:
+        return call_result.UpdateFirmware(status="Accepted")
+
+    @on("ChangeAvailability")
+    def on_change_availability(self, **_: Any) -> call_result.ChangeAvailability:
+        return call_result.ChangeAvailability(status="Accepted")
+
+    @on("UnlockConnector")
+    def on_unlock_connector(self, **_: Any) -> call_result.UnlockConnector:
+        return call_result.UnlockConnector(status="Unlocked")
+
+    @on("GetBaseReport")
+    def on_get_base_report(self, **_: Any) -> call_result.GetBaseReport:
+        return call_result.GetBaseReport(status="Accepted")
+
+    @on("DataTransfer")
+    def on_data_transfer(self, **_: Any) -> call_result.DataTransfer:
+        return call_result.DataTransfer(status="UnknownVendorId")
+
+
+async def boot(station: PeerChargePoint, args: argparse.Namespace) -> None:
+    """Send the BootNotification; with --heartbeat, then send Heartbeats at the interval granted."""
+    try:
+        answer = await station.call_raw(
+            "BootNotification",
+            {
+                "reason": "PowerUp",
+                "chargingStation": {"model": args.model, "vendorName": args.vendor},
+            },
+        )
+    except CallFailed as exc:
+        emit({"event": "boot", **exc.event})
+        return
+    emit({"event": "boot", "payload": answer})
+    if not args.heartbeat or answer.get("status") != "Accepted":
+        return
+    interval_s = float(answer.get("interval") or 300)
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await station.call_raw("Heartbeat", {})
+        except CallFailed as exc:
+            emit({"event": "heartbeat_failed", **exc.event})
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.peers.station", description=__doc__)
+    parser.add_argument("--url", required=True, help="CSMS URL without the identity, e.g. ws://h:p/ocpp")
+    parser.add_argument("--identity", required=True)
+    parser.add_argument(
+        "--subprotocols", default="ocpp2.0.1", help="comma-separated, in order of preference; empty offers none"
+    )
+    parser.add_argument(
+        "--basic-auth-password", default=None, help="send HTTP Basic auth with user <identity> (security profile 1)"
+    )
+    parser.add_argument("--no-deflate", action="store_true", help="do not offer permessage-deflate")
+    parser.add_argument("--no-boot", action="store_true", help="do not send BootNotification")
+    parser.add_argument(
+        "--heartbeat", action="store_true", help="after an accepted boot, send Heartbeat at the interval granted"
+    )
+    parser.add_argument("--model", default="TestModel")
+    parser.add_argument("--vendor", default="TestVendor")
+    parser.add_argument("--ping-interval", type=float, default=20.0, help="seconds; 0 disables")
+    parser.add_argument("--open-timeout", type=float, default=10.0, help="seconds for the handshake")
+    return parser.parse_args(argv)
+
+
+async def amain(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    url = args.url.rstrip("/") + "/" + urllib.parse.quote(args.identity, safe="")
+    headers: dict[str, str] = {}
+    if args.basic_auth_password is not None:
+        credentials = f"{args.identity}:{args.basic_auth_password}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode("ascii")
+
+    async def open_connection() -> ClientConnection:
+        return await connect(
+            url,
+            subprotocols=[Subprotocol(p) for p in args.subprotocols.split(",") if p] or None,
+            additional_headers=headers,
+            compression=None if args.no_deflate else "deflate",
+            max_size=MAX_MESSAGE_BYTES,
+            ping_interval=args.ping_interval or None,
+            open_timeout=args.open_timeout,
+        )
+
+    try:
+        stopped, ws = await race(stop, open_connection)
+    except InvalidStatus as exc:
+        emit(
+            {
+                "event": "rejected",
+                "status": exc.response.status_code,
+                "body": bytes(exc.response.body).decode(errors="replace"),
+            }
+        )
+        return 0
+    except (OSError, InvalidHandshake, TimeoutError) as exc:
+        emit({"event": "connect_failed", "error": f"{type(exc).__name__}: {exc}"})
+        return 0
+    if stopped:
+        return 0
+    assert isinstance(ws, ClientConnection) and ws.response is not None
+    emit(
+        {
+            "event": "connected",
+            "subprotocol": ws.subprotocol,
+            "extensions": ws.response.headers.get("Sec-WebSocket-Extensions"),
+        }
+    )
+
+    station_type = Ocpp16Echo if ws.subprotocol == "ocpp1.6" else StationChargePoint
+    station = station_type(args.identity, FrameLog(ws, args.identity), Behaviour())
+    async with asyncio.TaskGroup() as tasks:
+        helpers = [
+            tasks.create_task(follow_commands(station.behaviour, lambda _: station, stop)),
+            tasks.create_task(_close_on(stop, ws)),
+        ]
+        if not args.no_boot:
+            helpers.append(tasks.create_task(boot(station, args)))
+        try:
+            await station.serve()
+        finally:
+            emit({"event": "disconnected", "identity": args.identity, "code": ws.close_code, "reason": ws.close_reason})
+            for task in helpers:
+                task.cancel()
+    return 0
+
+
+async def _close_on(stop: asyncio.Event, ws: ClientConnection) -> None:
+    await stop.wait()
+    await ws.close(1000, "station stopping")
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
+    return run_peer(amain(parse_args(sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
