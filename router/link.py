@@ -221,6 +221,9 @@ class StationLink:
         self._done = trio.Event()
         self.connected_at_s = trio.current_time()
         self._speaks_201 = self.subprotocol == OCPP201
+        wire = metrics.wire_bytes
+        station.count_bytes(wire.labels("station", "sent"), wire.labels("station", "received"))
+        csms.count_bytes(wire.labels("csms", "sent"), wire.labels("csms", "received"))
 
     # -- the controller's own calls ------------------------------------------------------------
 

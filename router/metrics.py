@@ -43,7 +43,8 @@ class RouterMetrics:
         )
         self.wire_bytes = Counter(
             "ocpp_lc_wire_bytes_total",
-            "Bytes on the network (after compression), by leg and direction.",
+            "Bytes the controller sent and received on the network (after compression), "
+            "by leg (station, csms) and direction (sent, received).",
             ["leg", "direction"],
             registry=registry,
         )

@@ -172,7 +172,7 @@ class StationServer:
     def _refuse(self, reason: str) -> None:
         self._metrics.handshake_refusals.labels(reason).inc()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
         peer = _peer_name(stream)
         station_id = "?"
         try:
@@ -196,7 +196,7 @@ class StationServer:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
 
-    async def _open_handshake(self, stream: trio.SocketStream, peer: str) -> IncomingHandshake | None:
+    async def _open_handshake(self, stream: trio.abc.Stream, peer: str) -> IncomingHandshake | None:
         transport: trio.abc.Stream = stream
         with trio.move_on_after(self._handshake_timeout_s) as scope:
             try:
@@ -300,9 +300,10 @@ class StationServer:
         self._metrics.upstream_links_up.set(len(self.registry))
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
+def _peer_name(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None)
     try:
-        address = stream.socket.getpeername()
+        address = sock.getpeername() if sock is not None else ("memory", 0)
     except OSError:
         return "unknown peer"
     return f"{address[0]}:{address[1]}"

@@ -28,7 +28,7 @@ import ssl
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -97,6 +97,12 @@ def _deflate() -> PerMessageDeflate:
     return PerMessageDeflate(client_no_context_takeover=False, server_no_context_takeover=False)
 
 
+class ByteCounter(Protocol):
+    """Anything that counts bytes (a Prometheus counter child, in the appliance)."""
+
+    def inc(self, amount: float = 1) -> None: ...
+
+
 class WebSocket:
     """One open websocket (either side) over a trio stream."""
 
@@ -123,6 +129,13 @@ class WebSocket:
         self._stream_closed = False
         self.bytes_received = 0
         self.bytes_sent = 0
+        self._sent_counter: ByteCounter | None = None
+        self._received_counter: ByteCounter | None = None
+
+    def count_bytes(self, sent: ByteCounter, received: ByteCounter) -> None:
+        """Also add the bytes this connection moves on the network to ``sent`` and ``received``."""
+        self._sent_counter = sent
+        self._received_counter = received
 
     @property
     def closed(self) -> ConnectionClosed | None:
@@ -139,6 +152,8 @@ class WebSocket:
                 self._mark_closed(ABNORMAL, "connection lost while sending", by_peer=True)
                 raise self._closed_error() from exc
         self.bytes_sent += len(data)
+        if self._sent_counter is not None:
+            self._sent_counter.inc(len(data))
 
     def _mark_closed(self, code: int, reason: str, *, by_peer: bool) -> None:
         if self._closed is None:
@@ -198,6 +213,8 @@ class WebSocket:
                 await self._close_stream()
                 raise self._closed_error()
             self.bytes_received += len(data)
+            if self._received_counter is not None:
+                self._received_counter.inc(len(data))
             try:
                 self._ws.receive_data(bytes(data))
             except (RemoteProtocolError, LocalProtocolError) as exc:
@@ -466,7 +483,7 @@ async def connect(
             except (trio.BrokenResourceError, ssl.SSLError) as exc:
                 raise HandshakeFailed(f"TLS handshake with {host}:{port} failed: {exc.__cause__ or exc}") from exc
             stream = tls
-        return await _client_handshake(
+        return await client_handshake(
             stream, host, port, target, subprotocols, extra_headers, max_message_bytes, compress
         )
     except BaseException:
@@ -475,16 +492,17 @@ async def connect(
         raise
 
 
-async def _client_handshake(
+async def client_handshake(
     stream: trio.abc.Stream,
     host: str,
     port: int,
     target: str,
-    subprotocols: Sequence[str],
-    extra_headers: Sequence[tuple[str, str]],
-    max_message_bytes: int,
-    compress: bool,
+    subprotocols: Sequence[str] = (),
+    extra_headers: Sequence[tuple[str, str]] = (),
+    max_message_bytes: int = 1_048_576,
+    compress: bool = True,
 ) -> WebSocket:
+    """Run the client side of the opening handshake on an open ``stream`` (see :func:`connect`)."""
     connection = WSConnection(ConnectionType.CLIENT)
     offered = [_deflate()] if compress else []
     request = Request(
