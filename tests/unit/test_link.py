@@ -1,0 +1,222 @@
+"""A station pair over in-memory streams: observers, call tracking and the controller's calls.
+
+These run on trio's virtual clock (``autojump_clock``): timeouts are asserted in virtual seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+from prometheus_client import CollectorRegistry
+
+from router.link import CallRejected, CallTimeout, LinkTimings, StationLink
+from router.metrics import RouterMetrics
+from router.observers import LinkEvent, ObservedMessage, ObserverHub
+from router.ocppj import MessageType
+from router.transport import WebSocket, client_handshake, read_handshake
+from tests.support.schemas import validate_frame
+
+TX_STARTED = {
+    "eventType": "Started",
+    "timestamp": "2026-11-25T10:00:00Z",
+    "triggerReason": "Authorized",
+    "seqNo": 0,
+    "transactionInfo": {"transactionId": "tx-1", "chargingState": "Charging"},
+    "evse": {"id": 1, "connectorId": 1},
+    "idToken": {"idToken": "TAG1", "type": "ISO14443"},
+}
+
+
+async def ws_pair() -> tuple[WebSocket, WebSocket]:
+    """(client end, server end) of one websocket over an in-memory stream pair."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    server: list[WebSocket] = []
+
+    async def serve() -> None:
+        incoming = await read_handshake(server_stream, max_message_bytes=65_536)
+        server.append(await incoming.accept("ocpp2.0.1"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        client = await client_handshake(client_stream, "lc", 80, "/ocpp/CS01", subprotocols=["ocpp2.0.1"])
+    return client, server[0]
+
+
+@dataclass
+class Pair:
+    link: StationLink
+    station: WebSocket  # the station's own end
+    csms: WebSocket  # the CSMS's own end
+    hub: ObserverHub
+    registry: CollectorRegistry
+
+
+@asynccontextmanager
+async def relayed_pair(timings: LinkTimings | None = None) -> AsyncIterator[Pair]:
+    station_end, lc_station_side = await ws_pair()
+    lc_csms_side, _csms_end = await ws_pair()
+    registry = CollectorRegistry()
+    metrics = RouterMetrics(registry)
+    hub = ObserverHub(metrics)
+    link = StationLink(
+        "CS01",
+        lc_station_side,
+        lc_csms_side,
+        metrics=metrics,
+        hub=hub,
+        timings=timings or LinkTimings(station_ping_interval_s=0, csms_ping_interval_s=0),
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.run)
+        yield Pair(link, station_end, csms_end, hub, registry)
+        link.close("test")
+        nursery.cancel_scope.cancel()
+
+
+async def test_observers_see_a_transaction_together_with_the_csms_answer(autojump_clock: trio.abc.Clock) -> None:
+    async with relayed_pair() as pair:
+        with pair.hub.subscribe("test", 10) as events:
+            await pair.station.send_text(json.dumps([2, "m1", "TransactionEvent", TX_STARTED]))
+            assert json.loads(await pair.csms.receive_text())[1] == "m1"
+            answer = {"chargingPriority": 3, "idTokenInfo": {"status": "Accepted"}}
+            await pair.csms.send_text(json.dumps([3, "m1", answer]))
+            assert json.loads(await pair.station.receive_text()) == [3, "m1", answer]
+            seen = [await events.receive() for _ in range(3)]
+    connected, call, result = seen
+    assert isinstance(connected, LinkEvent)
+    assert isinstance(call, ObservedMessage) and isinstance(result, ObservedMessage)
+    assert (call.source, call.message_type, call.action) == ("station", MessageType.CALL, "TransactionEvent")
+    # K03.FR.04-06 need the priority together with the transaction it belongs to.
+    assert (result.source, result.action, result.payload["chargingPriority"]) == ("csms", "TransactionEvent", 3)
+    assert result.request["transactionInfo"]["transactionId"] == "tx-1"
+    assert pair.registry.get_sample_value(
+        "ocpp_lc_call_duration_seconds_count", {"leg": "csms", "action": "TransactionEvent"}
+    )
+
+
+async def test_a_slow_observer_loses_events_but_never_slows_forwarding(autojump_clock: trio.abc.Clock) -> None:
+    async with relayed_pair() as pair:
+        await trio.testing.wait_all_tasks_blocked()  # the link's "connected" event is out of the way
+        with pair.hub.subscribe("sleepy", 2):
+            for number in range(20):
+                await pair.station.send_text(json.dumps([2, f"h{number}", "Heartbeat", {}]))
+                assert json.loads(await pair.csms.receive_text())[1] == f"h{number}"
+                await pair.csms.send_text(json.dumps([3, f"h{number}", {"currentTime": "2026-11-25T10:00:00Z"}]))
+                await pair.station.receive_text()
+    dropped = pair.registry.get_sample_value("ocpp_lc_observer_dropped_total", {"observer": "sleepy"})
+    assert dropped == 40 - 2
+
+
+async def test_link_events_mark_connect_and_disconnect(autojump_clock: trio.abc.Clock) -> None:
+    registry = CollectorRegistry()
+    hub = ObserverHub(RouterMetrics(registry))
+    with hub.subscribe("test", 10) as events:
+        station_end, lc_station_side = await ws_pair()
+        lc_csms_side, _csms_end = await ws_pair()
+        link = StationLink(
+            "CS01", lc_station_side, lc_csms_side, metrics=RouterMetrics(CollectorRegistry()), hub=hub,
+            timings=LinkTimings(station_ping_interval_s=0, csms_ping_interval_s=0),
+        )  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.run)
+            await station_end.aclose(1000, "bye")
+        first, last = await events.receive(), await events.receive()
+    assert isinstance(first, LinkEvent) and first.kind == "connected"
+    assert isinstance(last, LinkEvent) and (last.kind, last.reason) == ("disconnected", "station_closed")
+
+
+async def test_controller_call_gets_the_station_answer_which_never_goes_upstream(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with relayed_pair() as pair, trio.open_nursery() as nursery:
+        results: list[dict[str, object]] = []
+
+        async def call() -> None:
+            results.append(await pair.link.call("ClearChargingProfile", {"chargingProfileId": 900}))
+
+        nursery.start_soon(call)
+        frame = await pair.station.receive_text()
+        validate_frame(frame)  # what the controller writes is schema-valid
+        message_id = json.loads(frame)[1]
+        await pair.station.send_text(json.dumps([3, message_id, {"status": "Accepted"}]))
+        # A station call afterwards is the next thing the CSMS sees: the answer was not relayed (§6.4).
+        await pair.station.send_text(json.dumps([2, "m9", "Heartbeat", {}]))
+        assert json.loads(await pair.csms.receive_text())[1] == "m9"
+    assert results == [{"status": "Accepted"}]
+    assert pair.registry.get_sample_value(
+        "ocpp_lc_lc_calls_total", {"action": "ClearChargingProfile", "outcome": "result"}
+    )
+
+
+async def test_controller_call_timeout_then_late_answer_is_dropped(autojump_clock: trio.abc.Clock) -> None:
+    async with relayed_pair(
+        LinkTimings(lc_call_timeout_s=5, station_ping_interval_s=0, csms_ping_interval_s=0)
+    ) as pair:
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+
+            async def call() -> None:
+                with pytest.raises(CallTimeout):
+                    await pair.link.call("GetCompositeSchedule", {"duration": 60, "evseId": 1})
+                assert trio.current_time() - started == pytest.approx(5)
+
+            nursery.start_soon(call)
+            message_id = json.loads(await pair.station.receive_text())[1]
+        await pair.station.send_text(json.dumps([3, message_id, {"status": "Rejected"}]))
+        await pair.station.send_text(json.dumps([2, "m2", "Heartbeat", {}]))
+        assert json.loads(await pair.csms.receive_text())[1] == "m2"
+    assert pair.registry.get_sample_value("ocpp_lc_late_replies_total") == 1
+
+
+async def test_controller_call_rejected_with_a_callerror(autojump_clock: trio.abc.Clock) -> None:
+    async with relayed_pair() as pair, trio.open_nursery() as nursery:
+
+        async def call() -> None:
+            with pytest.raises(CallRejected) as caught:
+                await pair.link.call("SetChargingProfile", {"evseId": 1, "chargingProfile": {}})
+            assert caught.value.code == "FormatViolation"
+
+        nursery.start_soon(call)
+        message_id = json.loads(await pair.station.receive_text())[1]
+        await pair.station.send_text(json.dumps([4, message_id, "FormatViolation", "bad profile", {}]))
+
+
+async def test_a_csms_call_waits_while_a_controller_call_is_outstanding(autojump_clock: trio.abc.Clock) -> None:
+    # Part 4 §4.1.1: the station must never have two calls from our side outstanding.
+    async with relayed_pair() as pair, trio.open_nursery() as nursery:
+
+        async def call() -> None:
+            await pair.link.call("ClearChargingProfile", {"chargingProfileId": 1})
+
+        nursery.start_soon(call)
+        lc_call = json.loads(await pair.station.receive_text())
+        await pair.csms.send_text(json.dumps([2, "c1", "GetVariables", {"getVariableData": []}]))
+        with trio.move_on_after(10) as waited:
+            await pair.station.receive_text()
+        assert waited.cancelled_caught, "the CSMS call overtook the controller's call"
+        await pair.station.send_text(json.dumps([3, lc_call[1], {"status": "Accepted"}]))
+        assert json.loads(await pair.station.receive_text())[1] == "c1"
+    assert pair.registry.get_sample_value("ocpp_lc_held_csms_calls_total") == 1
+
+
+async def test_an_unanswered_csms_call_frees_the_slot_after_the_hold_time(autojump_clock: trio.abc.Clock) -> None:
+    timings = LinkTimings(csms_call_hold_s=20, lc_call_timeout_s=60, station_ping_interval_s=0, csms_ping_interval_s=0)
+    async with relayed_pair(timings) as pair, trio.open_nursery() as nursery:
+        await pair.csms.send_text(json.dumps([2, "c1", "GetVariables", {"getVariableData": []}]))
+        assert json.loads(await pair.station.receive_text())[1] == "c1"
+        started = trio.current_time()
+
+        async def call() -> None:
+            await pair.link.call("ClearChargingProfile", {"chargingProfileId": 1})
+
+        nursery.start_soon(call)
+        lc_call = json.loads(await pair.station.receive_text())
+        assert trio.current_time() - started == pytest.approx(20)
+        await pair.station.send_text(json.dumps([3, lc_call[1], {"status": "Accepted"}]))
+    assert pair.registry.get_sample_value("ocpp_lc_unanswered_calls_total") == 1
