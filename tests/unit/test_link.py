@@ -60,7 +60,7 @@ class Pair:
 @asynccontextmanager
 async def relayed_pair(timings: LinkTimings | None = None) -> AsyncIterator[Pair]:
     station_end, lc_station_side = await ws_pair()
-    lc_csms_side, _csms_end = await ws_pair()
+    lc_csms_side, csms_end = await ws_pair()
     registry = CollectorRegistry()
     metrics = RouterMetrics(registry)
     hub = ObserverHub(metrics)
