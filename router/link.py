@@ -43,9 +43,13 @@ log = logging.getLogger("ocpp_lc.link")
 #: The only subprotocol whose payloads the controller reads and writes; other versions are relayed.
 OCPP201: Final = "ocpp2.0.1"
 
-# Close codes a websocket close frame may carry (RFC 6455 §7.4): the ones a peer sent that we can
-# pass on unchanged to the other side.
+# Close codes a peer may send in a close frame (RFC 6455 §7.4): these are passed on unchanged to the
+# other side, so neither end can tell the controller is there (§6.1). 1005/1006 never travel.
 _RELAYABLE_CODES: Final = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+def _relayable(code: int) -> bool:
+    return code in _RELAYABLE_CODES or 3000 <= code <= 4999
 
 
 class LinkError(Exception):
@@ -163,7 +167,7 @@ class CloseDecision:
 
 def _passed_on(closed: ConnectionClosed, fallback_reason: str) -> tuple[int, str]:
     """The close code and reason to give the other side when one side closed."""
-    if closed.by_peer and closed.code in _RELAYABLE_CODES:
+    if closed.by_peer and _relayable(closed.code):
         return closed.code, closed.reason
     return GOING_AWAY, fallback_reason
 
@@ -295,6 +299,14 @@ class StationLink:
         if self._decision is None:
             self._decision = CloseDecision(reason, code, text, code, text)
         self._cancel_scope.cancel()
+
+    async def abort(self) -> None:
+        """Drop both sockets at once (after a close that the peers did not complete in time)."""
+        self.close("shutdown", GOING_AWAY, "local controller shutting down")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._station.abort)
+            nursery.start_soon(self._csms.abort)
+        await self._done.wait()
 
     @property
     def done(self) -> trio.Event:

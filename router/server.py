@@ -24,6 +24,7 @@ from .observers import ObserverHub
 from .transport import (
     GOING_AWAY,
     NORMAL,
+    PROTOCOL_ERROR,
     HandshakeFailed,
     IncomingHandshake,
     connect,
@@ -168,6 +169,11 @@ class StationServer:
         with trio.move_on_after(grace_s):
             for link in links:
                 await link.done.wait()
+        # A station that does not answer the closing handshake must not hold shutdown past the grace.
+        async with trio.open_nursery() as nursery:
+            for link in links:
+                if not link.done.is_set():
+                    nursery.start_soon(link.abort)
 
     def _refuse(self, reason: str) -> None:
         self._metrics.handshake_refusals.labels(reason).inc()
@@ -204,10 +210,7 @@ class StationServer:
                     transport = await tls_server_handshake(stream, self._ssl_context)
                 return await read_handshake(transport, max_message_bytes=self._max_message_bytes)
             except HandshakeFailed as exc:
-                reason = "tls" if self._ssl_context is not None and exc.status is None else "not_websocket"
-                if exc.status is None and "closed" in exc.reason:
-                    reason = "abandoned"
-                self._refuse(reason)
+                self._refuse({"tls": "tls", "abandoned": "abandoned"}.get(exc.kind, "not_websocket"))
                 log.info("refused a connection from %s: %s", peer, exc.reason)
                 return None
         if scope.cancelled_caught:
@@ -228,11 +231,22 @@ class StationServer:
             log.warning("[%s] refused: %d stations is the configured maximum", station_id, self._max_stations)
             await incoming.reject(503, "local controller at capacity")
             return station_id, None
+        if not incoming.subprotocols:
+            # Part 4 §3.2: no OCPP version to agree on. Complete the handshake without a subprotocol and
+            # close at once, as a CSMS would; nothing is opened upstream for such a station.
+            await self._close_without_subprotocol(incoming, station_id, "the station offered no OCPP subprotocol")
+            return station_id, None
         self._in_progress += 1
         try:
             return station_id, await self._open_pair(incoming, station_id, raw_segment)
         finally:
             self._in_progress -= 1
+
+    async def _close_without_subprotocol(self, incoming: IncomingHandshake, station_id: str, why: str) -> None:
+        self._refuse("no_subprotocol")
+        log.info("[%s] %s; closing after the handshake", station_id, why)
+        station = await incoming.accept(None)
+        await station.aclose(PROTOCOL_ERROR, "no common OCPP subprotocol")
 
     async def _open_pair(self, incoming: IncomingHandshake, station_id: str, raw_segment: str) -> StationLink | None:
         headers: list[tuple[str, str]] = []
@@ -268,6 +282,14 @@ class StationServer:
             self._refuse("csms_timeout")
             log.warning("[%s] CSMS did not answer within %g s", station_id, upstream.connect_timeout_s)
             await incoming.reject(504, f"CSMS did not answer within {upstream.connect_timeout_s:g} s")
+            return None
+        if csms.subprotocol is None:
+            # The CSMS agreed to none of the offered versions; it closes its side (§3.2), we close ours.
+            with trio.CancelScope(shield=True):
+                await csms.aclose(NORMAL, "")
+            await self._close_without_subprotocol(
+                incoming, station_id, "the CSMS accepted none of the offered subprotocols"
+            )
             return None
         try:
             station = await incoming.accept(csms.subprotocol)

@@ -81,13 +81,18 @@ class ConnectionClosed(TransportError):
 
 
 class HandshakeFailed(TransportError):
-    """A handshake did not produce a websocket. ``status`` is an HTTP status when one applies."""
+    """A handshake did not produce a websocket. ``status`` is an HTTP status when one applies.
 
-    def __init__(self, reason: str, status: int | None = None, body: bytes = b"") -> None:
+    ``kind`` is a short label: ``abandoned`` (the peer went away), ``invalid`` (not a websocket
+    handshake), ``tls``, ``refused`` (an HTTP refusal), ``unreachable``.
+    """
+
+    def __init__(self, reason: str, status: int | None = None, body: bytes = b"", *, kind: str = "invalid") -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
         self.body = body
+        self.kind = kind
 
 
 def _deflate() -> PerMessageDeflate:
@@ -286,6 +291,11 @@ class WebSocket:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
 
+    async def abort(self) -> None:
+        """Drop the connection without a closing handshake (wakes any task blocked on it)."""
+        self._mark_closed(ABNORMAL, "aborted", by_peer=False)
+        await self._close_stream()
+
     async def aclose(self, code: int = NORMAL, reason: str = "") -> None:
         """Close with ``code``: send a close frame, wait briefly for the peer's, close the stream.
 
@@ -402,9 +412,9 @@ async def read_handshake(stream: trio.abc.Stream, *, max_message_bytes: int) -> 
         try:
             data = await stream.receive_some(RECEIVE_CHUNK_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise HandshakeFailed("connection lost during the handshake") from exc
+            raise HandshakeFailed("connection lost during the handshake", kind="abandoned") from exc
         if not data:
-            raise HandshakeFailed("connection closed before the handshake")
+            raise HandshakeFailed("connection closed before the handshake", kind="abandoned")
         received += len(data)
         try:
             connection.receive_data(bytes(data))
@@ -445,7 +455,7 @@ async def tls_server_handshake(stream: trio.abc.Stream, context: ssl.SSLContext)
     except (trio.BrokenResourceError, ssl.SSLError) as exc:
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(stream)
-        raise HandshakeFailed(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
+        raise HandshakeFailed(f"TLS handshake failed: {exc.__cause__ or exc}", kind="tls") from exc
     return tls_stream
 
 
@@ -473,7 +483,7 @@ async def connect(
     try:
         tcp = await trio.open_tcp_stream(host, port)
     except OSError as exc:
-        raise HandshakeFailed(f"cannot reach {host}:{port}: {exc.strerror or exc}") from exc
+        raise HandshakeFailed(f"cannot reach {host}:{port}: {exc.strerror or exc}", kind="unreachable") from exc
     stream: trio.abc.Stream = tcp
     try:
         if ssl_context is not None:
@@ -481,7 +491,9 @@ async def connect(
             try:
                 await tls.do_handshake()
             except (trio.BrokenResourceError, ssl.SSLError) as exc:
-                raise HandshakeFailed(f"TLS handshake with {host}:{port} failed: {exc.__cause__ or exc}") from exc
+                raise HandshakeFailed(
+                    f"TLS handshake with {host}:{port} failed: {exc.__cause__ or exc}", kind="tls"
+                ) from exc
             stream = tls
         return await client_handshake(
             stream, host, port, target, subprotocols, extra_headers, max_message_bytes, compress
@@ -515,7 +527,7 @@ async def client_handshake(
     try:
         await stream.send_all(connection.send(request))
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        raise HandshakeFailed(f"connection to {host}:{port} lost during the handshake") from exc
+        raise HandshakeFailed(f"connection to {host}:{port} lost during the handshake", kind="unreachable") from exc
     status: int | None = None
     body = bytearray()
     while True:
@@ -525,8 +537,8 @@ async def client_handshake(
             data = b""
         if not data:
             if status is not None:
-                raise HandshakeFailed(f"refused with HTTP {status}", status, bytes(body))
-            raise HandshakeFailed(f"{host}:{port} closed the connection during the handshake")
+                raise HandshakeFailed(f"refused with HTTP {status}", status, bytes(body), kind="refused")
+            raise HandshakeFailed(f"{host}:{port} closed the connection during the handshake", kind="unreachable")
         try:
             connection.receive_data(bytes(data))
         except RemoteProtocolError as exc:
@@ -544,9 +556,9 @@ async def client_handshake(
             if isinstance(event, RejectConnection):
                 status = event.status_code
                 if not event.has_body:
-                    raise HandshakeFailed(f"refused with HTTP {status}", status)
+                    raise HandshakeFailed(f"refused with HTTP {status}", status, kind="refused")
             elif isinstance(event, RejectData):
                 if len(body) < MAX_REJECT_BODY_BYTES:
                     body += event.data[: MAX_REJECT_BODY_BYTES - len(body)]
                 if event.body_finished:
-                    raise HandshakeFailed(f"refused with HTTP {status}", status, bytes(body))
+                    raise HandshakeFailed(f"refused with HTTP {status}", status, bytes(body), kind="refused")

@@ -1,0 +1,226 @@
+"""A sandbox CSMS for the demo: accepts any station identity and answers like a friendly backend.
+
+It listens on 127.0.0.1 (port 0), takes any ``<path>/<identity>`` offering ``ocpp2.0.1``, and answers
+every station call with a valid OCPP 2.0.1 response: BootNotification Accepted with a heartbeat
+interval, Heartbeat with the time, Authorize and TransactionEvent with an Accepted idToken, empty
+answers to StatusNotification, MeterValues, NotifyReport and the like. It also calls the stations
+itself, to show calls travelling CSMS → controller → station: a GetBaseReport once a station has
+booted, then now and then a GetVariables. Unknown actions get a NotImplemented CALLERROR.
+
+Every connection is handled in its own task under the server's nursery and always closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Final
+from urllib.parse import unquote
+
+import trio
+
+from ..transport import HandshakeFailed, WebSocket, read_handshake
+from .clock import WallClock, format_time, utc_now
+from .rpc import CallError, CallTimedOut, EndpointClosed, FrameHook, Handler, RpcEndpoint
+
+log = logging.getLogger("ocpp_lc.demo.csms")
+
+SUBPROTOCOL: Final = "ocpp2.0.1"
+HANDSHAKE_TIMEOUT_S: Final = 10.0
+MAX_MESSAGE_BYTES: Final = 1_048_576
+#: The heartbeat interval given to every station (s).
+HEARTBEAT_INTERVAL_S: Final = 30
+
+#: Receives ``(connection label, "sent" | "received", frame text)`` for every frame the CSMS handles.
+CsmsFrameLog = Callable[[str, str, str], None]
+
+#: Variables the CSMS asks stations for now and then (component, variable).
+_POLLED_VARIABLES: Final = (
+    ("ChargingStation", "AvailabilityState"),
+    ("OCPPCommCtrlr", "HeartbeatInterval"),
+    ("SampledDataCtrlr", "TxUpdatedInterval"),
+    ("SmartChargingCtrlr", "Enabled"),
+    ("ChargingStation", "Model"),
+)
+
+
+class SandboxCsms:
+    """The demo's CSMS. Run with ``port = await nursery.start(csms.serve)``."""
+
+    def __init__(
+        self,
+        *,
+        path: str = "/ocpp",
+        seed: int = 0,
+        poll_interval_s: tuple[float, float] = (8.0, 20.0),
+        clock: WallClock = utc_now,
+        frame_log: CsmsFrameLog | None = None,
+    ) -> None:
+        self.path = path
+        self._seed = seed
+        self._poll_interval_s = poll_interval_s
+        self._clock = clock
+        self._frame_log = frame_log
+        self._connections = 0
+        #: Calls received from stations, by action (bounded by the set of OCPP actions).
+        self.calls_received: Counter[str] = Counter()
+        #: Calls the CSMS made of its own, by action and outcome.
+        self.calls_sent: Counter[tuple[str, str]] = Counter()
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on 127.0.0.1 (a free port) until cancelled; report the port once listening."""
+        async with trio.open_nursery() as nursery:
+            listeners: list[trio.SocketListener] = await nursery.start(
+                partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
+            )
+            task_status.started(listeners[0].socket.getsockname()[1])
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._handle_connection(stream)
+        except Exception:
+            # One confused connection must not take the sandbox down.
+            log.exception("sandbox CSMS: error on a connection")
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    async def _handle_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                incoming = await read_handshake(stream, max_message_bytes=MAX_MESSAGE_BYTES)
+        except (HandshakeFailed, trio.TooSlowError):
+            return
+        prefix = self.path + "/"
+        raw_identity = incoming.target.split("?", 1)[0].removeprefix(prefix)
+        if not incoming.target.startswith(prefix) or not raw_identity or "/" in raw_identity:
+            await incoming.reject(404, f"stations connect to {prefix}<identity>")
+            return
+        if SUBPROTOCOL not in incoming.subprotocols:
+            await incoming.reject(400, f"this sandbox speaks {SUBPROTOCOL} only")
+            return
+        identity = unquote(raw_identity)
+        websocket = await incoming.accept(SUBPROTOCOL)
+        self._connections += 1
+        session = _StationSession(
+            self,
+            identity,
+            random.Random(f"{self._seed}-csms-{identity}"),
+            label=f"{identity}#csms{self._connections}",
+        )
+        try:
+            await session.run(websocket)
+        finally:
+            await websocket.aclose()
+
+    # -- answers -------------------------------------------------------------------------------
+
+    def now(self) -> str:
+        """The CSMS's current time as an OCPP dateTime."""
+        return format_time(self._clock())
+
+
+class _StationSession:
+    """One station's connection at the sandbox CSMS."""
+
+    def __init__(self, csms: SandboxCsms, identity: str, rng: random.Random, *, label: str) -> None:
+        self._csms = csms
+        self.identity = identity
+        self._rng = rng
+        self._label = label
+        self._booted = trio.Event()
+        self._request_id = 0
+
+    async def run(self, websocket: WebSocket) -> None:
+        on_frame: FrameHook | None = None
+        frame_log = self._csms._frame_log
+        if frame_log is not None:
+            label = self._label
+
+            def on_frame(direction: str, text: str) -> None:
+                frame_log(label, direction, text)
+
+        rpc = RpcEndpoint(websocket, self._handlers(), on_frame=on_frame)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._call_now_and_then, rpc)
+            await rpc.serve()
+            nursery.cancel_scope.cancel()
+
+    def _handlers(self) -> dict[str, Handler]:
+        csms = self._csms
+
+        def counted(action: str, answer: Callable[[dict[str, Any]], dict[str, Any]]) -> Handler:
+            def handler(request: dict[str, Any]) -> dict[str, Any]:
+                csms.calls_received[action] += 1
+                return answer(request)
+
+            return handler
+
+        def boot_notification(request: dict[str, Any]) -> dict[str, Any]:
+            self._booted.set()
+            return {"currentTime": csms.now(), "interval": HEARTBEAT_INTERVAL_S, "status": "Accepted"}
+
+        def id_token_accepted(request: dict[str, Any]) -> dict[str, Any]:
+            return {"idTokenInfo": {"status": "Accepted"}}
+
+        def transaction_event(request: dict[str, Any]) -> dict[str, Any]:
+            # idTokenInfo answers an idToken the station sent; otherwise there is nothing to say.
+            return {"idTokenInfo": {"status": "Accepted"}} if "idToken" in request else {}
+
+        def empty(request: dict[str, Any]) -> dict[str, Any]:
+            return {}
+
+        answers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "BootNotification": boot_notification,
+            "Heartbeat": lambda request: {"currentTime": csms.now()},
+            "Authorize": id_token_accepted,
+            "TransactionEvent": transaction_event,
+        }
+        for action in (
+            "StatusNotification",
+            "MeterValues",
+            "NotifyReport",
+            "NotifyEvent",
+            "FirmwareStatusNotification",
+            "SecurityEventNotification",
+            "LogStatusNotification",
+            "NotifyChargingLimit",
+            "ClearedChargingLimit",
+            "ReportChargingProfiles",
+        ):
+            answers[action] = empty
+        return {action: counted(action, answer) for action, answer in answers.items()}
+
+    async def _call_now_and_then(self, rpc: RpcEndpoint) -> None:
+        """The CSMS's own calls: a base report after boot, then GetVariables now and then."""
+        try:
+            await self._make_calls(rpc)
+        except EndpointClosed:
+            return  # the reader reports how the connection ended
+
+    async def _make_calls(self, rpc: RpcEndpoint) -> None:
+        await self._booted.wait()
+        await trio.sleep(self._rng.uniform(1.0, 3.0))
+        self._request_id += 1
+        await self._call(rpc, "GetBaseReport", {"requestId": self._request_id, "reportBase": "ConfigurationInventory"})
+        while True:
+            await trio.sleep(self._rng.uniform(*self._csms._poll_interval_s))
+            picked = self._rng.sample(_POLLED_VARIABLES, k=self._rng.randint(1, 2))
+            request = {
+                "getVariableData": [
+                    {"component": {"name": component}, "variable": {"name": variable}} for component, variable in picked
+                ]
+            }
+            await self._call(rpc, "GetVariables", request)
+
+    async def _call(self, rpc: RpcEndpoint, action: str, payload: dict[str, Any]) -> None:
+        try:
+            await rpc.call(action, payload)
+        except (CallError, CallTimedOut) as exc:
+            self._csms.calls_sent[action, "error"] += 1
+            log.warning("[%s] sandbox CSMS: %s answered with %s", self.identity, action, exc)
+            return
+        self._csms.calls_sent[action, "result"] += 1
