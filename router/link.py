@@ -466,28 +466,44 @@ class StationLink:
             self._after_relay(envelope, text, direction, "station")
 
     async def _pump_csms_to_station(self) -> None:
+        # CALLs go through a sender task that waits for the call slot; everything else (answers to
+        # the station's calls, and the pings/pongs read along the way) keeps flowing meanwhile.
         direction = "csms_to_station"
-        while True:
-            try:
-                text = await self._csms.receive_text()
-            except ConnectionClosed as closed:
-                self._end(decide_close("csms", closed))
-                return
-            envelope = self._parse(text, direction)
-            if (
-                envelope is not None
-                and envelope.message_type is MessageType.CALL
-                and await self._slot.acquire(envelope.message_id, self._timings.csms_call_hold_s)
-            ):
-                self._metrics.held_calls.inc()
-            if self._hub.wants_raw:
-                self._hub.publish(RawFrame(self.station_id, direction, text, trio.current_time()))
-            try:
-                await self._station.send_text(text)
-            except ConnectionClosed as closed:
-                self._end(decide_close("station", closed))
-                return
-            self._after_relay(envelope, text, direction, "csms")
+        calls_send, calls_receive = trio.open_memory_channel[tuple[str, Envelope]](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_csms_calls, calls_receive)
+            async with calls_send:
+                while True:
+                    try:
+                        text = await self._csms.receive_text()
+                    except ConnectionClosed as closed:
+                        self._end(decide_close("csms", closed))
+                        return
+                    envelope = self._parse(text, direction)
+                    if envelope is not None and envelope.message_type is MessageType.CALL:
+                        await calls_send.send((text, envelope))
+                    elif not await self._to_station(text, envelope):
+                        return
+
+    async def _send_csms_calls(self, calls: trio.MemoryReceiveChannel[tuple[str, Envelope]]) -> None:
+        async with calls:
+            async for text, envelope in calls:
+                if await self._slot.acquire(envelope.message_id, self._timings.csms_call_hold_s):
+                    self._metrics.held_calls.inc()
+                if not await self._to_station(text, envelope):
+                    return
+
+    async def _to_station(self, text: str, envelope: Envelope | None) -> bool:
+        direction = "csms_to_station"
+        if self._hub.wants_raw:
+            self._hub.publish(RawFrame(self.station_id, direction, text, trio.current_time()))
+        try:
+            await self._station.send_text(text)
+        except ConnectionClosed as closed:
+            self._end(decide_close("station", closed))
+            return False
+        self._after_relay(envelope, text, direction, "csms")
+        return True
 
     def _after_relay(self, envelope: Envelope | None, text: str, direction: str, source: Source) -> None:
         """Bookkeeping once a frame is on its way: metrics, call tracking, observers."""

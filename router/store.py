@@ -156,6 +156,7 @@ class Store:
         :class:`StoreError` if the directory or file cannot be created or opened, or another process has
         the store open. ``recover=True`` on a sound store changes nothing.
         """
+        state_dir = Path(state_dir)
         path = state_dir / STATE_FILE
         _prepare(state_dir, path)
         try:

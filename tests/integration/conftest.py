@@ -286,8 +286,9 @@ def live_task_names() -> list[str]:
     return names
 
 
-#: A relayed station runs as its server handler plus four link tasks (two pumps, two keepalives).
-TASKS_PER_PAIR = 5
+#: A relayed station runs as its server handler plus five link tasks (two pumps, the CSMS-call sender,
+#: two keepalives).
+TASKS_PER_PAIR = 6
 
 
 def pair_tasks() -> list[str]:
