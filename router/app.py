@@ -19,6 +19,7 @@ from .link import LinkTimings
 from .metrics import RouterMetrics
 from .observers import ObserverHub
 from .server import LinkRegistry, StationServer, UpstreamTarget
+from .tls import client_context, server_context
 
 log = logging.getLogger("ocpp_lc.app")
 
@@ -63,12 +64,11 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
     hub = ObserverHub(metrics)
     links = LinkRegistry()
     csms = settings.csms
-    if csms.tls:
-        raise NotImplementedError("wss:// toward the CSMS arrives with the security profiles work")
     upstream = UpstreamTarget(
         host=csms.address.host,
         port=csms.address.port,
         path=csms.path,
+        ssl_context=client_context(csms.security),
         connect_timeout_s=csms.connect_timeout_s,
     )
     timings = LinkTimings(
@@ -90,6 +90,8 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         max_message_bytes=settings.stations.max_message_bytes,
         handshake_timeout_s=settings.stations.handshake_timeout_s,
         max_stations=settings.stations.max_stations,
+        ssl_context=server_context(settings.stations.security),
+        tls_handshake_timeout_s=settings.stations.security.handshake_timeout_s,
     )
     return App(settings, registry, metrics, hub, links, server)
 

@@ -23,6 +23,8 @@ from annotated_types import Ge, Le, MaxLen, MinLen
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from .tls import CsmsTlsSettings, StationTlsSettings
+
 _EXAMPLES = "e.g. '0.0.0.0:9000' or '[::1]:9000'"
 _HOST_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
 _HOSTNAME = re.compile(rf"{_HOST_LABEL}(\.{_HOST_LABEL})*")
@@ -165,6 +167,7 @@ class StationsSettings(BaseModel):
     ping_interval_s: PingInterval = Field(default=60.0, description="websocket ping period (seconds, 0 = off)")
     ping_timeout_s: float = Field(default=30.0, ge=1, le=600, description="wait for a pong (seconds)")
     max_stations: int = Field(default=5000, ge=1, le=100_000, description="concurrent stations (count)")
+    security: StationTlsSettings = StationTlsSettings()
 
     @property
     def address(self) -> ListenAddress:
@@ -182,6 +185,16 @@ class CsmsSettings(BaseModel):
     connect_timeout_s: float = Field(default=10.0, ge=0.1, le=300, description="TCP + TLS + handshake (seconds)")
     ping_interval_s: PingInterval = Field(default=60.0, description="websocket ping period (seconds, 0 = off)")
     ping_timeout_s: float = Field(default=30.0, ge=1, le=600, description="wait for a pong (seconds)")
+    security: CsmsTlsSettings = CsmsTlsSettings()
+
+    @model_validator(mode="after")
+    def _scheme_fits_the_profile(self) -> CsmsSettings:
+        # A00.FR.001: one profile at a time; a wss:// URL under profile 1 (or ws:// under 2/3) is a mistake.
+        profile = self.security.security_profile
+        if self.tls != (profile >= 2):
+            wanted = "wss://" if profile >= 2 else "ws://"
+            raise _problem(f"security_profile {profile} needs a {wanted} URL, got {self.url!r}", field="url")
+        return self
 
     @property
     def address(self) -> ListenAddress:
@@ -292,7 +305,8 @@ class ConfigError(Exception):
         """Every problem on its own line, as ``<file>: [section] key: message``."""
         lines = []
         for location, message in self.problems:
-            section, _, key = location.partition(".")
+            # "stations.security.key_file" is key "key_file" of the TOML table [stations.security].
+            section, _, key = location.rpartition(".") if "." in location else (location, "", "")
             where = f"[{section}] {key}: " if key else f"[{section}]: " if section in _SECTIONS else ""
             lines.append(f"{self.source}: {where}{message}")
         return "\n".join(lines)
@@ -359,8 +373,18 @@ def _translate(detail: ErrorDetails) -> ConfigProblem:
     return ConfigProblem(".".join(loc), message)
 
 
+def _model_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
+    """The settings model of the table at ``loc`` (e.g. ("stations", "security")), if there is one."""
+    model: type[BaseModel] | None = Settings
+    for part in loc:
+        info = model.model_fields.get(part) if model is not None else None
+        annotation = info.annotation if info is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
 def _unknown_key(loc: tuple[str, ...], got: object) -> str:
-    key, section = loc[-1], _SECTIONS.get(loc[0]) if len(loc) == 2 else None
+    key, section = loc[-1], _model_at(loc[:-1]) if len(loc) >= 2 else None
     known = list(section.model_fields) if section else list(_SECTIONS)
     guess = difflib.get_close_matches(key, known, n=1)
     homes = [name for name, other in _SECTIONS.items() if key in other.model_fields and other is not section]

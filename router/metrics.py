@@ -68,6 +68,12 @@ class RouterMetrics:
             ["reason"],
             registry=registry,
         )
+        self.security_events = Counter(
+            "ocpp_lc_security_events_total",
+            "TLS handshakes refused, by OCPP security event (Part 2 appendices) and leg (station, csms).",
+            ["event", "leg"],
+            registry=registry,
+        )
         self.pair_closes = Counter(
             "ocpp_lc_pair_closes_total",
             "Station pairs closed, by reason (which side ended it and how).",

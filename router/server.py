@@ -13,7 +13,7 @@ import logging
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 from urllib.parse import unquote
 
 import trio
@@ -21,6 +21,7 @@ import trio
 from .link import LinkTimings, StationLink
 from .metrics import RouterMetrics
 from .observers import ObserverHub
+from .tls import peer_certificate_summary, security_event
 from .transport import (
     GOING_AWAY,
     NORMAL,
@@ -111,6 +112,7 @@ class StationServer:
         handshake_timeout_s: float,
         max_stations: int,
         ssl_context: ssl.SSLContext | None = None,
+        tls_handshake_timeout_s: float = 2.0,
     ) -> None:
         self._base_path = base_path
         self._upstream = upstream
@@ -122,6 +124,7 @@ class StationServer:
         self._handshake_timeout_s = handshake_timeout_s
         self._max_stations = max_stations
         self._ssl_context = ssl_context
+        self._tls_handshake_timeout_s = tls_handshake_timeout_s
         self._handlers: trio.Nursery | None = None
         self._listeners: list[trio.SocketListener] = []
         self._accepting = True
@@ -204,13 +207,30 @@ class StationServer:
 
     async def _open_handshake(self, stream: trio.abc.Stream, peer: str) -> IncomingHandshake | None:
         transport: trio.abc.Stream = stream
+        if self._ssl_context is not None:
+            # TLS first, on its own short clock: a bad or missing certificate is refused at once, and a
+            # station that stalls the TLS handshake is cut after tls_handshake_timeout_s.
+            with trio.move_on_after(self._tls_handshake_timeout_s) as tls_scope:
+                try:
+                    transport = await tls_server_handshake(stream, self._ssl_context)
+                except HandshakeFailed as exc:
+                    event = security_event(exc, "station")
+                    self._refuse("tls")
+                    self._metrics.security_events.labels(event, "station").inc()
+                    log.warning("security event %s: refused TLS from %s: %s", event, peer, exc.reason)
+                    return None
+            if tls_scope.cancelled_caught:
+                self._refuse("handshake_timeout")
+                log.info("%s did not complete TLS within %g s", peer, self._tls_handshake_timeout_s)
+                return None
+            certificate = peer_certificate_summary(cast(trio.SSLStream[trio.abc.Stream], transport))
+            if certificate is not None:
+                log.info("%s presented a client certificate: %s", peer, certificate)
         with trio.move_on_after(self._handshake_timeout_s) as scope:
             try:
-                if self._ssl_context is not None:
-                    transport = await tls_server_handshake(stream, self._ssl_context)
                 return await read_handshake(transport, max_message_bytes=self._max_message_bytes)
             except HandshakeFailed as exc:
-                self._refuse({"tls": "tls", "abandoned": "abandoned"}.get(exc.kind, "not_websocket"))
+                self._refuse("abandoned" if exc.kind == "abandoned" else "not_websocket")
                 log.info("refused a connection from %s: %s", peer, exc.reason)
                 return None
         if scope.cancelled_caught:
@@ -275,7 +295,12 @@ class StationServer:
                     await incoming.reject(exc.status, body)
                 else:
                     self._refuse("csms_unreachable")
-                    log.warning("[%s] CSMS unreachable: %s", station_id, exc.reason)
+                    if exc.kind == "tls":
+                        event = security_event(exc, "csms")
+                        self._metrics.security_events.labels(event, "csms").inc()
+                        log.warning("[%s] security event %s: CSMS TLS failed: %s", station_id, event, exc.reason)
+                    else:
+                        log.warning("[%s] CSMS unreachable: %s", station_id, exc.reason)
                     await incoming.reject(502, f"CSMS unreachable: {exc.reason}")
                 return None
         if csms is None:

@@ -24,6 +24,7 @@ from router.config import (
     parse_settings,
     parse_ws_url,
 )
+from router.tls import CsmsTlsSettings, StationTlsSettings
 
 EXAMPLE_FILE = Path(__file__).resolve().parents[2] / "deploy" / "ocpp-lc.example.toml"
 
@@ -91,7 +92,7 @@ def test_the_shipped_example_documents_every_key() -> None:
     documented: dict[str, set[str]] = {}
     section = ""
     for line in EXAMPLE_FILE.read_text(encoding="utf-8").splitlines():
-        if header := re.fullmatch(r"\[(\w+)\]", line):
+        if header := re.fullmatch(r"\[([\w.]+)\]", line):
             section = header[1]
             documented[section] = set()
         elif key := re.match(r"#? ?(\w+) = ", line):
@@ -105,7 +106,9 @@ def test_the_shipped_example_documents_every_key() -> None:
         "log": LogSettings,
     }
     assert set(sections) == set(Settings.model_fields)
-    expected = {name: set(model.model_fields) for name, model in sections.items()}
+    expected = {name: set(model.model_fields) - {"security"} for name, model in sections.items()}
+    expected |= {"stations.security": set(StationTlsSettings.model_fields)}
+    expected |= {"csms.security": set(CsmsTlsSettings.model_fields)}
     assert documented == expected
 
 
@@ -286,7 +289,8 @@ def test_listen_address_forms_that_are_refused(text: str, expected: str) -> None
     ],
 )
 def test_csms_url_forms_that_work(url: str, address: ListenAddress, path: str, tls: bool) -> None:
-    csms = parse_settings({"csms": {"url": url}}).csms
+    security = {"security": {"security_profile": 2}} if tls else {}  # wss:// means profile 2 or 3
+    csms = parse_settings({"csms": {"url": url, **security}}).csms
 
     assert (csms.address, csms.path, csms.tls) == (address, path, tls)
     assert parse_ws_url(url) == (address, path, tls)
