@@ -80,9 +80,9 @@ class RpcEndpoint:
         self._closed: ConnectionClosed | None = None
 
     async def _send(self, text: str) -> None:
-        await self._ws.send_text(text)
         if self._on_frame is not None:
-            self._on_frame("sent", text)
+            self._on_frame("sent", text)  # before sending: the answer cannot be seen before its call
+        await self._ws.send_text(text)
 
     async def call(self, action: str, payload: dict[str, Any]) -> dict[str, Any]:
         """Send a CALL and return the CALLRESULT's payload.

@@ -33,7 +33,7 @@ from ..observers import Observation
 from .clock import WallClock, utc_now
 from .sandbox_csms import SandboxCsms
 from .stations import DEFAULT_TIMINGS, SimTimings, SimulatedStation
-from .view import Header, ScreenLine, SiteModel, format_bytes, read_counters, render_live, wall_time
+from .view import Header, RelayCounters, ScreenLine, SiteModel, format_bytes, read_counters, render_live, wall_time
 
 #: Seeds the stations' and the CSMS's random choices: the same seed gives the same story.
 DEFAULT_SEED: Final = 2024
@@ -42,8 +42,10 @@ OCPP_PATH: Final = "/ocpp"
 REDRAW_INTERVAL_S: Final = 0.5
 #: How long the appliance may take to close every station on shutdown.
 SHUTDOWN_GRACE_S: Final = 3.0
-#: Events buffered for the view (it reads them as they come; this covers a redraw's worth at 200 stations).
-OBSERVER_CAPACITY: Final = 1000
+#: Events buffered for the view, per station. The view reads them as they come, but at start-up every
+#: station connects and boots at once, and the view's task then gets the CPU only now and then.
+OBSERVER_CAPACITY_PER_STATION: Final = 50
+OBSERVER_CAPACITY_MIN: Final = 1000
 
 # ANSI control sequences for the live view: alternate screen, cursor, home, clear to end of line / screen.
 _ENTER_SCREEN: Final = "\x1b[?1049h\x1b[?25l\x1b[2J"
@@ -92,24 +94,30 @@ class DemoSummary:
     errors: int
     station_closes: dict[int, int]  # close code the stations' connections ended with → count
     duration_s: float
+    observations_missed: int = 0  # events the view lost because it fell behind (it never slows the router)
 
     def lines(self) -> list[str]:
-        """The summary as printed at the end of the demo."""
+        """The summary as printed at the end of the demo (fits 80 columns)."""
         closes = ", ".join(f"{count} with {code}" for code, count in sorted(self.station_closes.items())) or "none"
         in_progress = self.transactions_started - self.transactions_ended
-        return [
+        lines = [
             f"ocpp-lc demo summary ({self.duration_s:.0f} s)",
-            f"  stations      {self.stations} simulated, {len(self.booted)} booted through the controller; "
-            f"connections closed: {closes}",
-            f"  transactions  {self.transactions_started} started, {self.transactions_ended} ended, "
-            f"{in_progress} in progress at shutdown; {self.meter_samples} meter samples",
+            f"  stations      {self.stations} simulated, {len(self.booted)} booted through the controller",
+            f"  shutdown      station connections closed: {closes}",
+            f"  transactions  {self.transactions_started} started, {self.transactions_ended} ended "
+            f"({in_progress} in progress at shutdown)",
+            f"  meter values  {self.meter_samples} samples relayed",
             f"  relayed       station → CSMS {self.frames_station_to_csms} messages, "
-            f"CSMS → station {self.frames_csms_to_station} messages "
-            f"({format_bytes(self.payload_bytes)}, {format_bytes(self.wire_bytes)} on the wire)",
+            f"CSMS → station {self.frames_csms_to_station}",
+            f"  bytes         {format_bytes(self.payload_bytes)} of OCPP-J, "
+            f"{format_bytes(self.wire_bytes)} on the wire",
             f"  CSMS calls    {self.csms_calls_relayed} relayed to stations, {self.csms_calls_answered} answered",
             f"  energy        {self.energy_wh / 1000:.3f} kWh delivered",
             f"  errors        {self.errors}",
         ]
+        if self.observations_missed:
+            lines.append(f"  (the view missed {self.observations_missed} observations: the figures above undercount)")
+        return lines
 
 
 class _LogCapture(logging.Handler):
@@ -130,23 +138,40 @@ class _LogCapture(logging.Handler):
 
 
 class _Output:
-    """Where the demo writes: line by line (``plain``) or full-screen frames (``live``)."""
+    """Where the demo writes: line by line (``plain``) or full-screen frames (``live``).
 
-    def __init__(self, out: TextIO, *, live: bool, clock: WallClock) -> None:
+    If the reader goes away (``ocpp-lc demo | head``), the demo stops as if Ctrl-C had been pressed.
+    """
+
+    def __init__(self, out: TextIO, *, live: bool, clock: WallClock, on_closed: Callable[[], None]) -> None:
         self.out = out
         self.live = live
         self.unicode = (getattr(out, "encoding", None) or "").lower().replace("-", "") in ("utf8", "utf8sig")
         self._origin = (trio.current_time(), clock())
+        self._on_closed = on_closed
+        self._closed = False
 
     def text(self, text: str) -> str:
         return text if self.unicode else text.replace("→", "->").replace("·", "|")
 
+    def write(self, text: str) -> None:
+        if self._closed:
+            return
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except BrokenPipeError:
+            self._closed = True
+            if self.out is sys.stdout:
+                # What Python's documentation advises, so that the interpreter's own last flush of
+                # stdout at exit does not complain about the pipe as well.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            self._on_closed()
+
     def line(self, text: str) -> None:
         """One timestamped line (plain mode only: the live view owns the screen)."""
         if not self.live:
-            stamp = wall_time(trio.current_time(), *self._origin)
-            self.out.write(f"{stamp}  {self.text(text)}\n")
-            self.out.flush()
+            self.write(f"{wall_time(trio.current_time(), *self._origin)}  {self.text(text)}\n")
 
     def size(self) -> tuple[int, int]:
         try:
@@ -162,8 +187,7 @@ class _Output:
             f"{_BOLD}{line.text}{_RESET}{_CLEAR_LINE}" if line.emphasis else f"{line.text}{_CLEAR_LINE}"
             for line in lines
         )
-        self.out.write(_HOME + body + _CLEAR_BELOW)
-        self.out.flush()
+        self.write(_HOME + body + _CLEAR_BELOW)
 
 
 def demo_settings(csms_port: int) -> Settings:
@@ -199,7 +223,7 @@ async def demo_main(
     """
     out = sys.stdout if out is None else out
     stop = StopRequest() if stop is None else stop
-    output = _Output(out, live=not plain and out.isatty(), clock=clock)
+    output = _Output(out, live=not plain and out.isatty(), clock=clock, on_closed=stop.request)
     capture = _LogCapture(None if output.live else output.line)
     root = logging.getLogger()
     root.addHandler(capture)
@@ -235,15 +259,14 @@ async def demo_main(
                 )
                 for number in range(1, stations + 1)
             ]
+            output.line(f"ocpp-lc demo: controller {CONTROLLER_IDENTITY} takes stations on {header.station_url}")
+            output.line(f"sandbox CSMS on {header.csms_url}, metrics on {header.metrics_url}")
             output.line(
-                f"ocpp-lc demo: controller {CONTROLLER_IDENTITY} takes stations on {header.station_url}, "
-                f"metrics on {header.metrics_url}"
-            )
-            output.line(
-                f"sandbox CSMS on {header.csms_url}; {stations} simulated stations; "
+                f"{stations} simulated stations; "
                 + (f"stopping after {duration_s:g} s or on Ctrl-C" if duration_s else "Ctrl-C to stop")
             )
-            with app.hub.subscribe("demo", OBSERVER_CAPACITY) as observations:
+            capacity = max(OBSERVER_CAPACITY_MIN, OBSERVER_CAPACITY_PER_STATION * stations)
+            with app.hub.subscribe("demo", capacity) as observations:
                 async with trio.open_nursery() as watchers:
                     watchers.start_soon(_watch_urgent, stop, everything.cancel_scope)
                     watchers.start_soon(_follow, observations, model, output)
@@ -266,7 +289,8 @@ async def demo_main(
             everything.cancel_scope.cancel()  # the sandbox CSMS (the appliance has stopped)
     finally:
         root.removeHandler(capture)
-    counters = read_counters(app.metrics) if app is not None else None
+    # No app: stopped (a second Ctrl-C) before the appliance was up, so nothing was relayed.
+    counters = read_counters(app.metrics) if app is not None else RelayCounters({}, 0, 0, 0)
     station_closes: Counter[int] = Counter()
     for sim in sims:
         station_closes.update(sim.stats.close_codes)
@@ -278,17 +302,17 @@ async def demo_main(
         meter_samples=model.meter_samples,
         csms_calls_relayed=model.csms_calls,
         csms_calls_answered=model.csms_calls_answered,
-        frames_station_to_csms=counters.frames_to("station_to_csms") if counters else 0,
-        frames_csms_to_station=counters.frames_to("csms_to_station") if counters else 0,
-        payload_bytes=counters.payload_bytes if counters else 0,
-        wire_bytes=counters.wire_bytes if counters else 0,
+        frames_station_to_csms=counters.frames_to("station_to_csms"),
+        frames_csms_to_station=counters.frames_to("csms_to_station"),
+        payload_bytes=counters.payload_bytes,
+        wire_bytes=counters.wire_bytes,
         energy_wh=model.energy_wh,
         errors=model.call_errors + capture.count,
         station_closes=dict(station_closes),
         duration_s=trio.current_time() - started_s,
+        observations_missed=counters.observations_missed,
     )
-    out.write("\n".join(output.text(line) for line in summary.lines()) + "\n")
-    out.flush()
+    output.write("\n".join(output.text(line) for line in summary.lines()) + "\n")
     return summary
 
 
@@ -318,7 +342,7 @@ async def _redraw(
     output: _Output, model: SiteModel, header: Header, app: App, capture: _LogCapture, started_s: float
 ) -> None:
     """Redraw the live view in place, twice a second, on the terminal's alternate screen."""
-    output.out.write(_ENTER_SCREEN)
+    output.write(_ENTER_SCREEN)
     try:
         while True:
             width, height = output.size()
@@ -337,14 +361,12 @@ async def _redraw(
             output.frame(lines)
             await trio.sleep(REDRAW_INTERVAL_S)
     finally:
-        output.out.write(_LEAVE_SCREEN)
-        output.out.flush()
+        output.write(_LEAVE_SCREEN)
 
 
-async def _run_with_signals(stations: int, duration_s: float, plain: bool) -> DemoSummary:
+async def _run_with_signals(stations: int, duration_s: float, plain: bool, early_signals: list[int]) -> None:
     stop = StopRequest()
-    # The first SIGINT/SIGTERM asks for a graceful stop, a second one for an immediate one; trio's
-    # own KeyboardInterrupt (and its traceback) never happens while the receiver is open.
+    # The first SIGINT/SIGTERM asks for a graceful stop, a second one for an immediate one.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -353,21 +375,22 @@ async def _run_with_signals(stations: int, duration_s: float, plain: bool) -> De
                     stop.request()
 
             nursery.start_soon(listen)
-            summary = await demo_main(stations, duration_s, plain, sys.stdout, stop=stop)
+            if early_signals:  # Ctrl-C while starting: stop as soon as there is something to stop
+                stop.request()
+            await demo_main(stations, duration_s, plain, sys.stdout, stop=stop)
             nursery.cancel_scope.cancel()
-    return summary
 
 
-def run_demo(stations: int, duration_s: float, plain: bool) -> int:
-    """Run the demo in the foreground; return the process exit code (0 when it ran and stopped cleanly)."""
+def run_in_foreground(stations: int, duration_s: float, plain: bool, early_signals: list[int]) -> int:
+    """Run the demo until it stops; return the exit code (0 when it ran and stopped cleanly).
+
+    The caller has replaced Python's SIGINT handler (no KeyboardInterrupt, so no traceback, however
+    early Ctrl-C comes); ``early_signals`` fills with the SIGINTs that came before trio took over.
+    """
     code = 0
     try:
-        trio.run(_run_with_signals, stations, duration_s, plain)
-    except* KeyboardInterrupt:
-        # Only possible before the signal receiver is open (while starting up).
-        print("demo interrupted while starting", file=sys.stderr)
-        code = 130
-    except* OSError as group:
+        trio.run(_run_with_signals, stations, duration_s, plain, early_signals)
+    except* OSError as group:  # a port or file descriptor the machine would not give
         print(f"demo could not start: {group.exceptions[0]}", file=sys.stderr)
         code = 1
     return code

@@ -19,7 +19,7 @@ from typing import Any, Final, NamedTuple
 
 from ..metrics import RouterMetrics
 from ..observers import LinkEvent, Observation, ObservedMessage, RawFrame
-from ..ocppj import MessageType
+from ..ocppj import MessageType, is_lc_message_id
 
 #: Recent messages kept for the live view (it shows as many as fit).
 RECENT_MESSAGES: Final = 100
@@ -73,7 +73,6 @@ class SiteModel:
     meter_samples: int = 0
     csms_calls: int = 0
     csms_calls_answered: int = 0
-    lc_calls: int = 0
     call_errors: int = 0
 
     @property
@@ -105,11 +104,14 @@ class SiteModel:
             row.currents_amperes = ()
             return [f"{row.station_id} disconnected ({event.reason or 'closed'})"]
         row.messages += 1
+        row.connected = True  # messages flow only over a live link (even if its LinkEvent was missed)
         return self._apply_message(row, event)
 
     def _apply_message(self, row: StationRow, message: ObservedMessage) -> list[str]:
         action = message.action or "?"
         payload = message.payload if isinstance(message.payload, dict) else {}
+        # A station's answer to the controller's own call is not relayed: it ends at the controller.
+        to_controller = message.source == "station" and is_lc_message_id(message.message_id)
         notable: list[str] = []
         summary = ""
         if message.message_type is MessageType.CALLERROR:
@@ -123,11 +125,9 @@ class SiteModel:
             else:
                 if message.source == "csms":
                     self.csms_calls += 1
-                else:
-                    self.lc_calls += 1
                 summary = _call_summary(action, payload)
-                sender = "CSMS" if message.source == "csms" else "controller"
-                notable.append(f"{sender} call relayed to {row.station_id}: {action} {summary}".rstrip())
+                what = "CSMS call relayed" if message.source == "csms" else "controller's own call"
+                notable.append(f"{what} to {row.station_id}: {action} {summary}".rstrip())
         else:
             kind = "RESULT"
             summary = _result_summary(action, payload)
@@ -137,10 +137,10 @@ class SiteModel:
                     f"{row.station_id} booted: BootNotification accepted by the CSMS through the controller "
                     f"(heartbeat every {payload.get('interval')} s)"
                 )
-            elif message.source == "station":
+            elif message.source == "station" and not to_controller:
                 self.csms_calls_answered += 1
         sender = "CSMS" if message.source == "csms" else "LC" if message.source == "lc" else row.station_id
-        receiver = "CSMS" if message.source == "station" else row.station_id
+        receiver = row.station_id if message.source != "station" else "LC" if to_controller else "CSMS"
         self.recent.append(RecentMessage(message.time_s, (sender, receiver), kind, action, summary))
         return notable
 
@@ -156,11 +156,13 @@ class SiteModel:
             info = payload.get("transactionInfo", {})
             event_type = payload.get("eventType")
             if event_type == "Started":
+                self.transactions_started += 1
+            if event_type == "Started" or row.transaction_id != info.get("transactionId"):
+                # A new transaction (or one whose start the view missed): its energy counts from here.
                 row.transaction_id = info.get("transactionId")
                 row.register_start_wh = None
-                self.transactions_started += 1
             self._read_meter(row, payload.get("meterValue"))
-            if event_type == "Started" and row.register_start_wh is None:
+            if row.register_start_wh is None:
                 row.register_start_wh = row.register_wh
             row.charging_state = str(info.get("chargingState", row.charging_state))
             transaction = str(info.get("transactionId", "?"))[:8]
@@ -267,6 +269,7 @@ class RelayCounters:
     payload_bytes: int  # the messages themselves, uncompressed
     wire_bytes: int  # what arrived on the network for them (compressed), on both legs
     stations_connected: int
+    observations_missed: int = 0  # by the demo's view
 
     def frames_to(self, direction: str) -> int:
         """Frames counted in one direction (0 when none)."""
@@ -293,6 +296,14 @@ def read_counters(metrics: RouterMetrics) -> RelayCounters:
         payload_bytes=_total(metrics.frame_bytes.collect(), "_total"),
         wire_bytes=int(sum(wire_received)),
         stations_connected=_total(metrics.stations_connected.collect(), ""),
+        observations_missed=int(
+            sum(
+                sample.value
+                for family in metrics.observer_dropped.collect()
+                for sample in family.samples
+                if sample.name.endswith("_total") and sample.labels["observer"] == "demo"
+            )
+        ),
     )
 
 
@@ -375,17 +386,20 @@ def render_live(
             emphasis=True,
         ),
     ]
+    missed = f" {dot} the view missed {counters.observations_missed}" if counters.observations_missed else ""
     middle = [
         ScreenLine(""),
         ScreenLine(
-            f"relayed  station {arrow} CSMS {counters.frames_to('station_to_csms')}  "
-            f"CSMS {arrow} station {counters.frames_to('csms_to_station')}  {dot} "
-            f"{format_bytes(counters.payload_bytes)} ({format_bytes(counters.wire_bytes)} on the wire)"
+            f"relayed   station {arrow} CSMS {counters.frames_to('station_to_csms')} {dot} "
+            f"CSMS {arrow} station {counters.frames_to('csms_to_station')} {dot} CSMS calls {model.csms_calls}"
         ),
         ScreenLine(
-            f"sessions {model.transactions_started} started, {model.transactions_ended} ended {dot} "
-            f"{model.energy_wh / 1000:.3f} kWh delivered {dot} CSMS calls {model.csms_calls} {dot} "
-            f"errors {model.call_errors}"
+            f"          {format_bytes(counters.payload_bytes)} of OCPP-J, "
+            f"{format_bytes(counters.wire_bytes)} on the wire (permessage-deflate)"
+        ),
+        ScreenLine(
+            f"sessions  {model.transactions_started} started, {model.transactions_ended} ended {dot} "
+            f"{model.energy_wh / 1000:.3f} kWh delivered {dot} errors {model.call_errors}{missed}"
         ),
         ScreenLine("RECENT MESSAGES", emphasis=True),
     ]
