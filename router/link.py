@@ -407,9 +407,7 @@ class StationLink:
     # -- the pumps -----------------------------------------------------------------------------
 
     def _count(self, direction: str, label: str, text: str) -> None:
-        self._metrics.frames.labels(direction, label).inc()
-        size = len(text) if text.isascii() else len(text.encode())
-        self._metrics.frame_bytes.labels(direction, label).inc(size)
+        self._metrics.count_frame(direction, label, len(text) if text.isascii() else len(text.encode()))
 
     def _parse(self, text: str, direction: str) -> Envelope | None:
         try:

@@ -124,3 +124,16 @@ class RouterMetrics:
             "Unexpected errors in a station's handler (the pair was closed, others unaffected).",
             registry=registry,
         )
+        # Label lookups take a lock and build a key; the relay path counts every frame, so it keeps
+        # the children it has used. Bounded: 4 directions x 65 action labels.
+        self._frame_children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+
+    def count_frame(self, direction: str, action_label: str, size_bytes: int) -> None:
+        """Count one OCPP-J message of ``size_bytes`` in ``direction`` under ``action_label``."""
+        key = (direction, action_label)
+        children = self._frame_children.get(key)
+        if children is None:
+            children = (self.frames.labels(direction, action_label), self.frame_bytes.labels(direction, action_label))
+            self._frame_children[key] = children
+        children[0].inc()
+        children[1].inc(size_bytes)
