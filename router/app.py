@@ -2,11 +2,22 @@
 
 This is the only module that knows every part. Tests start the whole appliance with
 ``app = await nursery.start(run_app, settings)`` (ports 0) and read the bound ports from ``app``.
+
+Theory of operation: :func:`run_app` opens the durable :class:`~router.store.Store` in
+``[state] dir`` (unless the caller hands in one it has already opened), builds every part
+(:func:`build_app`), starts the station server, the HTTP face and, with ``[controller] connect``, the
+controller's own identity toward the CSMS, and reports the :class:`App`. It runs until
+:meth:`App.request_shutdown` or :meth:`App.request_restart`: then it stops accepting stations, closes
+every station with 1001 (within ``shutdown_grace_s``), cancels the rest (the own connection closes
+with 1001 too) and closes the store it opened. A restart is the same graceful shutdown with
+:attr:`App.restart_reason` set; starting again is the caller's part (``ocpp-lc run`` does it in the
+same process), so that a restart really begins from the configuration and the stored state.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +29,9 @@ from .http import build_http_app, serve_http
 from .link import LinkTimings
 from .metrics import RouterMetrics
 from .observers import ObserverHub
+from .own.service import OwnIdentity, OwnIdentitySettings
 from .server import LinkRegistry, StationServer, UpstreamTarget
+from .store import Store
 from .tls import client_context, server_context
 
 log = logging.getLogger("ocpp_lc.app")
@@ -34,8 +47,13 @@ class App:
     hub: ObserverHub
     links: LinkRegistry
     server: StationServer
+    store: Store
+    #: The controller's own identity toward the CSMS; None when ``[controller] connect`` is false.
+    own: OwnIdentity | None = None
     station_port: int = 0
     http_port: int = 0
+    #: Why the appliance was asked to restart (e.g. "RemoteReset"); None for a plain shutdown.
+    restart_reason: str | None = None
     _shutdown: trio.Event = field(default_factory=trio.Event)
     _stopped: trio.Event = field(default_factory=trio.Event)
 
@@ -43,32 +61,85 @@ class App:
         """Begin a graceful shutdown: stop accepting, close every station with 1001, then stop."""
         self._shutdown.set()
 
+    def request_restart(self, reason: str) -> None:
+        """Shut down gracefully, recording ``reason`` so that whoever runs the app starts it again.
+
+        Called by the own identity once its answer to the CSMS's Reset is on its way (B11, B12).
+        """
+        if self.restart_reason is None and not self._shutdown.is_set():
+            log.warning("restart requested (%s): shutting down gracefully to start again", reason)
+            self.restart_reason = reason
+        self.request_shutdown()
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once a shutdown or restart has been requested."""
+        return self._shutdown.is_set()
+
     @property
     def stopped(self) -> trio.Event:
         """Set when the appliance has finished shutting down."""
         return self._stopped
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """What /healthz reports."""
+        """What /healthz reports.
+
+        The own link is reported, not judged: a CSMS outage is the CSMS's problem, and the controller
+        keeps serving its site through it.
+        """
+        own: dict[str, Any] = {"connect": self.own is not None}
+        if self.own is not None:
+            own |= {"link_up": self.own.link_up, "boot_status": self.own.boot_status}
         return True, {
             "status": "ok",
             "stations_connected": len(self.links),
             "station_port": self.station_port,
+            "own_identity": own,
         }
 
 
-def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> App:
-    """Construct every part from ``settings`` (nothing runs yet)."""
+def own_identity_settings(settings: Settings, ssl_context: ssl.SSLContext | None) -> OwnIdentitySettings:
+    """The own identity's settings from the configuration (the CSMS leg's values where both have one)."""
+    controller, csms = settings.controller, settings.csms
+    return OwnIdentitySettings(
+        identity=controller.identity,
+        csms_host=csms.address.host,
+        csms_port=csms.address.port,
+        csms_path=csms.path,
+        ssl_context=ssl_context,
+        basic_auth_password=controller.basic_auth_password_value(),
+        security_profile=csms.security.security_profile,
+        connect_timeout_s=csms.connect_timeout_s,
+        message_timeout_s=controller.message_timeout_s,
+        heartbeat_interval_s=controller.heartbeat_interval_s,
+        # The device model's WebSocketPingInterval is whole seconds; [csms] allows fractions.
+        websocket_ping_interval_s=round(csms.ping_interval_s),
+        ping_timeout_s=csms.ping_timeout_s,
+        retry_wait_minimum_s=controller.retry_wait_minimum_s,
+        retry_random_range_s=controller.retry_random_range_s,
+        retry_repeat_times=controller.retry_repeat_times,
+        boot_retry_s=controller.boot_retry_s,
+        max_message_bytes=settings.stations.max_message_bytes,
+        vendor_name=controller.vendor_name,
+        model=controller.model,
+        serial_number=controller.serial_number,
+    )
+
+
+def build_app(settings: Settings, store: Store, registry: CollectorRegistry | None = None) -> App:
+    """Construct every part from ``settings`` on an open ``store`` (nothing runs yet)."""
     registry = registry if registry is not None else CollectorRegistry()
     metrics = RouterMetrics(registry)
     hub = ObserverHub(metrics)
     links = LinkRegistry()
     csms = settings.csms
+    # One context for every connection the controller opens to the CSMS: the relayed legs and its own.
+    csms_context = client_context(csms.security)
     upstream = UpstreamTarget(
         host=csms.address.host,
         port=csms.address.port,
         path=csms.path,
-        ssl_context=client_context(csms.security),
+        ssl_context=csms_context,
         connect_timeout_s=csms.connect_timeout_s,
     )
     timings = LinkTimings(
@@ -93,20 +164,46 @@ def build_app(settings: Settings, registry: CollectorRegistry | None = None) -> 
         ssl_context=server_context(settings.stations.security),
         tls_handshake_timeout_s=settings.stations.security.handshake_timeout_s,
     )
-    return App(settings, registry, metrics, hub, links, server)
+    app = App(settings, registry, metrics, hub, links, server, store)
+    if settings.controller.connect:
+        app.own = OwnIdentity(
+            own_identity_settings(settings, csms_context),
+            store=store,
+            registry=registry,
+            # The device model's LocalController.ChargingStation: who is connected right now.
+            connected_stations=lambda: list(links.links),
+            request_restart=app.request_restart,
+        )
+    return app
 
 
 async def run_app(
     settings: Settings,
     registry: CollectorRegistry | None = None,
     *,
+    store: Store | None = None,
     task_status: trio.TaskStatus[App] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the appliance until :meth:`App.request_shutdown` (or cancellation).
+    """Run the appliance until :meth:`App.request_shutdown` / :meth:`App.request_restart` (or cancellation).
 
-    Reports the :class:`App` once both the station port and the HTTP face listen.
+    Uses ``store`` if given (the caller keeps owning it and closes it); otherwise opens the store in
+    ``settings.state.path`` and closes it on the way out, raising :class:`~router.store.StoreError`
+    (or :class:`~router.store.StoreDamaged`) before anything starts if it cannot. Reports the
+    :class:`App` once the station port and the HTTP face listen and the own identity has started.
     """
-    app = build_app(settings, registry)
+    owned = store is None
+    # Opening runs SQLite's check of the file: a blocking moment before anything listens, like a bind.
+    opened = Store.open(settings.state.path) if store is None else store
+    try:
+        app = build_app(settings, opened, registry)
+        await _serve(app, task_status)
+    finally:
+        if owned:
+            opened.close()
+
+
+async def _serve(app: App, task_status: trio.TaskStatus[App]) -> None:
+    settings = app.settings
     try:
         async with trio.open_nursery() as nursery:
             stations = settings.stations.address
@@ -119,12 +216,16 @@ async def run_app(
 
             http_app = build_http_app(app.registry, health)
             app.http_port = await nursery.start(serve_http, http_app, http.host, http.port)
+            if app.own is not None:
+                await nursery.start(app.own.run)
             log.info(
-                "ocpp-lc %s up: stations on port %d, HTTP on port %d, CSMS at %s",
+                "ocpp-lc %s up: stations on port %d, HTTP on port %d, CSMS at %s, state in %s%s",
                 settings.controller.identity,
                 app.station_port,
                 app.http_port,
                 settings.csms.url,
+                app.store.path.parent,
+                "" if app.own is not None else " (own connection to the CSMS turned off)",
             )
             task_status.started(app)
             await app._shutdown.wait()

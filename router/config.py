@@ -3,7 +3,8 @@
 Theory of operation: :func:`load_settings` reads the file with :mod:`tomllib`; :func:`parse_settings`
 validates the tables against frozen, strict pydantic models that forbid unknown keys, so a typo is an
 error rather than a setting silently ignored. Every key has a default: an empty file yields a runnable
-controller (stations on port 9000, HTTP API on loopback only, CSMS at ``ws://127.0.0.1:9100/ocpp``).
+controller (stations on port 9000, HTTP API on loopback only, CSMS at ``ws://127.0.0.1:9100/ocpp``,
+state in ``/var/lib/ocpp-lc``).
 Pydantic's errors are written for programmers; installers read :class:`ConfigError`, which lists
 *every* problem at once, each naming the key, what it got and what is allowed.
 """
@@ -23,6 +24,7 @@ from annotated_types import Ge, Le, MaxLen, MinLen
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from .own.device_model import PASSWORD_STRING
 from .tls import CsmsTlsSettings, StationTlsSettings
 
 _EXAMPLES = "e.g. '0.0.0.0:9000' or '[::1]:9000'"
@@ -146,12 +148,83 @@ _MODEL = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=Fals
 
 
 class ControllerSettings(BaseModel):
-    """Who the controller is towards the CSMS."""
+    """Who the controller is towards the CSMS: its own identity, a charging station without EVSEs.
+
+    The timing values are the device model's defaults (OCPPCommCtrlr, Part 2 appendix): once the CSMS
+    sets one with SetVariables, the stored value wins over the file.
+    """
 
     model_config = _MODEL
     identity: Annotated[str, AfterValidator(_check_identity)] = Field(
         default="LC01", min_length=1, max_length=48, description="own OCPP identity (text, 1..48 characters)"
     )
+    connect: bool = Field(default=True, description="keep the controller's own connection to the CSMS (true/false)")
+    vendor_name: str = Field(
+        default="ocpp-lc", min_length=1, max_length=50, description="vendorName in BootNotification (text, 1..50)"
+    )
+    model: str = Field(
+        default="ocpp-lc", min_length=1, max_length=20, description="model in BootNotification (text, 1..20)"
+    )
+    serial_number: str | None = Field(
+        default=None, min_length=1, max_length=25, description="serialNumber in BootNotification (text, 1..25)"
+    )
+    basic_auth_password: SecretStr | None = Field(
+        default=None, description="initial BasicAuthPassword towards the CSMS (text, 16..40 characters)"
+    )
+    heartbeat_interval_s: int = Field(
+        default=300, ge=1, le=86_400, description="heartbeat period until the CSMS sets one (whole seconds)"
+    )
+    message_timeout_s: int = Field(
+        default=30, ge=1, le=600, description="own calls wait this long for an answer (whole seconds)"
+    )
+    boot_retry_s: float = Field(
+        default=60.0, ge=1, le=3600, description="retry a boot the CSMS did not answer usably (seconds)"
+    )
+    retry_wait_minimum_s: int = Field(
+        default=5, ge=1, le=3600, description="first reconnect back-off, doubled per failure (whole seconds)"
+    )
+    retry_random_range_s: int = Field(
+        default=10, ge=0, le=3600, description="random extra wait per reconnect, up to (whole seconds)"
+    )
+    retry_repeat_times: int = Field(
+        default=5, ge=0, le=16, description="how often the back-off doubles at most (count)"
+    )
+
+    def basic_auth_password_value(self) -> str | None:
+        """The initial BasicAuthPassword in clear text, or None when none is configured."""
+        return None if self.basic_auth_password is None else self.basic_auth_password.get_secret_value()
+
+    @model_validator(mode="after")
+    def _password_is_sound(self) -> ControllerSettings:
+        password = self.basic_auth_password_value()
+        # passwordString (Part 2 §2.1.2), 16..40 characters (A00.FR.205). Never echoed: messages reach logs.
+        if password is not None and not (16 <= len(password) <= 40 and PASSWORD_STRING.fullmatch(password)):
+            message = "must be 16 to 40 characters: letters, digits and *-_=:+|@. (OCPP passwordString)"
+            raise _problem(message, field="basic_auth_password")
+        return self
+
+
+def _check_state_dir(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError(
+            f"must be an absolute path, e.g. '/var/lib/ocpp-lc' (a relative one would depend on where the "
+            f"service starts), got {text!r}"
+        )
+    return text
+
+
+class StateSettings(BaseModel):
+    """Where the controller keeps what must survive a restart."""
+
+    model_config = _MODEL
+    dir: Annotated[str, AfterValidator(_check_state_dir)] = Field(
+        default="/var/lib/ocpp-lc", min_length=1, max_length=4096, description="state directory (absolute path)"
+    )
+
+    @property
+    def path(self) -> Path:
+        """The state directory (the store file inside it is ``state.sqlite3``)."""
+        return Path(self.dir)
 
 
 class StationsSettings(BaseModel):
@@ -267,6 +340,7 @@ class Settings(BaseModel):
     csms: CsmsSettings = CsmsSettings()
     routing: RoutingSettings = RoutingSettings()
     http: HttpSettings = HttpSettings()
+    state: StateSettings = StateSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="after")
@@ -275,6 +349,17 @@ class Settings(BaseModel):
         hosts = {stations.host, http.host}
         if stations.port == http.port != 0 and (len(hosts) == 1 or hosts & {"0.0.0.0", "::"}):
             raise _problem(f"uses port {http.port}, like [stations] listen; pick another port", field="http.listen")
+        return self
+
+    @model_validator(mode="after")
+    def _password_fits_the_profile(self) -> Settings:
+        # Profile 3 authenticates the controller by its certificate; Basic auth belongs to 1 and 2 (A00).
+        if self.controller.basic_auth_password is not None and self.csms.security.security_profile == 3:
+            message = (
+                "is not used with [csms.security] security_profile 3 (the client certificate identifies the "
+                "controller): remove it"
+            )
+            raise _problem(message, field="controller.basic_auth_password")
         return self
 
 

@@ -20,9 +20,11 @@ import os
 import random
 import signal
 import sys
+import tempfile
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final, TextIO
 
 import trio
@@ -190,11 +192,13 @@ class _Output:
         self.write(_HOME + body + _CLEAR_BELOW)
 
 
-def demo_settings(csms_port: int) -> Settings:
-    """The appliance's settings for the demo: everything on loopback, ports chosen by the OS."""
+def demo_settings(csms_port: int, state_dir: Path) -> Settings:
+    """The appliance's settings for the demo: everything on loopback, ports chosen by the OS, state in
+    ``state_dir`` (a throw-away folder: the demo never touches an installed controller's state)."""
     return parse_settings(
         {
             "controller": {"identity": CONTROLLER_IDENTITY},
+            "state": {"dir": str(state_dir)},
             "stations": {"listen": "127.0.0.1:0", "path": OCPP_PATH},
             "csms": {"url": f"ws://127.0.0.1:{csms_port}{OCPP_PATH}"},
             "routing": {"shutdown_grace_s": SHUTDOWN_GRACE_S},
@@ -231,11 +235,12 @@ async def demo_main(
     started_s = trio.current_time()
     sims: list[SimulatedStation] = []
     app: App | None = None
+    state = tempfile.TemporaryDirectory(prefix="ocpp-lc-demo-")
     try:
         async with trio.open_nursery() as everything:
             csms = SandboxCsms(path=OCPP_PATH, seed=seed, clock=clock, frame_log=frame_log)
             csms_port: int = await everything.start(csms.serve)
-            settings = demo_settings(csms_port)
+            settings = demo_settings(csms_port, Path(state.name))
             app = await everything.start(run_app, settings)
             header = Header(
                 identity=CONTROLLER_IDENTITY,
@@ -289,6 +294,7 @@ async def demo_main(
             everything.cancel_scope.cancel()  # the sandbox CSMS (the appliance has stopped)
     finally:
         root.removeHandler(capture)
+        state.cleanup()
     # No app: stopped (a second Ctrl-C) before the appliance was up, so nothing was relayed.
     counters = read_counters(app.metrics) if app is not None else RelayCounters({}, 0, 0, 0)
     station_closes: Counter[int] = Counter()

@@ -32,7 +32,7 @@ import random
 import ssl
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal, NotRequired
 
 import trio
@@ -100,7 +100,7 @@ class OwnIdentitySettings:
     csms_path: str = ""
     ssl_context: ssl.SSLContext | None = None
     #: Initial BasicAuthPassword (security profiles 1 and 2); one set by the CSMS (A01) wins.
-    basic_auth_password: str | None = None
+    basic_auth_password: str | None = field(default=None, repr=False)  # never in a log line
     security_profile: int = 1
     connect_timeout_s: float = 10.0
     message_timeout_s: int = 30

@@ -2,7 +2,8 @@
 
 A test gets a factory, `open_relay(*csms_args, **settings_overrides)`, that starts the CSMS peer (`tests/peers/csms.py`,
 the PyPI `ocpp` library on `websockets`) on a free port, then the appliance with `run_app` on port 0
-pointed at it, and yields a :class:`Relay`. Stations are started against the appliance with
+pointed at it (state in the test's `tmp_path`, the controller's own connection off), and yields a
+:class:`Relay`. Stations are started against the appliance with
 `relay.station(identity, *station_args)`. On exit everything is stopped in reverse order: stations
 first (their own clean close), then the appliance (graceful shutdown), then the CSMS.
 
@@ -12,9 +13,11 @@ own `trio.fail_after`, and the teardown here by its own deadline.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,13 +64,16 @@ OpenRelay = Callable[..., AbstractAsyncContextManager[Relay]]
 
 
 @asynccontextmanager
-async def _open_relay(*csms_args: str, **overrides: dict[str, Any]) -> AsyncIterator[Relay]:
+async def _open_relay(state_dir: Path, *csms_args: str, **overrides: dict[str, Any]) -> AsyncIterator[Relay]:
     async with open_csms("--path-prefix", OCPP_PATH, *csms_args) as (csms, csms_port):
         sections: dict[str, dict[str, Any]] = {
+            # Relaying alone: the controller's own identity is tested with it in test_appliance.py.
+            "controller": {"connect": False},
             "stations": {"listen": "127.0.0.1:0", "path": OCPP_PATH},
             "csms": {"url": f"ws://127.0.0.1:{csms_port}{OCPP_PATH}", "connect_timeout_s": 5.0},
             "routing": {"shutdown_grace_s": SHUTDOWN_GRACE_S},
             "http": {"listen": "127.0.0.1:0"},
+            "state": {"dir": str(state_dir)},
         }
         for section, values in overrides.items():
             sections[section] = {**sections.get(section, {}), **values}
@@ -98,9 +104,16 @@ async def _open_relay(*csms_args: str, **overrides: dict[str, Any]) -> AsyncIter
 
 
 @pytest.fixture
-def open_relay() -> OpenRelay:
+def open_relay(tmp_path: Path) -> OpenRelay:
     """`async with open_relay(*csms_args, **{section: {key: value}}) as relay:` (see the module docstring).
 
-    Keyword arguments override settings per section, e.g. `routing={"lc_call_timeout_s": 5}`.
+    Keyword arguments override settings per section, e.g. `routing={"lc_call_timeout_s": 5}`; the
+    controller's own connection is off unless `controller={"connect": True}`. Each relay keeps its
+    state in its own directory under the test's `tmp_path`.
     """
-    return _open_relay
+    relays = itertools.count()
+
+    def open_relay(*csms_args: str, **overrides: dict[str, Any]) -> AbstractAsyncContextManager[Relay]:
+        return _open_relay(tmp_path / f"state-{next(relays)}", *csms_args, **overrides)
+
+    return open_relay

@@ -40,6 +40,8 @@ url = "ws://127.0.0.1:{csms_port}/ocpp"
 listen = "127.0.0.1:0"
 [routing]
 shutdown_grace_s = 3
+[state]
+dir = "{tmp_path / "state"}"
 """
         )
         async with trio.open_nursery() as nursery:

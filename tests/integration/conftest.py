@@ -22,6 +22,7 @@ import itertools
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -219,13 +220,20 @@ class FakeCsms:
 # ---------------------------------------------------------------------------------------------------
 
 
-def settings_for(csms_url: str, **sections: dict[str, Any]) -> Settings:
-    """Settings for a test appliance on port 0, with ``sections`` merged over the defaults."""
+def settings_for(csms_url: str, *, state_dir: Path, **sections: dict[str, Any]) -> Settings:
+    """Settings for a test appliance on port 0, with ``sections`` merged over the defaults.
+
+    The controller's own connection to the CSMS is off: these tests are about relaying, and several
+    assert on every connection the CSMS saw (the own identity has its own tests, e.g.
+    ``tests/e2e/test_appliance.py``). ``controller={"connect": True}`` turns it on.
+    """
     data: dict[str, dict[str, Any]] = {
+        "controller": {"connect": False},
         "stations": {"listen": "127.0.0.1:0"},
         "csms": {"url": csms_url},
         "http": {"listen": "127.0.0.1:0"},
         "routing": {"shutdown_grace_s": 2.0},
+        "state": {"dir": str(state_dir)},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
@@ -282,7 +290,9 @@ def live_task_names() -> list[str]:
             for child in nursery.child_tasks:
                 walk(child)
 
-    walk(trio.lowlevel.current_root_task())
+    root = trio.lowlevel.current_root_task()
+    assert root is not None  # always, inside a trio run
+    walk(root)
     return names
 
 
@@ -299,8 +309,9 @@ def pair_tasks() -> list[str]:
 class Lab:
     """Starts fake CSMSs, appliances and stations in one nursery and tears them down in order."""
 
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, tmp_path: Path) -> None:
         self._nursery = nursery
+        self._tmp_path = tmp_path
         self._apps: list[App] = []
         self._stations: list[WebSocket] = []
 
@@ -310,7 +321,8 @@ class Lab:
         return started
 
     async def start_app(self, csms_url: str, **sections: dict[str, Any]) -> App:
-        settings = settings_for(csms_url, **sections)
+        # Each appliance its own state directory: a store is held by one process (and app) at a time.
+        settings = settings_for(csms_url, state_dir=self._tmp_path / f"state-{len(self._apps)}", **sections)
         app: App = await self._nursery.start(run_app, settings, CollectorRegistry())
         self._apps.append(app)
         return app
@@ -345,9 +357,9 @@ class Lab:
 
 
 @pytest.fixture
-async def lab() -> AsyncIterator[Lab]:
+async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
     async with trio.open_nursery() as nursery:
-        lab = Lab(nursery)
+        lab = Lab(nursery, tmp_path)
         try:
             yield lab
         finally:

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -158,13 +159,13 @@ async def test_live_view_draws_within_the_terminal_and_restores_it() -> None:
     assert any(line.endswith("BootNotification   Accepted, heartbeat 30 s") for frame in frames for line in frame)
 
 
-async def test_simulated_station_honours_a_charging_profile_sent_through_the_controller() -> None:
+async def test_simulated_station_honours_a_charging_profile_sent_through_the_controller(tmp_path: Path) -> None:
     # The hooks balancing and firmware publishing will use: the controller's own calls to a station.
     recorder = FrameRecorder()
     with trio.fail_after(RUN_TIMEOUT_S):
         async with trio.open_nursery() as nursery:
             csms_port = await nursery.start(SandboxCsms(frame_log=recorder).serve)
-            app = await nursery.start(run_app, demo_settings(csms_port))
+            app = await nursery.start(run_app, demo_settings(csms_port, tmp_path))
             stopping = trio.Event()
             station = SimulatedStation(
                 "DEMO-01",

@@ -18,6 +18,7 @@ from router.config import (
     LogSettings,
     RoutingSettings,
     Settings,
+    StateSettings,
     StationsSettings,
     load_settings,
     parse_listen_address,
@@ -25,6 +26,7 @@ from router.config import (
     parse_ws_url,
 )
 from router.tls import CsmsTlsSettings, StationTlsSettings
+from tests.support.certs import TestCa
 
 EXAMPLE_FILE = Path(__file__).resolve().parents[2] / "deploy" / "ocpp-lc.example.toml"
 
@@ -79,6 +81,15 @@ def test_an_empty_file_gives_a_runnable_loopback_config(tmp_path: Path) -> None:
     assert settings.routing.tracked_calls_max == 64
     assert settings.http.address.is_loopback
     assert (settings.log.level, settings.log.format) == ("info", "text")
+    # The controller boots toward the CSMS under its own identity, with its state where systemd puts it.
+    controller = settings.controller
+    assert controller.connect is True
+    assert (controller.vendor_name, controller.model, controller.serial_number) == ("ocpp-lc", "ocpp-lc", None)
+    assert controller.basic_auth_password_value() is None
+    assert (controller.heartbeat_interval_s, controller.message_timeout_s, controller.boot_retry_s) == (300, 30, 60)
+    retry = (controller.retry_wait_minimum_s, controller.retry_random_range_s, controller.retry_repeat_times)
+    assert retry == (5, 10, 5)
+    assert settings.state.path == Path("/var/lib/ocpp-lc")
 
 
 def test_the_shipped_example_loads_without_problems() -> None:
@@ -103,6 +114,7 @@ def test_the_shipped_example_documents_every_key() -> None:
         "csms": CsmsSettings,
         "routing": RoutingSettings,
         "http": HttpSettings,
+        "state": StateSettings,
         "log": LogSettings,
     }
     assert set(sections) == set(Settings.model_fields)
@@ -149,6 +161,21 @@ def test_whole_numbers_are_accepted_for_durations(tmp_path: Path) -> None:
         ("routing", "observer_queue", "0", "must be from 1 to 1000000, got 0"),
         ("routing", "shutdown_grace_s", "-1", "must be from 0 to 120 seconds, got -1"),
         ("routing", "tracked_calls_max", "10001", "must be from 1 to 10000, got 10001"),
+        ("controller", "connect", '"yes"', "must be true or false, got 'yes'"),
+        ("controller", "vendor_name", '"' + "V" * 51 + '"', "must be from 1 to 50 characters, got 51 characters"),
+        ("controller", "model", '""', "must be from 1 to 20 characters, got 0 characters"),
+        ("controller", "model", '"' + "M" * 21 + '"', "must be from 1 to 20 characters, got 21 characters"),
+        ("controller", "serial_number", '"' + "S" * 26 + '"', "must be from 1 to 25 characters, got 26 characters"),
+        ("controller", "heartbeat_interval_s", "0", "must be from 1 to 86400 seconds, got 0"),
+        ("controller", "heartbeat_interval_s", "2.5", "must be a whole number, got 2.5"),
+        ("controller", "message_timeout_s", "601", "must be from 1 to 600 seconds, got 601"),
+        ("controller", "boot_retry_s", "0.5", "must be from 1 to 3600 seconds, got 0.5"),
+        ("controller", "retry_wait_minimum_s", "0", "must be from 1 to 3600 seconds, got 0"),
+        ("controller", "retry_random_range_s", "-1", "must be from 0 to 3600 seconds, got -1"),
+        ("controller", "retry_repeat_times", "17", "must be from 0 to 16, got 17"),
+        ("state", "dir", '"var/lib/ocpp-lc"', "must be an absolute path, e.g. '/var/lib/ocpp-lc'"),
+        ("state", "dir", '""', "must be from 1 to 4096 characters, got 0 characters"),
+        ("state", "dir", "5", "must be a string in quotes, got 5"),
         ("log", "level", '"verbose"', "must be one of 'debug', 'info', 'warning' or 'error', got 'verbose'"),
         ("log", "format", '"xml"', "must be one of 'text' or 'json', got 'xml'"),
     ],
@@ -367,3 +394,58 @@ def test_port_zero_for_both_servers_is_allowed_for_tests() -> None:
     settings = parse_settings({"stations": {"listen": "127.0.0.1:0"}, "http": {"listen": "127.0.0.1:0"}})
 
     assert settings.stations.address.port == settings.http.address.port == 0
+
+
+def test_the_controller_as_a_station_and_its_state_directory(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(
+            tmp_path,
+            '[controller]\nconnect = false\nvendor_name = "Acme Energy"\nmodel = "LC-7"\nserial_number = "SN-0042"\n'
+            "heartbeat_interval_s = 60\nmessage_timeout_s = 10\nboot_retry_s = 2.5\n"
+            "retry_wait_minimum_s = 1\nretry_random_range_s = 0\nretry_repeat_times = 0\n"
+            '[state]\ndir = "/srv/ocpp-lc/state"\n',
+        )
+    )
+
+    controller = settings.controller
+    assert controller.connect is False
+    assert (controller.vendor_name, controller.model, controller.serial_number) == ("Acme Energy", "LC-7", "SN-0042")
+    assert (controller.heartbeat_interval_s, controller.message_timeout_s, controller.boot_retry_s) == (60, 10, 2.5)
+    retry = (controller.retry_wait_minimum_s, controller.retry_random_range_s, controller.retry_repeat_times)
+    assert retry == (1, 0, 0)
+    assert settings.state.path == Path("/srv/ocpp-lc/state")
+
+
+def test_the_basic_auth_password_is_used_but_never_shown(tmp_path: Path) -> None:
+    password = "Lc01-pa55:word|16+"
+    settings = load_settings(write(tmp_path, f'[controller]\nbasic_auth_password = "{password}"\n'))
+
+    assert settings.controller.basic_auth_password_value() == password
+    assert password not in repr(settings)
+    assert password not in str(settings)
+
+
+@pytest.mark.parametrize("password", ["only-15-chars-x", "x" * 41, "has a space-in-it-here", "no#hash-allowed-here"])
+def test_a_bad_basic_auth_password_is_refused_without_echoing_it(password: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"controller": {"basic_auth_password": password}}, source="lc.toml")
+
+    assert [problem.location for problem in caught.value.problems] == ["controller.basic_auth_password"]
+    assert "16 to 40 characters: letters, digits and *-_=:+|@." in str(caught.value)  # A00.FR.205
+    assert password not in str(caught.value)
+
+
+def test_a_basic_auth_password_under_security_profile_3_is_refused(tmp_path: Path) -> None:
+    client = TestCa(tmp_path, "test CSO CA").issue("LC01", file_stem="controller-station-role")
+    csms = {
+        "url": "wss://csms.example.net/ocpp",
+        "security": {"security_profile": 3, "cert_file": str(client.cert_file), "key_file": str(client.key_file)},
+    }
+    assert parse_settings({"csms": csms}).csms.security.security_profile == 3
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"controller": {"basic_auth_password": "a" * 16}, "csms": csms}, source="lc.toml")
+
+    assert str(caught.value) == (
+        "lc.toml: [controller] basic_auth_password: is not used with [csms.security] security_profile 3 "
+        "(the client certificate identifies the controller): remove it"
+    )
