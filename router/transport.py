@@ -95,11 +95,18 @@ class HandshakeFailed(TransportError):
         self.kind = kind
 
 
-def _deflate() -> PerMessageDeflate:
-    # Our own compressor is dropped after every message (no context takeover on our side): an idle
-    # station then costs a 32 KiB inflate window instead of ~300 KiB of zlib state, which matters
-    # with a thousand stations on an edge box. OCPP messages are small, so little ratio is lost.
-    return PerMessageDeflate(client_no_context_takeover=False, server_no_context_takeover=False)
+def _deflate(*, server: bool, keep_context: bool) -> PerMessageDeflate:
+    """permessage-deflate as we offer (client) or accept (server) it.
+
+    ``keep_context`` decides whether *our* compressor keeps its LZ77 window between messages. Kept,
+    repetitive OCPP messages shrink several times better, at ~200 KiB of zlib state per connection;
+    dropped after every message, an idle connection costs only the peer's inflate window. The
+    peer's own choice about its compressor is always honoured.
+    """
+    if server:
+        # RFC 7692 §7.1.1.1: a server may declare server_no_context_takeover unasked.
+        return PerMessageDeflate(server_no_context_takeover=not keep_context)
+    return PerMessageDeflate(client_no_context_takeover=not keep_context)
 
 
 class ByteCounter(Protocol):
@@ -340,9 +347,12 @@ class IncomingHandshake:
     headers: dict[str, str] = field(default_factory=dict)
     max_message_bytes: int = 1_048_576
 
-    async def accept(self, subprotocol: str | None) -> WebSocket:
-        """Complete the handshake with ``subprotocol`` (None: no Sec-WebSocket-Protocol header)."""
-        extensions: list[Extension] = [_deflate()]
+    async def accept(self, subprotocol: str | None, *, keep_compression_context: bool = False) -> WebSocket:
+        """Complete the handshake with ``subprotocol`` (None: no Sec-WebSocket-Protocol header).
+
+        permessage-deflate is accepted whenever offered; see :func:`_deflate` for the context choice.
+        """
+        extensions: list[Extension] = [_deflate(server=True, keep_context=keep_compression_context)]
         data = self.connection.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
         negotiated = [ext for ext in extensions if ext.enabled()]
         websocket = WebSocket(
@@ -474,6 +484,7 @@ async def connect(
     ssl_context: ssl.SSLContext | None = None,
     max_message_bytes: int = 1_048_576,
     compress: bool = True,
+    keep_compression_context: bool = True,
 ) -> WebSocket:
     """Open a websocket to ``host:port`` at ``target`` (the caller bounds the time).
 
@@ -496,7 +507,15 @@ async def connect(
                 ) from exc
             stream = tls
         return await client_handshake(
-            stream, host, port, target, subprotocols, extra_headers, max_message_bytes, compress
+            stream,
+            host,
+            port,
+            target,
+            subprotocols,
+            extra_headers,
+            max_message_bytes,
+            compress,
+            keep_compression_context,
         )
     except BaseException:
         with trio.CancelScope(shield=True):
@@ -513,10 +532,11 @@ async def client_handshake(
     extra_headers: Sequence[tuple[str, str]] = (),
     max_message_bytes: int = 1_048_576,
     compress: bool = True,
+    keep_compression_context: bool = True,
 ) -> WebSocket:
     """Run the client side of the opening handshake on an open ``stream`` (see :func:`connect`)."""
     connection = WSConnection(ConnectionType.CLIENT)
-    offered = [_deflate()] if compress else []
+    offered = [_deflate(server=False, keep_context=keep_compression_context)] if compress else []
     request = Request(
         host=host if port in (80, 443) else f"{host}:{port}",
         target=target,
