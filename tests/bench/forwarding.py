@@ -574,6 +574,9 @@ def start_controller(
             [
                 "[controller]",
                 'identity = "LC01"',
+                "connect = false",  # only the relayed stations are measured
+                "[state]",
+                f'dir = "{children.log_dir / (name + "-state")}"',
                 "[stations]",
                 f'listen = "{HOST}:0"',  # port 0: the log line tells which; no window for another process
                 f'path = "{PATH}"',
