@@ -42,6 +42,7 @@ from typing_extensions import TypedDict  # pydantic reads TypedDicts from here b
 
 from router.own import device_model as dm
 from router.own.boot import BOOT_REASONS, Booter, BootNotificationAnswer, BootState, Heartbeat
+from router.own.catalogue import StandardValues, standard_variables
 from router.own.connection import (
     SUBPROTOCOL,
     BackoffParams,
@@ -56,7 +57,7 @@ from router.own.connection import (
     Session,
     parse_payload,
 )
-from router.own.device_model import DeviceModel, StandardValues, Variable, notify_report_parts, standard_variables
+from router.own.device_model import DeviceModel, Variable, notify_report_parts
 from router.own.outbox import UpstreamOutbox
 from router.store import Store
 from router.transport import WebSocket, connect

@@ -15,15 +15,14 @@ from typing import Any
 import pytest
 
 from router.ocppj import encode_call
+from router.own.catalogue import StandardValues, standard_variables
 from router.own.device_model import (
     GET_REPORT,
     GET_VARIABLES,
     SET_VARIABLES,
     DeviceModel,
-    StandardValues,
     Variable,
     notify_report_parts,
-    standard_variables,
 )
 from router.store import Store
 from tests.support.schemas import validate_call, validate_result
