@@ -198,5 +198,9 @@ def demo(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli()
+    """Console-script entry point (see also :mod:`router.entry`)."""
+    try:
+        cli()
+    except KeyboardInterrupt:
+        # Ctrl-C before the appliance installed its own signal handling: stop quietly.
+        raise SystemExit(130) from None
