@@ -24,11 +24,15 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
+from firmware_cache import FirmwareCache, FirmwareSettings, RequestInvalid
+from firmware_cache.service import STATUS_ACTION
+
 from .config import Settings
 from .http import build_http_app, serve_http
 from .link import LinkTimings
 from .metrics import RouterMetrics
 from .observers import ObserverHub
+from .own.connection import CallErrorReply, Reply, Session
 from .own.service import OwnIdentity, OwnIdentitySettings
 from .server import LinkRegistry, StationServer, UpstreamTarget
 from .store import Store
@@ -50,6 +54,8 @@ class App:
     store: Store
     #: The controller's own identity toward the CSMS; None when ``[controller] connect`` is false.
     own: OwnIdentity | None = None
+    #: The firmware cache (L03/L04); it works through the own identity, so None when that is off.
+    firmware: FirmwareCache | None = None
     station_port: int = 0
     http_port: int = 0
     #: Why the appliance was asked to restart (e.g. "RemoteReset"); None for a plain shutdown.
@@ -174,7 +180,59 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
             connected_stations=lambda: list(links.links),
             request_restart=app.request_restart,
         )
+        app.firmware = FirmwareCache(
+            firmware_settings(settings),
+            state=store.namespace(FIRMWARE_NAMESPACE),
+            notifier=app.own,
+            registry=registry,
+        )
+        wire_firmware(app.own, app.firmware)
     return app
+
+
+#: Store namespace of the firmware cache's index.
+FIRMWARE_NAMESPACE = "firmware"
+
+
+def firmware_settings(settings: Settings) -> FirmwareSettings:
+    """The firmware cache's settings from the configuration."""
+    firmware = settings.firmware
+    return FirmwareSettings(
+        cache_dir=firmware.cache_path(settings.state.path),
+        max_file_bytes=firmware.max_file_bytes,
+        disk_budget_bytes=firmware.disk_budget_bytes,
+        download_timeout_s=firmware.download_timeout_s,
+        default_retries=firmware.retries,
+        default_retry_interval_s=float(firmware.retry_interval_s),
+    )
+
+
+def wire_firmware(own: OwnIdentity, cache: FirmwareCache) -> None:
+    """Route PublishFirmware, UnpublishFirmware and the status trigger on the own identity to ``cache``."""
+
+    def publish(payload: dict[str, Any]) -> Reply:
+        try:
+            answer = cache.publish(payload)
+        except RequestInvalid as error:
+            raise CallErrorReply(error.code, error.description) from None
+
+        async def answered(session: Session) -> None:
+            answer.sent()  # the first status may follow the answer now
+
+        return Reply(answer.payload, then=answered)
+
+    def unpublish(payload: dict[str, Any]) -> Reply:
+        try:
+            return Reply(cache.unpublish(payload))
+        except RequestInvalid as error:
+            raise CallErrorReply(error.code, error.description) from None
+
+    async def trigger(session: Session) -> None:
+        await own.send(STATUS_ACTION, cache.trigger_payload())
+
+    own.add_handler("PublishFirmware", publish)
+    own.add_handler("UnpublishFirmware", unpublish)
+    own.add_trigger(STATUS_ACTION, trigger)
 
 
 async def run_app(
@@ -214,8 +272,21 @@ async def _serve(app: App, task_status: trio.TaskStatus[App]) -> None:
                 app.hub.update_fill_gauges()
                 return app.health()
 
-            http_app = build_http_app(app.registry, health)
+            routes = []
+            if app.firmware is not None:
+                # Before the HTTP face and the own identity: files are re-verified before they are
+                # served, and PublishFirmware needs the cache's nursery.
+                await nursery.start(app.firmware.run)
+                routes = app.firmware.routes()
+            http_app = build_http_app(app.registry, health, routes)
             app.http_port = await nursery.start(serve_http, http_app, http.host, http.port)
+            if app.firmware is not None:
+                app.firmware.public_base_url = settings.firmware.public_base(http, app.http_port)
+                if app.firmware.public_base_url is None:
+                    log.warning(
+                        "firmware: [http] listens on every interface and [firmware] public_base_url is not set: "
+                        "PublishFirmware will be rejected until it is"
+                    )
             if app.own is not None:
                 await nursery.start(app.own.run)
             log.info(

@@ -13,6 +13,7 @@ from router.config import (
     ConfigProblem,
     ControllerSettings,
     CsmsSettings,
+    FirmwareCacheSettings,
     HttpSettings,
     ListenAddress,
     LogSettings,
@@ -115,6 +116,7 @@ def test_the_shipped_example_documents_every_key() -> None:
         "routing": RoutingSettings,
         "http": HttpSettings,
         "state": StateSettings,
+        "firmware": FirmwareCacheSettings,
         "log": LogSettings,
     }
     assert set(sections) == set(Settings.model_fields)

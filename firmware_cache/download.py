@@ -1,0 +1,190 @@
+"""One download attempt: fetch a firmware file into its partial file, resuming with Range.
+
+The policy around attempts (how many, how long between them, which status to send) is the service's;
+this module moves bytes and says how an attempt ended. A failed attempt raises :class:`DownloadError`
+with a short ``reason`` (a metric label) and whether another attempt could help (``retryable``): a
+dropped connection or a 503 may; a 404, a file over the size cap or a full disk will not.
+
+Resuming: when the partial file already holds bytes, the request asks for the rest with
+``Range: bytes=<n>-`` and, if the source gave a validator before, ``If-Range`` with it, so a source
+whose file changed answers with the whole new file (200) rather than the tail of it. A 206 must
+start exactly at ``n``; a 200 means start over. Either way the MD5 over the whole file decides in the
+end (L03.FR.02), so a source that lies about ranges cannot get a wrong file published.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+log = logging.getLogger("ocpp_lc.firmware")
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+#: Status codes worth another attempt besides 5xx: the source is busy, not wrong.
+_RETRYABLE_STATUS = frozenset({408, 425, 429})
+
+
+class DownloadError(Exception):
+    """An attempt failed: ``reason`` is a bounded label, ``retryable`` whether trying again may help."""
+
+    def __init__(self, reason: str, detail: str, *, retryable: bool) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.retryable = retryable
+
+
+@dataclass
+class Progress:
+    """The partial file's state: its bytes so far and the MD5 object fed with exactly those bytes."""
+
+    digest: Any
+    size_bytes: int
+    #: The source's validator for these bytes (strong ETag, else Last-Modified), for If-Range.
+    validator: str | None = None
+    #: Set when the source started over: the partial file must be emptied before writing.
+    truncate: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one download may take: a size cap, and the room left in the disk budget."""
+
+    max_file_bytes: int
+    #: Bytes this download may still add to the cache directory (the disk budget minus everything else).
+    budget_left_bytes: Callable[[], int]
+
+
+async def fetch(
+    client: httpx.AsyncClient,
+    url: str,
+    partial: os.PathLike[str],
+    progress: Progress,
+    limits: Limits,
+    new_digest: Callable[[], Any],
+    on_bytes: Callable[[int], None],
+) -> None:
+    """Download ``url`` into ``partial`` from ``progress.size_bytes`` on, updating ``progress``.
+
+    Returns when the source has sent the whole file. Raises :class:`DownloadError`; the partial file
+    then holds every byte received so far (a later attempt resumes from there), except after a
+    source's answer that invalidated it (a 200 to a Range request), when it holds the new bytes.
+    """
+    headers = {"Accept-Encoding": "identity"}  # the MD5 is over the file, not over a compressed form
+    if progress.size_bytes:
+        headers["Range"] = f"bytes={progress.size_bytes}-"
+        if progress.validator:
+            headers["If-Range"] = progress.validator
+    try:
+        async with client.stream("GET", url, headers=headers) as response:
+            expected_total = _check_start(response, progress, new_digest)
+            if expected_total is not None:
+                _check_size(expected_total, progress.size_bytes, limits)
+            if response.status_code == 416:
+                return  # _check_start found the partial file already complete
+            progress.validator = _validator(response)
+            await _receive(response, partial, progress, limits, on_bytes)
+    except httpx.ConnectError as error:
+        raise DownloadError("unreachable", str(error) or type(error).__name__, retryable=True) from None
+    except httpx.TimeoutException as error:
+        raise DownloadError("timeout", str(error) or type(error).__name__, retryable=True) from None
+    except (httpx.RemoteProtocolError, httpx.ReadError) as error:
+        raise DownloadError("broken_transfer", str(error) or type(error).__name__, retryable=True) from None
+    except httpx.HTTPError as error:
+        raise DownloadError("http_error", str(error) or type(error).__name__, retryable=True) from None
+
+
+def _check_start(response: httpx.Response, progress: Progress, new_digest: Callable[[], Any]) -> int | None:
+    """Judge the status line; reset ``progress`` if the source starts over. Returns the total size if known."""
+    status = response.status_code
+    length = _int_header(response, "content-length")
+    if status == 206 and progress.size_bytes:
+        match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", "").strip())
+        if match is None or int(match[1]) != progress.size_bytes:
+            raise DownloadError(
+                "bad_range",
+                f"asked for bytes {progress.size_bytes}- and got {response.headers.get('content-range')!r}",
+                retryable=True,
+            )
+        return int(match[3]) if match[3] != "*" else None
+    if status == 416 and progress.size_bytes:
+        total = re.fullmatch(r"bytes \*/(\d+)", response.headers.get("content-range", "").strip())
+        if total is not None and int(total[1]) == progress.size_bytes:
+            return progress.size_bytes  # we already hold every byte (the break came after the last one)
+        _restart(progress, new_digest)
+        raise DownloadError("bad_range", "the source refused to resume (416)", retryable=True)
+    if status == 200:
+        if progress.size_bytes:
+            log.info("firmware cache: %s sent the whole file again instead of a range; starting over", response.url)
+            _restart(progress, new_digest)
+        return length
+    retryable = status >= 500 or status in _RETRYABLE_STATUS
+    raise DownloadError(f"http_{status // 100}xx", f"{response.url} answered {status}", retryable=retryable)
+
+
+def _restart(progress: Progress, new_digest: Callable[[], Any]) -> None:
+    progress.digest = new_digest()
+    progress.size_bytes = 0
+    progress.validator = None
+    progress.truncate = True
+
+
+def _check_size(total_bytes: int, have_bytes: int, limits: Limits) -> None:
+    if total_bytes > limits.max_file_bytes:
+        raise DownloadError(
+            "too_large", f"the file has {total_bytes} bytes; the cap is {limits.max_file_bytes}", retryable=False
+        )
+    if total_bytes - have_bytes > limits.budget_left_bytes():
+        raise DownloadError(
+            "disk_budget", f"{total_bytes} bytes do not fit into the cache's disk budget", retryable=False
+        )
+
+
+async def _receive(
+    response: httpx.Response,
+    partial: os.PathLike[str],
+    progress: Progress,
+    limits: Limits,
+    on_bytes: Callable[[int], None],
+) -> None:
+    truncate, progress.truncate = progress.truncate, False
+    try:
+        # Plain writes, not a thread per chunk: a 64 KiB write into the page cache takes microseconds,
+        # far less than a thread hop; the one blocking step (fsync) happens once, when publishing.
+        with open(partial, "wb" if truncate else "ab") as file:  # noqa: ASYNC230
+            file.truncate(progress.size_bytes)
+            async for chunk in response.aiter_bytes():
+                if progress.size_bytes + len(chunk) > limits.max_file_bytes:
+                    raise DownloadError(
+                        "too_large", f"more than the cap of {limits.max_file_bytes} bytes arrived", retryable=False
+                    )
+                if len(chunk) > limits.budget_left_bytes():
+                    raise DownloadError("disk_budget", "the cache's disk budget is used up", retryable=False)
+                file.write(chunk)
+                progress.digest.update(chunk)
+                progress.size_bytes += len(chunk)
+                on_bytes(len(chunk))
+            file.flush()
+    except OSError as error:
+        raise DownloadError(
+            "disk_error", f"cannot write {partial}: {error.strerror or error}", retryable=False
+        ) from None
+
+
+def _validator(response: httpx.Response) -> str | None:
+    etag: str | None = response.headers.get("etag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    last_modified: str | None = response.headers.get("last-modified")
+    return last_modified
+
+
+def _int_header(response: httpx.Response, name: str) -> int | None:
+    value = response.headers.get(name, "")
+    return int(value) if value.isdigit() else None

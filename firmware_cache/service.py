@@ -1,0 +1,423 @@
+"""FirmwareCache: the L03/L04 state machine, the index that survives restarts, and the jobs that download.
+
+Theory of operation. The wiring hands the cache a :class:`KeyValue` (its index), a :class:`Notifier`
+(the own identity's durable outbox) and a registry; it routes the CSMS's PublishFirmware and
+UnpublishFirmware on the controller's own identity to :meth:`FirmwareCache.publish` and
+:meth:`FirmwareCache.unpublish`, TriggerMessage(PublishFirmwareStatusNotification) to
+:meth:`FirmwareCache.trigger_payload`, and serves :meth:`FirmwareCache.routes` on the HTTP face.
+:meth:`FirmwareCache.run` owns a nursery in which every download runs.
+
+A PublishFirmware is answered at once (L03.FR.05): Rejected with a reason for a checksum that is no
+MD5, a location we do not fetch, a file already being published, or no public URL to publish at;
+otherwise Accepted, and a job is stored (``job:<md5>``) and started. The job waits until the answer
+has been written (the wiring calls :meth:`PublishAnswer.sent`), so the CSMS sees the answer before
+the first status, then runs::
+
+    Downloading ─┬─▶ Downloaded ─┬─▶ ChecksumVerified ─┬─▶ Published (location: every URL)
+                 │               └─▶ InvalidChecksum    └─▶ PublishFailed
+                 ├─▶ DownloadPaused ─▶ Downloading …   (a failed attempt with attempts left)
+                 └─▶ DownloadFailed                    (no attempts left, or a failure no retry can fix)
+
+Every status goes out as a PublishFirmwareStatusNotification with the request's ``requestId``
+through the notifier (L03.FR.01); the last one is remembered for TriggerMessage (L03.FR.10/11).
+Published files are stored as ``file:<md5>`` and served at ``<public base>/firmware/<md5>/<name>``.
+
+Restarts. At start the cache re-hashes every published file and serves only those that still match
+(a file that does not is deleted, logged and counted). A job found in the index was interrupted: it
+resumes from its partial file (Range) with the attempts it had left, sending Downloading again; if
+it cannot finish it ends in DownloadFailed, so the CSMS always hears how it ended. Files and partial
+files no index entry accounts for are deleted.
+
+``retries`` counts attempts after the first (retries=0: one attempt); ``retryInterval`` is the wait
+between attempts. Defaults for both come from the configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import httpx
+import trio
+from prometheus_client import CollectorRegistry
+from starlette.routing import BaseRoute
+
+from .content import ContentStore
+from .download import DownloadError, Limits, Progress, fetch
+from .metrics import FirmwareMetrics
+from .model import (
+    MAX_LOCATION_CHARS,
+    CachedFile,
+    Job,
+    PublishStatus,
+    file_name_for,
+    location_problem,
+    normalise_md5,
+    parse_publish,
+    parse_unpublish,
+    published_url,
+)
+from .serving import FirmwareFiles, StationDownloads
+
+log = logging.getLogger("ocpp_lc.firmware")
+
+STATUS_ACTION: Final = "PublishFirmwareStatusNotification"
+_FILE_PREFIX: Final = "file:"
+_JOB_PREFIX: Final = "job:"
+_LAST_KEY: Final = "last_status"
+
+
+class KeyValue(Protocol):
+    """Durable keys (the store's namespace for the firmware index)."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+    def put(self, key: str, value: Any) -> None: ...
+
+    def delete(self, key: str) -> bool: ...
+
+    def items(self) -> dict[str, Any]: ...
+
+
+class Notifier(Protocol):
+    """Sends a message to the CSMS on the controller's own identity, durably (the outbox)."""
+
+    async def send(self, action: str, payload: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class FirmwareSettings:
+    """What the cache needs from the configuration."""
+
+    cache_dir: Path
+    max_file_bytes: int = 512 * 1024 * 1024
+    disk_budget_bytes: int = 2 * 1024 * 1024 * 1024
+    #: Connect and per-read timeout of a download (a source silent this long fails the attempt).
+    download_timeout_s: float = 60.0
+    default_retries: int = 3
+    default_retry_interval_s: float = 30.0
+    #: How long a job waits for its Accepted answer to be written before sending statuses anyway.
+    answer_wait_s: float = 10.0
+
+
+@dataclass
+class PublishAnswer:
+    """The PublishFirmwareResponse payload; call :meth:`sent` once it has been written to the CSMS."""
+
+    payload: dict[str, Any]
+    _answered: trio.Event | None = None
+
+    def sent(self) -> None:
+        """The answer is on its way: the job may send its first status."""
+        if self._answered is not None:
+            self._answered.set()
+
+
+class FirmwareCache:
+    """Publishes firmware for stations on the site network (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: FirmwareSettings,
+        *,
+        state: KeyValue,
+        notifier: Notifier,
+        registry: CollectorRegistry,
+        public_base_url: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = FirmwareMetrics(registry)
+        self.content = ContentStore(settings.cache_dir)
+        self.downloads = StationDownloads(self.metrics)
+        #: Where stations reach the HTTP face, e.g. "http://192.168.1.10:8080"; None: nothing can be published.
+        self.public_base_url = public_base_url
+        self._state = state
+        self._notifier = notifier
+        self._ssl_context = ssl_context
+        self._files: dict[str, CachedFile] = {}
+        self._jobs: dict[str, Job] = {}
+        self._partial_bytes: dict[str, int] = {}
+        self._nursery: trio.Nursery | None = None
+        self._files_view = FirmwareFiles(self._lookup, self.downloads, self.metrics)
+
+    # -- what the wiring uses -------------------------------------------------------------------
+
+    def routes(self) -> list[BaseRoute]:
+        """The HTTP routes serving published files."""
+        return self._files_view.routes()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load the index (re-verifying files), resume interrupted jobs, then run jobs until cancelled."""
+        await trio.to_thread.run_sync(self.content.prepare)
+        jobs = await self._load_index()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for job in jobs:
+                self._start(job, None)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def publish(self, payload: dict[str, Any]) -> PublishAnswer:
+        """Answer a PublishFirmware (L03); raises RequestInvalid for a payload that breaks the schema."""
+        request = parse_publish(payload)
+        md5 = normalise_md5(request["checksum"])
+        location = request["location"]
+        reason = None
+        if md5 is None:
+            reason, detail = "InvalidChecksum", "checksum must be 32 hexadecimal digits (an MD5)"
+        elif (problem := location_problem(location)) is not None:
+            reason, detail = problem, "only http:// and https:// locations are fetched"
+        elif md5 in self._jobs:
+            reason, detail = "AlreadyInProgress", "this file is being published already"
+        elif not self.public_base_url:
+            reason, detail = "NoPublicURL", "no [firmware] public_base_url is configured"
+        elif self._nursery is None:
+            reason, detail = "NotReady", "the firmware cache is not running"
+        if reason is not None:
+            log.warning(
+                "firmware cache: PublishFirmware %d for %.200s rejected: %s", request["requestId"], location, detail
+            )
+            self.metrics.rejected.labels(reason).inc()
+            return PublishAnswer({"status": "Rejected", "statusInfo": {"reasonCode": reason, "additionalInfo": detail}})
+        assert md5 is not None
+        retries = request.get("retries", self.settings.default_retries)
+        interval = request.get("retryInterval", self.settings.default_retry_interval_s)
+        job = Job(
+            md5=md5,
+            request_id=request["requestId"],
+            location=location,
+            name=file_name_for(location),
+            attempts_left=max(0, retries) + 1,
+            retry_interval_s=float(max(0, interval)),
+        )
+        self._state.put(_JOB_PREFIX + md5, job.to_record())
+        answered = trio.Event()
+        self._start(job, answered)
+        log.info("firmware cache: PublishFirmware %d accepted: %s from %.200s", job.request_id, md5, location)
+        return PublishAnswer({"status": "Accepted"}, answered)
+
+    def unpublish(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Answer an UnpublishFirmware (L04); raises RequestInvalid for a payload that breaks the schema."""
+        request = parse_unpublish(payload)
+        md5 = normalise_md5(request["checksum"])
+        if md5 is None or md5 not in self._files:
+            return {"status": "NoFirmware"}  # L04.FR.03
+        if self.downloads.active(md5):
+            log.info("firmware cache: not unpublishing %s: %d station(s) downloading", md5, self.downloads.active(md5))
+            return {"status": "DownloadOngoing"}  # L04.FR.04
+        entry = self._files.pop(md5)
+        self._state.delete(_FILE_PREFIX + md5)
+        self.content.delete_file(md5)
+        self._update_gauges()
+        log.info("firmware cache: unpublished %s (%s, %d bytes)", md5, entry.name, entry.size_bytes)
+        return {"status": "Unpublished"}  # L04.FR.01/02
+
+    def trigger_payload(self) -> dict[str, Any]:
+        """The PublishFirmwareStatusNotification a TriggerMessage asks for (L03.FR.10/11)."""
+        last = self._state.get(_LAST_KEY)
+        if not isinstance(last, dict) or last.get("status") in (None, "Published", "Idle"):
+            return {"status": "Idle"}
+        payload: dict[str, Any] = {"status": last["status"]}
+        if isinstance(last.get("requestId"), int):
+            payload["requestId"] = last["requestId"]
+        return payload
+
+    def published(self) -> dict[str, CachedFile]:
+        """The published files by MD5."""
+        return dict(self._files)
+
+    def urls(self, md5: str) -> list[str]:
+        """Every URL the file ``md5`` is served at (empty if not published or no public URL)."""
+        entry = self._files.get(md5)
+        if entry is None or not self.public_base_url:
+            return []
+        return [published_url(self.public_base_url, md5, entry.name)]
+
+    # -- index --------------------------------------------------------------------------------------
+
+    async def _load_index(self) -> list[Job]:
+        files: dict[str, CachedFile] = {}
+        jobs: list[Job] = []
+        for key, record in self._state.items().items():
+            if key.startswith(_FILE_PREFIX):
+                entry = CachedFile.from_record(record)
+                if entry is None or key != _FILE_PREFIX + entry.md5:
+                    log.error("firmware cache: index entry %r is unreadable; dropped", key)
+                    self._state.delete(key)
+                    continue
+                files[entry.md5] = entry
+            elif key.startswith(_JOB_PREFIX):
+                job = Job.from_record(record)
+                if job is None or key != _JOB_PREFIX + job.md5:
+                    log.error("firmware cache: index entry %r is unreadable; dropped", key)
+                    self._state.delete(key)
+                    continue
+                jobs.append(job)
+        for md5, entry in files.items():
+            digest, size = await self.content.hash_file(md5)
+            if digest != md5:
+                # Bit rot, or an edit behind our back: never serve a file whose MD5 is not the one published.
+                log.error(
+                    "firmware cache: %s no longer matches its MD5 (read %s, %d bytes); dropped", md5, digest, size
+                )
+                self.metrics.dropped_at_start.inc()
+                self._state.delete(_FILE_PREFIX + md5)
+                self.content.delete_file(md5)
+                continue
+            entry.size_bytes = size
+            self._files[md5] = entry
+        resumable = []
+        for job in jobs:
+            if job.md5 in self._files:  # a crash after publishing, before the job was removed
+                self._state.delete(_JOB_PREFIX + job.md5)
+            else:
+                resumable.append(job)
+        removed = await trio.to_thread.run_sync(
+            self.content.remove_strays, set(self._files), {job.md5 for job in resumable}
+        )
+        for name in removed:
+            log.warning("firmware cache: removed %s, which no index entry accounts for", name)
+        self._update_gauges()
+        if self._files:
+            log.info("firmware cache: serving %d file(s) again after verifying them", len(self._files))
+        return resumable
+
+    def _lookup(self, md5: str) -> tuple[Path, str] | None:
+        entry = self._files.get(md5)
+        return None if entry is None else (self.content.file_path(md5), entry.name)
+
+    def _update_gauges(self) -> None:
+        self.metrics.cached_files.set(len(self._files))
+        self.metrics.cached_bytes.set(sum(entry.size_bytes for entry in self._files.values()))
+
+    def _budget_left_bytes(self, md5: str) -> int:
+        cached = sum(entry.size_bytes for entry in self._files.values())
+        others = sum(size for other, size in self._partial_bytes.items() if other != md5)
+        return self.settings.disk_budget_bytes - cached - others - self._partial_bytes.get(md5, 0)
+
+    # -- jobs ---------------------------------------------------------------------------------------
+
+    def _start(self, job: Job, answered: trio.Event | None) -> None:
+        assert self._nursery is not None
+        self._jobs[job.md5] = job
+        self._nursery.start_soon(self._run_job, job, answered, name=f"firmware {job.md5}")
+
+    async def _run_job(self, job: Job, answered: trio.Event | None) -> None:
+        try:
+            if answered is not None:
+                with trio.move_on_after(self.settings.answer_wait_s):
+                    await answered.wait()
+            outcome = await self._publish_job(job)
+        except Exception:
+            # A bug must not leave the CSMS waiting for ever: say how this one ended, then forget it.
+            log.exception("firmware cache: publishing %s failed unexpectedly", job.md5)
+            self.content.delete_partial(job.md5)
+            await self._notify(job, "DownloadFailed")
+            outcome = "download_failed"
+        self.metrics.downloads.labels(outcome).inc()
+        self._state.delete(_JOB_PREFIX + job.md5)
+        self._jobs.pop(job.md5, None)
+        self._partial_bytes.pop(job.md5, None)
+
+    async def _publish_job(self, job: Job) -> str:
+        if job.md5 in self._files:  # published already (by an earlier request): say where, again
+            await self._notify(job, "Published", self.urls(job.md5))
+            return "published"
+        await self._notify(job, "Downloading")
+        try:
+            digest, size = await self.content.hash_partial(job.md5)
+        except OSError as error:
+            log.error("firmware cache: cannot read the partial file of %s: %s", job.md5, error.strerror or error)
+            self.metrics.attempt_failures.labels("disk_error").inc()
+            digest, size = None, -1
+        progress = Progress(digest, size, job.validator)
+        self._partial_bytes[job.md5] = max(0, size)
+        if size < 0 or not await self._download(job, progress):
+            self.content.delete_partial(job.md5)
+            await self._notify(job, "DownloadFailed")  # L03.FR.06
+            return "download_failed"
+        await self._notify(job, "Downloaded")
+        got = progress.digest.hexdigest()
+        if got != job.md5:  # L03.FR.02: over the whole file
+            log.warning("firmware cache: %s from %.200s has MD5 %s; expected %s", job.name, job.location, got, job.md5)
+            self.content.delete_partial(job.md5)
+            await self._notify(job, "InvalidChecksum")  # L03.FR.07
+            return "invalid_checksum"
+        await self._notify(job, "ChecksumVerified")
+        url = published_url(self.public_base_url or "", job.md5, job.name)
+        try:
+            if not self.public_base_url or len(url) > MAX_LOCATION_CHARS:
+                raise OSError(f"cannot publish at {url[:80]!r}… (no public base URL, or longer than 512 characters)")
+            size = await self.content.publish(job.md5)
+        except OSError as error:
+            log.error("firmware cache: cannot publish %s: %s", job.md5, getattr(error, "strerror", None) or error)
+            self.content.delete_partial(job.md5)
+            await self._notify(job, "PublishFailed")  # L03.FR.08
+            return "publish_failed"
+        entry = CachedFile(job.md5, job.name, size, job.request_id, job.location)
+        self._state.put(_FILE_PREFIX + job.md5, entry.to_record())
+        self._files[job.md5] = entry
+        self._partial_bytes.pop(job.md5, None)
+        self._update_gauges()
+        log.info("firmware cache: published %s (%d bytes) at %s", job.md5, size, url)
+        await self._notify(job, "Published", [url])  # L03.FR.04/09
+        return "published"
+
+    async def _download(self, job: Job, progress: Progress) -> bool:
+        """Attempt the download until it succeeds (True) or no attempt is left (False)."""
+        timeout = httpx.Timeout(self.settings.download_timeout_s)
+        verify: ssl.SSLContext | bool = self._ssl_context if self._ssl_context is not None else True
+        limits = Limits(self.settings.max_file_bytes, lambda: self._budget_left_bytes(job.md5))
+
+        def on_bytes(count: int) -> None:
+            self.metrics.downloaded_bytes.inc(count)
+            self._partial_bytes[job.md5] = progress.size_bytes
+            if progress.validator != job.validator:
+                # Kept so that a download resumed after a restart can still ask If-Range.
+                job.validator = progress.validator
+                self._state.put(_JOB_PREFIX + job.md5, job.to_record())
+
+        async with httpx.AsyncClient(timeout=timeout, verify=verify, follow_redirects=True, trust_env=False) as client:
+            while True:
+                try:
+                    await fetch(
+                        client, job.location, self.content.partial_path(job.md5), progress, limits, _md5, on_bytes
+                    )
+                except DownloadError as error:
+                    self.metrics.attempt_failures.labels(error.reason).inc()
+                    job.attempts_left -= 1
+                    job.validator = progress.validator
+                    self._state.put(_JOB_PREFIX + job.md5, job.to_record())
+                    self._partial_bytes[job.md5] = progress.size_bytes
+                    if not error.retryable or job.attempts_left <= 0:
+                        log.warning("firmware cache: download of %s failed for good: %s", job.md5, error)
+                        return False
+                    log.warning(
+                        "firmware cache: download of %s failed (%s); %d attempt(s) left, next in %.0f s",
+                        job.md5,
+                        error,
+                        job.attempts_left,
+                        job.retry_interval_s,
+                    )
+                    await self._notify(job, "DownloadPaused")
+                    await trio.sleep(job.retry_interval_s)
+                    await self._notify(job, "Downloading")
+                    continue
+                return True
+
+    async def _notify(self, job: Job, status: PublishStatus, location: list[str] | None = None) -> None:
+        payload: dict[str, Any] = {"status": status, "requestId": job.request_id}
+        if location is not None:
+            payload["location"] = location
+        self._state.put(_LAST_KEY, {"status": status, "requestId": job.request_id})
+        log.info("firmware cache: request %d: %s", job.request_id, status)
+        await self._notifier.send(STATUS_ACTION, payload)
+
+
+def _md5() -> Any:
+    return hashlib.md5(usedforsecurity=False)

@@ -1,0 +1,141 @@
+"""Publishing firmware end to end (L03, L04): an `ocpp`-library CSMS, the whole appliance, a station behind it.
+
+The CSMS (PyPI `ocpp`, its own process) sends PublishFirmware to the controller's own identity; the
+controller downloads from a firmware source on loopback, verifies the MD5, publishes on its HTTP face
+and reports each status through its durable outbox. The CSMS then sends UpdateFirmware with the
+published URL to an `ocpp`-library station relayed by the controller; that peer accepts but does not
+download, so the test downloads the URL the station received, as the station would, and checks the
+MD5. Every frame the controller wrote under its own identity is validated against the OCA schemas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import httpx
+import trio
+
+from tests.e2e.conftest import OpenRelay
+from tests.integration.test_firmware_cache import honest, source, status
+from tests.support.peers import Peer
+from tests.support.schemas import validate_frames
+
+IDENTITY = "LC01"
+TIMEOUT_S = 30
+FIRMWARE = bytes(range(256)) * 4096  # 1 MiB
+FIRMWARE_MD5 = hashlib.md5(FIRMWARE).hexdigest()
+CONTROLLER = {"connect": True, "retry_wait_minimum_s": 1, "retry_random_range_s": 0}
+
+
+def statuses(csms: Peer) -> list[dict[str, Any]]:
+    """PublishFirmwareStatusNotification payloads the CSMS received from the controller, in order."""
+    return [
+        e["payload"]
+        for e in csms.events
+        if e.get("event") == "request"
+        and e.get("identity") == IDENTITY
+        and e.get("action") == "PublishFirmwareStatusNotification"
+    ]
+
+
+async def wait_final(csms: Peer, request_id: int) -> list[dict[str, Any]]:
+    final = {"Published", "DownloadFailed", "InvalidChecksum", "PublishFailed"}
+    await csms.wait_for(
+        lambda e: any(p["status"] in final and p.get("requestId") == request_id for p in statuses(csms))
+    )
+    return [p for p in statuses(csms) if p.get("requestId") == request_id]
+
+
+async def booted(csms: Peer) -> None:
+    await csms.wait_for(
+        lambda e: e.get("event") == "request" and e.get("identity") == IDENTITY and e["action"] == "BootNotification"
+    )
+
+
+async def test_publish_then_a_station_updates_from_the_controller(open_relay: OpenRelay) -> None:
+    async with (
+        source(honest(FIRMWARE)) as firmware_source,
+        open_relay(controller=CONTROLLER, firmware={"retry_interval_s": 0}) as relay,
+        relay.station("CS01") as station,
+    ):
+        csms = relay.csms
+        with trio.fail_after(TIMEOUT_S):
+            await booted(csms)
+            request = {"location": firmware_source.url("cs-fw-2.0.bin"), "checksum": FIRMWARE_MD5, "requestId": 501}
+            reply = await csms.call(identity=IDENTITY, action="PublishFirmware", payload=request)
+            assert reply["event"] == "result" and reply["payload"] == {"status": "Accepted"}
+            sent = await wait_final(csms, 501)
+            # TC_L_17: the statuses in order, one requestId, every URL in location.
+            assert [p["status"] for p in sent] == ["Downloading", "Downloaded", "ChecksumVerified", "Published"]
+            url = f"http://127.0.0.1:{relay.app.http_port}/firmware/{FIRMWARE_MD5}/cs-fw-2.0.bin"
+            assert sent[-1]["location"] == [url]
+
+            # L03 step 6: the CSMS points a station behind the controller at the published URL.
+            await station.wait_for_event("boot")
+            update = {
+                "requestId": 77,
+                "firmware": {"location": url, "retrieveDateTime": "2026-01-01T00:00:00Z"},
+            }
+            answer = await csms.call(identity="CS01", action="UpdateFirmware", payload=update)
+            assert answer["event"] == "result" and answer["payload"]["status"] == "Accepted"
+            received = await station.wait_for_event("request", action="UpdateFirmware")
+            async with httpx.AsyncClient(trust_env=False) as client:
+                download = await client.get(received["payload"]["firmware"]["location"])
+            assert download.status_code == 200
+            assert hashlib.md5(download.content).hexdigest() == FIRMWARE_MD5
+            assert relay.metric("ocpp_lc_firmware_served_bytes_total") == len(FIRMWARE)
+
+            # L04: unpublished once no station downloads it; then there is nothing left to unpublish.
+            gone = await csms.call(identity=IDENTITY, action="UnpublishFirmware", payload={"checksum": FIRMWARE_MD5})
+            assert gone["payload"] == {"status": "Unpublished"}
+            again = await csms.call(identity=IDENTITY, action="UnpublishFirmware", payload={"checksum": FIRMWARE_MD5})
+            assert again["payload"] == {"status": "NoFirmware"}
+
+            # L03.FR.10: after Published, a triggered status is Idle.
+            trigger = {"requestedMessage": "PublishFirmwareStatusNotification"}
+            triggered = await csms.call(identity=IDENTITY, action="TriggerMessage", payload=trigger)
+            assert triggered["payload"]["status"] == "Accepted"
+            await csms.wait_for(lambda e: any(p["status"] == "Idle" for p in statuses(csms)))
+    validate_frames(csms.frames(identity=IDENTITY))
+
+
+async def test_failure_paths_report_in_order_with_one_request_id(open_relay: OpenRelay) -> None:
+    other = b"a different file" * 1000
+    async with (
+        source(status("404 Not Found")) as missing,
+        source(honest(other)) as wrong,
+        open_relay(controller=CONTROLLER, firmware={"retry_interval_s": 0}) as relay,
+    ):
+        csms = relay.csms
+        with trio.fail_after(TIMEOUT_S):
+            await booted(csms)
+            failed = {"location": missing.url(), "checksum": FIRMWARE_MD5, "requestId": 601, "retries": 0}
+            assert (await csms.call(identity=IDENTITY, action="PublishFirmware", payload=failed))["payload"] == {
+                "status": "Accepted"
+            }
+            assert [p["status"] for p in await wait_final(csms, 601)] == ["Downloading", "DownloadFailed"]  # TC_L_24
+            invalid = {"location": wrong.url(), "checksum": FIRMWARE_MD5, "requestId": 602}
+            await csms.call(identity=IDENTITY, action="PublishFirmware", payload=invalid)
+            assert [p["status"] for p in await wait_final(csms, 602)] == [
+                "Downloading",
+                "Downloaded",
+                "InvalidChecksum",
+            ]  # TC_L_19
+            rejected = {"location": "ftp://192.0.2.1/fw.bin", "checksum": FIRMWARE_MD5, "requestId": 603}
+            answer = await csms.call(identity=IDENTITY, action="PublishFirmware", payload=rejected)
+            assert answer["payload"]["status"] == "Rejected"
+            assert answer["payload"]["statusInfo"]["reasonCode"] == "UnsupportedScheme"
+            # L03.FR.11: not Published last, so a trigger repeats the last status with its requestId.
+            trigger = {"requestedMessage": "PublishFirmwareStatusNotification"}
+            await csms.call(identity=IDENTITY, action="TriggerMessage", payload=trigger)
+            await csms.wait_for(lambda e: len([p for p in statuses(csms) if p.get("requestId") == 602]) == 4)
+            assert statuses(csms)[-1] == {"status": "InvalidChecksum", "requestId": 602}
+    frames = csms.frames(identity=IDENTITY)
+    validate_frames(frames)
+    # One requestId per process, never mixed.
+    for frame in frames:
+        message = json.loads(frame)
+        if message[0] == 2 and message[2] == "PublishFirmwareStatusNotification":
+            assert message[3]["requestId"] in (601, 602)
