@@ -1,0 +1,80 @@
+"""Benchmark: allocation time for 100, 1,000 and 10,000 EVSEs (issue 5, Done-when 6).
+
+Run: /work/venv/bin/python tests/bench/allocation.py
+
+The site: a grid connection with 20 sub-circuits (every circuit tight, so water-filling has to freeze
+them one by one), two-EVSE stations with a station limit, a third of the EVs on one phase, mixed
+phase rotations and priorities, some underdrawing. Prints the median and worst of several runs.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+from balancing.allocator import Session, SiteLimits, allocate
+from balancing.site import SiteConfig
+
+ROTATIONS = ["RST", "STR", "TRS"]
+
+
+def build(evse_count: int, seed: int = 1) -> tuple[SiteConfig, list[Session]]:
+    rng = random.Random(seed)
+    station_count = evse_count // 2
+    circuits = [
+        {"circuit_id": f"C{index}", "max_current_amperes": min(8.0 * station_count / 20 + rng.uniform(0, 50), 9_000.0)}
+        for index in range(20)
+    ]
+    stations = [
+        {
+            "station_id": f"CS{index:05d}",
+            "circuit_id": f"C{index % 20}",
+            "phase_rotation": ROTATIONS[index % 3],
+            "max_current_amperes": 48.0,
+        }
+        for index in range(station_count)
+    ]
+    site = SiteConfig.model_validate(
+        {
+            "grid": {"max_current_amperes": min(10.0 * station_count, 9_000.0)},
+            "circuits": circuits,
+            "stations": stations,
+        }
+    )
+    sessions = []
+    for index in range(station_count):
+        for evse_id in (1, 2):
+            measured = rng.uniform(0, 32) if rng.random() < 0.2 else None
+            sessions.append(
+                Session(
+                    station_id=f"CS{index:05d}",
+                    evse_id=evse_id,
+                    priority=rng.choice([0, 0, 0, 1]),
+                    phases_used=rng.choice([1, 3, 3]),
+                    measured_current_amperes=measured,
+                    underdraw_since_s=None if measured is None else 0.0,
+                    waiting_since_s=rng.uniform(0, 100),
+                )
+            )
+    return site, sessions
+
+
+def main() -> None:
+    for evse_count in (100, 1_000, 10_000):
+        site, sessions = build(evse_count)
+        runs = 5 if evse_count >= 10_000 else 20
+        durations = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            allocation = allocate(site, SiteLimits(), sessions, 1000.0)
+            durations.append(time.perf_counter() - started)
+        served = sum(1 for evse in allocation.evses.values() if evse.current_amperes > 0)
+        print(
+            f"{evse_count:>6} EVSEs: median {statistics.median(durations) * 1000:8.1f} ms, "
+            f"worst {max(durations) * 1000:8.1f} ms ({served} served, {runs} runs)"
+        )
+
+
+if __name__ == "__main__":
+    main()
