@@ -24,10 +24,12 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
+from balancing.limits import LimitBounds, LimitSources
 from firmware_cache import FirmwareCache, FirmwareSettings, RequestInvalid
 from firmware_cache.service import STATUS_ACTION
 
 from .config import Settings
+from .ems_api import EmsApi
 from .http import build_http_app, serve_http
 from .link import LinkTimings
 from .metrics import RouterMetrics
@@ -52,6 +54,8 @@ class App:
     links: LinkRegistry
     server: StationServer
     store: Store
+    #: EMS limit sources and the effective site limit (K14); kept in the store's ``ems_limits`` namespace.
+    limits: LimitSources
     #: The controller's own identity toward the CSMS; None when ``[controller] connect`` is false.
     own: OwnIdentity | None = None
     #: The firmware cache (L03/L04); it works through the own identity, so None when that is off.
@@ -170,7 +174,8 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         ssl_context=server_context(settings.stations.security),
         tls_handshake_timeout_s=settings.stations.security.handshake_timeout_s,
     )
-    app = App(settings, registry, metrics, hub, links, server, store)
+    limits = LimitSources(store.namespace(EMS_LIMITS_NAMESPACE), limit_bounds(settings))
+    app = App(settings, registry, metrics, hub, links, server, store, limits)
     if settings.controller.connect:
         app.own = OwnIdentity(
             own_identity_settings(settings, csms_context),
@@ -188,6 +193,20 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         )
         wire_firmware(app.own, app.firmware)
     return app
+
+
+#: Store namespace of the EMS limits in force.
+EMS_LIMITS_NAMESPACE = "ems_limits"
+
+
+def limit_bounds(settings: Settings) -> LimitBounds:
+    """What an EMS may ask for, from ``[ems]``."""
+    ems = settings.ems
+    return LimitBounds(
+        max_current_amperes=ems.max_current_amperes,
+        failsafe_current_amperes=ems.failsafe_current_amperes,
+        default_validity_s=ems.default_validity_s,
+    )
 
 
 #: Store namespace of the firmware cache's index.
@@ -272,12 +291,13 @@ async def _serve(app: App, task_status: trio.TaskStatus[App]) -> None:
                 app.hub.update_fill_gauges()
                 return app.health()
 
-            routes = []
+            ems_api = EmsApi(app.limits, app.registry, token=settings.http.token_value())
+            routes = ems_api.routes()
             if app.firmware is not None:
                 # Before the HTTP face and the own identity: files are re-verified before they are
                 # served, and PublishFirmware needs the cache's nursery.
                 await nursery.start(app.firmware.run)
-                routes = app.firmware.routes()
+                routes += app.firmware.routes()
             http_app = build_http_app(app.registry, health, routes)
             app.http_port = await nursery.start(serve_http, http_app, http.host, http.port)
             if app.firmware is not None:

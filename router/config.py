@@ -380,6 +380,31 @@ class FirmwareCacheSettings(BaseModel):
         return f"http://{host}:{http_port}"
 
 
+class EmsSettings(BaseModel):
+    """Site limits set by an energy-management system through the EMS API (K14)."""
+
+    model_config = _MODEL
+    failsafe_current_amperes: float = Field(
+        default=0.0, ge=0, le=10_000, description="per-phase limit in place of a stale EMS limit (A; 0 stops charging)"
+    )
+    max_current_amperes: float = Field(
+        default=10_000.0, ge=1, le=10_000, description="largest per-phase limit an EMS may set (A)"
+    )
+    default_validity_s: float = Field(
+        default=900.0, ge=1, le=604_800, description="validity of an EMS limit that names none (seconds)"
+    )
+
+    @model_validator(mode="after")
+    def _failsafe_within_maximum(self) -> EmsSettings:
+        if self.failsafe_current_amperes > self.max_current_amperes:
+            message = (
+                f"must not exceed [ems] max_current_amperes ({_show(self.max_current_amperes)}), "
+                f"got {_show(self.failsafe_current_amperes)}"
+            )
+            raise _problem(message, field="failsafe_current_amperes")
+        return self
+
+
 class LogSettings(BaseModel):
     """What the controller logs and how."""
 
@@ -399,6 +424,7 @@ class Settings(BaseModel):
     http: HttpSettings = HttpSettings()
     state: StateSettings = StateSettings()
     firmware: FirmwareCacheSettings = FirmwareCacheSettings()
+    ems: EmsSettings = EmsSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="after")

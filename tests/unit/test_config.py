@@ -13,6 +13,7 @@ from router.config import (
     ConfigProblem,
     ControllerSettings,
     CsmsSettings,
+    EmsSettings,
     FirmwareCacheSettings,
     HttpSettings,
     ListenAddress,
@@ -91,6 +92,9 @@ def test_an_empty_file_gives_a_runnable_loopback_config(tmp_path: Path) -> None:
     retry = (controller.retry_wait_minimum_s, controller.retry_random_range_s, controller.retry_repeat_times)
     assert retry == (5, 10, 5)
     assert settings.state.path == Path("/var/lib/ocpp-lc")
+    # A silent EMS stops charging unless the installer sets a failsafe above 0.
+    ems = settings.ems
+    assert (ems.failsafe_current_amperes, ems.max_current_amperes, ems.default_validity_s) == (0, 10_000, 900)
 
 
 def test_the_shipped_example_loads_without_problems() -> None:
@@ -117,6 +121,7 @@ def test_the_shipped_example_documents_every_key() -> None:
         "http": HttpSettings,
         "state": StateSettings,
         "firmware": FirmwareCacheSettings,
+        "ems": EmsSettings,
         "log": LogSettings,
     }
     assert set(sections) == set(Settings.model_fields)
@@ -163,6 +168,9 @@ def test_whole_numbers_are_accepted_for_durations(tmp_path: Path) -> None:
         ("routing", "observer_queue", "0", "must be from 1 to 1000000, got 0"),
         ("routing", "shutdown_grace_s", "-1", "must be from 0 to 120 seconds, got -1"),
         ("routing", "tracked_calls_max", "10001", "must be from 1 to 10000, got 10001"),
+        ("ems", "failsafe_current_amperes", "-1", "must be from 0 to 10000, got -1"),
+        ("ems", "max_current_amperes", "0", "must be from 1 to 10000, got 0"),
+        ("ems", "default_validity_s", "604801", "must be from 1 to 604800 seconds, got 604801"),
         ("controller", "connect", '"yes"', "must be true or false, got 'yes'"),
         ("controller", "vendor_name", '"' + "V" * 51 + '"', "must be from 1 to 50 characters, got 51 characters"),
         ("controller", "model", '""', "must be from 1 to 20 characters, got 0 characters"),
@@ -191,6 +199,13 @@ def test_a_bad_value_names_the_key_and_what_is_allowed(
     assert expected in error.problems[0].message
     assert str(error) == f"{path}: [{section}] {key}: {error.problems[0].message}"
     assert error.path == path
+
+
+def test_an_ems_failsafe_above_the_ems_maximum_is_refused(tmp_path: Path) -> None:
+    error, _ = problems_of(tmp_path, "[ems]\nmax_current_amperes = 250\nfailsafe_current_amperes = 300\n")
+
+    assert [problem.location for problem in error.problems] == ["ems.failsafe_current_amperes"]
+    assert "must not exceed [ems] max_current_amperes (250.0), got 300.0" in error.problems[0].message
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
