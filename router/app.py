@@ -24,7 +24,9 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
+from balancing.csms_limits import CsmsLimitBook, limit_steps
 from balancing.limits import LimitBounds, LimitSources
+from balancing.schedules import PeriodLimit
 from firmware_cache import FirmwareCache, FirmwareSettings, RequestInvalid
 from firmware_cache.service import STATUS_ACTION
 
@@ -34,8 +36,9 @@ from .http import build_http_app, serve_http
 from .link import LinkTimings
 from .metrics import RouterMetrics
 from .observers import ObserverHub
+from .own.charging_handlers import register_csms_limits
 from .own.connection import CallErrorReply, Reply, Session
-from .own.service import OwnIdentity, OwnIdentitySettings
+from .own.service import OwnIdentity, OwnIdentitySettings, utc_now
 from .server import LinkRegistry, StationServer, UpstreamTarget
 from .store import Store
 from .tls import client_context, server_context
@@ -56,6 +59,8 @@ class App:
     store: Store
     #: EMS limit sources and the effective site limit (K14); kept in the store's ``ems_limits`` namespace.
     limits: LimitSources
+    #: The CSMS's site profiles set on the controller's own identity (K03), in ``csms_limits``.
+    csms_limits: CsmsLimitBook
     #: The controller's own identity toward the CSMS; None when ``[controller] connect`` is false.
     own: OwnIdentity | None = None
     #: The firmware cache (L03/L04); it works through the own identity, so None when that is off.
@@ -174,17 +179,30 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         ssl_context=server_context(settings.stations.security),
         tls_handshake_timeout_s=settings.stations.security.handshake_timeout_s,
     )
-    limits = LimitSources(store.namespace(EMS_LIMITS_NAMESPACE), limit_bounds(settings))
-    app = App(settings, registry, metrics, hub, links, server, store, limits)
+    own_settings = own_identity_settings(settings, csms_context)
+    csms_book = CsmsLimitBook(
+        store.namespace(CSMS_LIMITS_NAMESPACE),
+        # Until the site model configures the grid node, the largest EMS limit stands for the grid
+        # connection in GetCompositeSchedule answers.
+        grid_limit=PeriodLimit(settings.ems.max_current_amperes, "A", 3),
+        max_stack_level=own_settings.profile_stack_level,
+        max_periods=own_settings.periods_per_schedule,
+    )
+    limits = LimitSources(
+        store.namespace(EMS_LIMITS_NAMESPACE), limit_bounds(settings), csms_limits=csms_book.site_limits_at
+    )
+    csms_book.other_limits = limit_steps(limits.effective, limits.next_change_after)
+    app = App(settings, registry, metrics, hub, links, server, store, limits, csms_book)
     if settings.controller.connect:
         app.own = OwnIdentity(
-            own_identity_settings(settings, csms_context),
+            own_settings,
             store=store,
             registry=registry,
             # The device model's LocalController.ChargingStation: who is connected right now.
             connected_stations=lambda: list(links.links),
             request_restart=app.request_restart,
         )
+        register_csms_limits(app.own, csms_book, utc_now)
         app.firmware = FirmwareCache(
             firmware_settings(settings),
             state=store.namespace(FIRMWARE_NAMESPACE),
@@ -197,6 +215,8 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
 
 #: Store namespace of the EMS limits in force.
 EMS_LIMITS_NAMESPACE = "ems_limits"
+#: Store namespace of the CSMS's site profiles (K03).
+CSMS_LIMITS_NAMESPACE = "csms_limits"
 
 
 def limit_bounds(settings: Settings) -> LimitBounds:

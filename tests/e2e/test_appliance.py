@@ -11,6 +11,7 @@ identity is checked against the OCA schemas.
 from __future__ import annotations
 
 import base64
+import datetime
 import signal
 import socket
 import subprocess
@@ -118,6 +119,37 @@ async def test_the_csms_sees_the_relayed_station_and_the_controller_under_its_ow
                 health = (await client.get(f"http://127.0.0.1:{relay.app.http_port}/healthz")).json()
             assert health["stations_connected"] == 1
             assert health["own_identity"] == {"connect": True, "link_up": True, "boot_status": "Accepted"}
+
+            # K03: the CSMS's site profile on the controller is taken in, and the composite answers it.
+            profile = {
+                "id": 501,
+                "stackLevel": 0,
+                "chargingProfilePurpose": "ChargingStationMaxProfile",
+                "chargingProfileKind": "Absolute",
+                "chargingSchedule": [
+                    {
+                        "id": 1,
+                        "startSchedule": "2026-01-01T00:00:00Z",
+                        "chargingRateUnit": "A",
+                        "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 125.0, "numberPhases": 3}],
+                    }
+                ],
+            }
+            answer = await csms.call(
+                identity=IDENTITY, action="SetChargingProfile", payload={"evseId": 0, "chargingProfile": profile}
+            )
+            assert answer["payload"]["status"] == "Accepted"
+            composite = await csms.call(
+                identity=IDENTITY,
+                action="GetCompositeSchedule",
+                payload={"duration": 600, "evseId": 0, "chargingRateUnit": "A"},
+            )
+            periods = composite["payload"]["schedule"]["chargingSchedulePeriod"]
+            assert composite["payload"]["status"] == "Accepted" and periods[0]["limit"] == 125.0
+            # ... and it is the site limit in force (the lowest of configuration, CSMS and EMS).
+            effective = relay.app.limits.effective(datetime.datetime.now(datetime.UTC))
+            assert effective.phase_current_amperes == (125.0, 125.0, 125.0)
+            assert effective.phase_sources == ("csms", "csms", "csms")
     validate_frames(csms.frames(identity=IDENTITY))
 
 
