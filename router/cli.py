@@ -26,6 +26,7 @@ import typer
 
 from .config import ConfigError, Settings, load_settings
 from .store import Store, StoreError
+from .systemd import SystemdNotifier
 
 if TYPE_CHECKING:
     from .app import App
@@ -96,16 +97,23 @@ async def serve_until_signalled(settings: Settings, store: Store | None = None) 
     """
     from .app import run_app
 
+    # Under systemd (Type=notify): READY=1 once the ports listen, the watchdog fed from this loop, STOPPING=1
+    # or RELOADING=1 when the appliance goes down. Elsewhere (no NOTIFY_SOCKET) all of it does nothing.
+    systemd = SystemdNotifier.from_environment()
     async with trio.open_nursery() as nursery:
         app: App = await nursery.start(partial(run_app, settings, store=store))
+        systemd.ready(f"serving: stations on port {app.station_port}, HTTP on port {app.http_port}")
+        # systemd watches from READY=1 on; pings from this loop stop when the loop is blocked.
+        nursery.start_soon(systemd.feed_watchdog)
         # However the appliance ends (a signal, a Reset), the signal watcher below ends with it.
-        nursery.start_soon(_stop_watch, app, nursery)
+        nursery.start_soon(_stop_watch, app, nursery, systemd)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 if app.stopped.is_set():
                     break
                 if not app.shutting_down:
                     log.info("%s received: shutting down gracefully", signal.Signals(signum).name)
+                    systemd.stopping(f"shutting down: closing {len(app.links)} station connections")
                     app.request_shutdown()
                 else:
                     log.warning("second signal: stopping now")
@@ -115,8 +123,11 @@ async def serve_until_signalled(settings: Settings, store: Store | None = None) 
     return app.restart_reason
 
 
-async def _stop_watch(app: App, nursery: trio.Nursery) -> None:
+async def _stop_watch(app: App, nursery: trio.Nursery, systemd: SystemdNotifier) -> None:
     await app.stopped.wait()
+    if app.restart_reason is not None:
+        # `run` starts the appliance again in this process; the next READY=1 ends the reload.
+        systemd.reloading(f"restarting after {app.restart_reason}")
     nursery.cancel_scope.cancel()
 
 
