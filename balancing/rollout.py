@@ -1,0 +1,372 @@
+"""Rollout: how a new allocation reaches the stations without the site leaving its limits on the way.
+
+Theory of operation. The allocator says what every EVSE *should* be allowed; this module decides what to
+send *now*, given what every EVSE *may* draw at this instant. For each EVSE the controller knows:
+
+* ``accepted_amperes``: the last limit the station accepted for it (``None``: unknown, e.g. a call that
+  timed out, which the station may or may not have applied);
+* ``in_flight_amperes``: a limit sent and not yet answered (at most one per EVSE);
+* ``confirmed``: false after a rejection, a timeout or a disconnect, until the station accepts again.
+
+What an EVSE may draw, its *bound*, is the accepted limit, raised to a limit in flight (a station may
+apply an increase before it answers, so an increase counts from the moment it is sent; a decrease counts
+only once accepted). An unconfirmed EVSE, or one whose limit is unknown, is bound at its maximum: a
+station that rejects or does not answer is treated as drawing its maximum until it complies (issue 5).
+The bound loads each grid phase the EVSE's session uses (an idle EVSE: every phase of its station, since
+any EV may arrive) and, times that phase count, each power constraint on its path.
+
+:func:`plan` returns, from the bounds and the targets:
+
+1. **Decreases** for every confirmed EVSE whose target is below its accepted limit. They are exempt from
+   the rate limit (safety first). Hysteresis drops a decrease smaller than ``hysteresis_amperes`` only
+   while no constraint on that EVSE's path is over its capacity with the current bounds (a decrease to 0
+   is always sent: an idle EVSE must not offer current to the next EV).
+2. **Retries** to unconfirmed EVSEs, at most once per ``min_interval_s`` per station: they send the
+   target, but no more than what the station last accepted (its minimum when that is unknown), so an
+   acceptance only ever lowers the bound. They do not hold increases back: their EVSE is already
+   counted at its maximum.
+3. **Increases**, only while no decrease is planned or in flight (issue 5: decreases are sent and
+   accepted before increases are sent). Each goes to a confirmed EVSE whose station has not changed for
+   ``min_interval_s``, in (station id, EVSE id) order, and is clipped to the headroom that the *current*
+   bounds leave on every constraint on its path; an increase that would leave an EVSE between 0 and its
+   minimum, or that is smaller than the hysteresis, waits.
+
+So whatever the stations answer and whenever, the sum of the bounds never grows past a limit because of
+an increase, and the actual draw (at most the limit a station installed) never exceeds the sum of the
+bounds. Limits are rounded down to ``resolution_amperes`` as a station applies them (K01.FR.51: A per
+phase). Everything here is pure: time is the ``now_s`` the caller passes; the caller does the I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from .allocator import EPSILON_AMPERES, Allocation, EvseKey, Session, SiteLimits
+from .site import GRID_NODE_ID, SiteConfig, StationConfig
+
+StepKind = Literal["decrease", "retry", "increase"]
+ConstraintKey = tuple[str, int]  # (node id, 0..2 for a grid phase, 3 for power as summed phase amperes)
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutPolicy:
+    """Hysteresis and rate limit of profile changes."""
+
+    hysteresis_amperes: float = 1.0
+    min_interval_s: float = 30.0  # per station, between profile changes other than decreases
+    resolution_amperes: float = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class EvseApplied:
+    """What the controller knows of the limit installed at one EVSE; see the module docstring."""
+
+    station_id: str
+    evse_id: int
+    accepted_amperes: float | None = 0.0
+    in_flight_amperes: float | None = None
+    confirmed: bool = True
+    # The session's phase count (numberOfPhasesUsed; ``None``: unknown, all); only read while in_session.
+    phases_used: int | None = None
+    in_session: bool = False
+
+    @property
+    def key(self) -> EvseKey:
+        return (self.station_id, self.evse_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One SetChargingProfile to send: ``current_amperes`` per phase for one EVSE."""
+
+    station_id: str
+    evse_id: int
+    current_amperes: float
+    kind: StepKind
+
+    @property
+    def key(self) -> EvseKey:
+        return (self.station_id, self.evse_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to send now; ``waiting`` lists EVSEs whose increase is held back, ``next_due_s`` when to look again."""
+
+    decreases: tuple[Step, ...] = ()
+    retries: tuple[Step, ...] = ()
+    increases: tuple[Step, ...] = ()
+    waiting: tuple[EvseKey, ...] = ()
+    next_due_s: float | None = None
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """Everything to send now, decreases first."""
+        return self.decreases + self.retries + self.increases
+
+
+@dataclass
+class RolloutState:
+    """The controller's record of every EVSE's installed limit; changed only through its methods.
+
+    It belongs to one :class:`SiteConfig` (it caches each station's path through the tree): make a new
+    one when the configuration changes.
+    """
+
+    evses: dict[EvseKey, EvseApplied] = field(default_factory=dict)
+    last_change_s: dict[str, float] = field(default_factory=dict)
+    # (station id, phases used or None, which constraints exist) -> that EVSE's weights; bounded by the
+    # stations times 4 phase counts times the few shapes the limits take.
+    _paths: dict[tuple[str, int | None, frozenset[ConstraintKey]], list[tuple[ConstraintKey, float]]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def path(
+        self,
+        site: SiteConfig,
+        applied: EvseApplied,
+        capacity: Mapping[ConstraintKey, float],
+        shape: frozenset[ConstraintKey],
+    ) -> list[tuple[ConstraintKey, float]]:
+        """The weights of one EVSE's bound on the constraints, as :func:`path_weights` (cached)."""
+        cache_key = (applied.station_id, applied.phases_used if applied.in_session else None, shape)
+        found = self._paths.get(cache_key)
+        if found is None:
+            station = site.station(applied.station_id)
+            found = self._paths[cache_key] = path_weights(site, station, grid_phases_of(station, applied), capacity)
+        return found
+
+    def add_evse(self, station_id: str, evse_id: int, accepted_amperes: float | None = 0.0) -> None:
+        """Know an EVSE; ``accepted_amperes`` is what it is known to have installed (``None``: unknown)."""
+        self.evses[(station_id, evse_id)] = EvseApplied(
+            station_id, evse_id, accepted_amperes=accepted_amperes, confirmed=accepted_amperes is not None
+        )
+
+    def session_started(self, key: EvseKey, phases_used: int | None) -> None:
+        self.evses[key] = replace(self.evses[key], in_session=True, phases_used=phases_used)
+
+    def session_ended(self, key: EvseKey) -> None:
+        self.evses[key] = replace(self.evses[key], in_session=False, phases_used=None)
+
+    def sent(self, step: Step, now_s: float) -> None:
+        """A step was sent: an increase counts from now on; the station's rate-limit clock restarts."""
+        self.evses[step.key] = replace(self.evses[step.key], in_flight_amperes=step.current_amperes)
+        self.last_change_s[step.station_id] = now_s
+
+    def accepted(self, step: Step) -> None:
+        """The station accepted the step: it is installed and the EVSE is trusted again."""
+        self.evses[step.key] = replace(
+            self.evses[step.key], accepted_amperes=step.current_amperes, in_flight_amperes=None, confirmed=True
+        )
+
+    def rejected(self, step: Step) -> None:
+        """The station rejected it: it keeps what it had, but is treated as drawing its maximum."""
+        self.evses[step.key] = replace(self.evses[step.key], in_flight_amperes=None, confirmed=False)
+
+    def unanswered(self, step: Step) -> None:
+        """No answer (timeout, link lost): whether it was applied is unknown, so the limit is unknown."""
+        self.evses[step.key] = replace(
+            self.evses[step.key], accepted_amperes=None, in_flight_amperes=None, confirmed=False
+        )
+
+    def disconnected(self, station_id: str) -> None:
+        """The station went away: untrusted until it accepts a profile again."""
+        for key, applied in self.evses.items():
+            if applied.station_id == station_id:
+                self.evses[key] = replace(applied, confirmed=False)
+
+    def allocator_sessions(self, sessions: Iterable[Session]) -> list[Session]:
+        """The sessions to allocate for: compliance from this record, plus untrusted idle EVSEs as fixed loads.
+
+        An unconfirmed EVSE without a session is still bound at its maximum (an EV may plug in and draw
+        what the station installed), so the allocator must leave room for it like for any fixed load.
+        """
+        result = []
+        seen: set[EvseKey] = set()
+        for session in sessions:
+            applied = self.evses.get(session.key)
+            trusted = applied is not None and applied.confirmed and applied.accepted_amperes is not None
+            result.append(replace(session, compliant=trusted))
+            seen.add(session.key)
+        for key, applied in sorted(self.evses.items()):
+            if key not in seen and not (applied.confirmed and applied.accepted_amperes is not None):
+                result.append(Session(station_id=key[0], evse_id=key[1], compliant=False))
+        return result
+
+
+def round_down(amperes: float, resolution_amperes: float) -> float:
+    """Round a limit down to what a station applies, so rounding never adds current."""
+    if amperes <= 0:
+        return 0.0
+    steps = math.floor(amperes / resolution_amperes + 1e-9)
+    # round() drops the binary noise of steps x 0.1 (3 x 0.1 = 0.30000000000000004) that would add current.
+    return min(amperes, round(steps * resolution_amperes, 9))
+
+
+def grid_phases_of(station: StationConfig, applied: EvseApplied) -> tuple[int, ...]:
+    """Grid phases an EVSE may load: its session's, or every phase of its station while idle."""
+    return station.grid_phases(applied.phases_used if applied.in_session else None)
+
+
+def bound_amperes(station: StationConfig, applied: EvseApplied) -> float:
+    """The most an EVSE may draw per phase right now (see the module docstring)."""
+    maximum = station.evse_range_amperes(applied.evse_id)[1]
+    if not applied.confirmed or applied.accepted_amperes is None:
+        return maximum
+    if applied.in_flight_amperes is not None:
+        return max(applied.accepted_amperes, applied.in_flight_amperes)
+    return applied.accepted_amperes
+
+
+def capacities(site: SiteConfig, limits: SiteLimits) -> dict[ConstraintKey, float]:
+    """Every constraint of the site as summed per-phase amperes: node phases 0..2 and power (index 3)."""
+    result: dict[ConstraintKey, float] = {}
+    nodes = [(GRID_NODE_ID, site.grid)] + [(c.circuit_id, c) for c in site.circuits]
+    nodes += [("station:" + s.station_id, s) for s in site.stations]
+    for node_id, node in nodes:
+        per_phase: list[float | None] = [node.max_current_amperes] * 3
+        power = node.max_power_watts
+        if node_id == GRID_NODE_ID:
+            if limits.phase_current_amperes is not None:
+                per_phase = [_lower(per_phase[p], limits.phase_current_amperes[p]) for p in range(3)]
+            power = _lower(power, limits.power_watts)
+        for phase, value in enumerate(per_phase):
+            if value is not None:
+                result[(node_id, phase)] = value
+        if power is not None:
+            result[(node_id, 3)] = power / site.nominal_voltage_volts
+    return result
+
+
+def path_weights(
+    site: SiteConfig, station: StationConfig, grid_phases: tuple[int, ...], capacity: Mapping[ConstraintKey, float]
+) -> list[tuple[ConstraintKey, float]]:
+    """The constraints one ampere per phase on this EVSE loads, with its weight on each."""
+    nodes = ["station:" + station.station_id, *site.circuit_path(station.circuit_id)]
+    result: list[tuple[ConstraintKey, float]] = []
+    for node_id in nodes:
+        for phase in grid_phases:
+            if (node_id, phase) in capacity:
+                result.append(((node_id, phase), 1.0))
+        if (node_id, 3) in capacity:
+            result.append(((node_id, 3), float(len(grid_phases))))
+    return result
+
+
+def plan(
+    site: SiteConfig,
+    limits: SiteLimits,
+    allocation: Allocation,
+    state: RolloutState,
+    now_s: float,
+    policy: RolloutPolicy | None = None,
+) -> Plan:
+    """What to send now to move the installed limits toward ``allocation``; see the module docstring.
+
+    An EVSE without a session (in ``state``) has target 0 whatever the allocation says.
+    """
+    policy = policy or RolloutPolicy()
+    capacity = capacities(site, limits)
+    load = dict.fromkeys(capacity, 0.0)
+    shape = frozenset(capacity)
+    paths: dict[EvseKey, list[tuple[ConstraintKey, float]]] = {}
+    targets: dict[EvseKey, float] = {}
+    stations: dict[EvseKey, StationConfig] = {}
+    for key in sorted(state.evses):
+        applied = state.evses[key]
+        station = stations[key] = site.station(applied.station_id)
+        paths[key] = state.path(site, applied, capacity, shape)
+        # An EVSE without a session gets 0 whatever the allocation says: the next EV must not find current.
+        targets[key] = (
+            round_down(allocation.current_amperes(*key), policy.resolution_amperes) if applied.in_session else 0.0
+        )
+        bound = bound_amperes(station, applied)
+        for constraint, weight in paths[key]:
+            load[constraint] += weight * bound
+    over = {c for c, value in load.items() if value > capacity[c] + EPSILON_AMPERES}
+
+    def due_at(station_id: str) -> float:
+        last = state.last_change_s.get(station_id)
+        return -math.inf if last is None else last + policy.min_interval_s
+
+    decreases: list[Step] = []
+    retries: list[Step] = []
+    next_due: list[float] = []
+    decrease_in_flight = False
+    for key, applied in sorted(state.evses.items()):
+        if applied.in_flight_amperes is not None:
+            accepted = applied.accepted_amperes
+            if applied.confirmed and accepted is not None and applied.in_flight_amperes < accepted:
+                decrease_in_flight = True
+            continue
+        target = targets[key]
+        if not applied.confirmed or applied.accepted_amperes is None:
+            if due_at(applied.station_id) > now_s:
+                next_due.append(due_at(applied.station_id))
+                continue
+            # Never more than it last accepted: an acceptance can only lower the bound from its maximum.
+            known = applied.accepted_amperes
+            ceiling = known if known is not None else stations[key].evse_range_amperes(applied.evse_id)[0]
+            value = 0.0 if target == 0 else min(target, ceiling)
+            retries.append(Step(applied.station_id, applied.evse_id, value, "retry"))
+            continue
+        if target < applied.accepted_amperes - EPSILON_AMPERES:
+            small = applied.accepted_amperes - target < policy.hysteresis_amperes
+            if small and target > 0 and not any(constraint in over for constraint, _ in paths[key]):
+                continue
+            decreases.append(Step(applied.station_id, applied.evse_id, target, "decrease"))
+
+    increases: list[Step] = []
+    waiting: list[EvseKey] = []
+    if not decreases and not decrease_in_flight:
+        for key in sorted(state.evses):
+            applied = state.evses[key]
+            accepted = applied.accepted_amperes
+            if applied.in_flight_amperes is not None or not applied.confirmed or accepted is None:
+                continue
+            target = targets[key]
+            if target - accepted < policy.hysteresis_amperes:
+                continue
+            if due_at(applied.station_id) > now_s:
+                next_due.append(due_at(applied.station_id))
+                waiting.append(key)
+                continue
+            room = min(
+                ((capacity[c] - load[c]) / weight for c, weight in paths[key] if weight > 0),
+                default=math.inf,
+            )
+            value = round_down(min(target, accepted + max(0.0, room)), policy.resolution_amperes)
+            minimum = stations[key].evse_range_amperes(applied.evse_id)[0]
+            if value - accepted < policy.hysteresis_amperes or (accepted == 0 and value < minimum):
+                waiting.append(key)
+                continue
+            for constraint, weight in paths[key]:
+                load[constraint] += weight * (value - accepted)
+            increases.append(Step(applied.station_id, applied.evse_id, value, "increase"))
+    else:
+        waiting = [
+            key
+            for key, applied in sorted(state.evses.items())
+            if applied.confirmed
+            and applied.accepted_amperes is not None
+            and applied.in_flight_amperes is None
+            and targets[key] - applied.accepted_amperes >= policy.hysteresis_amperes
+        ]
+    return Plan(
+        decreases=tuple(decreases),
+        retries=tuple(retries),
+        increases=tuple(increases),
+        waiting=tuple(waiting),
+        next_due_s=min(next_due, default=None),
+    )
+
+
+def _lower(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
