@@ -3,7 +3,9 @@
 The policy around attempts (how many, how long between them, which status to send) is the service's;
 this module moves bytes and says how an attempt ended. A failed attempt raises :class:`DownloadError`
 with a short ``reason`` (a metric label) and whether another attempt could help (``retryable``): a
-dropped connection or a 503 may; a 404, a file over the size cap or a full disk will not.
+dropped connection or a 503 may; a 404, a file over the size cap, a full disk or an https source
+whose certificate fails verification (``certificate``: untrusted issuer, wrong host name, expired)
+will not.
 
 Resuming: when the partial file already holds bytes, the request asks for the rest with
 ``Range: bytes=<n>-`` and, if the source gave a validator before, ``If-Range`` with it, so a source
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +94,15 @@ async def fetch(
             progress.validator = _validator(response)
             await _receive(response, partial, progress, limits, on_bytes)
     except httpx.ConnectError as error:
+        tls_error = _tls_cause(error)
+        if isinstance(tls_error, ssl.SSLCertVerificationError):
+            # Nothing a retry changes: the source must present another certificate, or we trust another CA.
+            detail = tls_error.verify_message or str(tls_error)
+            raise DownloadError(
+                "certificate", f"{url} failed certificate verification: {detail}", retryable=False
+            ) from None
+        if tls_error is not None:
+            raise DownloadError("tls_error", f"TLS with {url} failed: {tls_error}", retryable=True) from None
         raise DownloadError("unreachable", str(error) or type(error).__name__, retryable=True) from None
     except httpx.TimeoutException as error:
         raise DownloadError("timeout", str(error) or type(error).__name__, retryable=True) from None
@@ -98,6 +110,18 @@ async def fetch(
         raise DownloadError("broken_transfer", str(error) or type(error).__name__, retryable=True) from None
     except httpx.HTTPError as error:
         raise DownloadError("http_error", str(error) or type(error).__name__, retryable=True) from None
+
+
+def _tls_cause(error: BaseException) -> ssl.SSLError | None:
+    """The TLS error under an httpx error (httpx wraps it, and says nothing of it in its message)."""
+    seen: BaseException | None = error
+    for _ in range(10):  # the chain is short (httpx -> httpcore -> trio/anyio -> ssl); never loop on a cycle
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _check_start(response: httpx.Response, progress: Progress, new_digest: Callable[[], Any]) -> int | None:

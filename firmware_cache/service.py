@@ -102,6 +102,8 @@ class FirmwareSettings:
     default_retry_interval_s: float = 30.0
     #: How long a job waits for its Accepted answer to be written before sending statuses anyway.
     answer_wait_s: float = 10.0
+    #: CA certificates (PEM) an https source's certificate must chain to; None: the system's CAs.
+    ca_file: Path | None = None
 
 
 @dataclass
@@ -138,7 +140,9 @@ class FirmwareCache:
         self.public_base_url = public_base_url
         self._state = state
         self._notifier = notifier
-        self._ssl_context = ssl_context
+        #: How https sources are verified (chain and host name): ``ssl_context`` if given, else
+        #: ``settings.ca_file``, else the system's CAs. An unusable ca_file fails here, at start.
+        self._ssl_context = ssl_context if ssl_context is not None else download_context(settings.ca_file)
         self._files: dict[str, CachedFile] = {}
         self._jobs: dict[str, Job] = {}
         self._partial_bytes: dict[str, int] = {}
@@ -371,7 +375,6 @@ class FirmwareCache:
     async def _download(self, job: Job, progress: Progress) -> bool:
         """Attempt the download until it succeeds (True) or no attempt is left (False)."""
         timeout = httpx.Timeout(self.settings.download_timeout_s)
-        verify: ssl.SSLContext | bool = self._ssl_context if self._ssl_context is not None else True
         limits = Limits(self.settings.max_file_bytes, lambda: self._budget_left_bytes(job.md5))
 
         def on_bytes(count: int) -> None:
@@ -382,7 +385,9 @@ class FirmwareCache:
                 job.validator = progress.validator
                 self._state.put(_JOB_PREFIX + job.md5, job.to_record())
 
-        async with httpx.AsyncClient(timeout=timeout, verify=verify, follow_redirects=True, trust_env=False) as client:
+        async with httpx.AsyncClient(
+            timeout=timeout, verify=self._ssl_context, follow_redirects=True, trust_env=False
+        ) as client:
             while True:
                 try:
                     await fetch(
@@ -417,6 +422,16 @@ class FirmwareCache:
         self._state.put(_LAST_KEY, {"status": status, "requestId": job.request_id})
         log.info("firmware cache: request %d: %s", job.request_id, status)
         await self._notifier.send(STATUS_ACTION, payload)
+
+
+def download_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The TLS client context for https sources: certificate and host name verified (L03: https).
+
+    Trusts only ``ca_file`` when one is given (like the CSMS leg's ``ca_file``), else the system's
+    CAs. Raises ``OSError`` or ``ssl.SSLError`` when the file cannot be read or holds no certificate.
+    """
+    # create_default_context: CERT_REQUIRED and check_hostname; with a cafile it loads only that file.
+    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=None if ca_file is None else str(ca_file))
 
 
 def _md5() -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -243,6 +244,7 @@ def firmware_settings(settings: Settings) -> FirmwareSettings:
         download_timeout_s=firmware.download_timeout_s,
         default_retries=firmware.retries,
         default_retry_interval_s=float(firmware.retry_interval_s),
+        ca_file=Path(firmware.ca_file) if firmware.ca_file else None,
     )
 
 

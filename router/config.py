@@ -213,6 +213,19 @@ def _check_state_dir(text: str) -> str:
     return text
 
 
+def _check_readable_file(text: str) -> str:
+    _check_state_dir(text)
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"no such file: {text!r}")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {text!r}: {exc.strerror}") from None
+    return text
+
+
 class StateSettings(BaseModel):
     """Where the controller keeps what must survive a restart."""
 
@@ -351,6 +364,12 @@ class FirmwareCacheSettings(BaseModel):
     )
     cache_dir: Annotated[str, AfterValidator(_check_state_dir)] | None = Field(
         default=None, max_length=4096, description="where firmware files are kept (absolute path; <state dir>/firmware)"
+    )
+    ca_file: Annotated[str, AfterValidator(_check_readable_file)] | None = Field(
+        default=None,
+        max_length=4096,
+        description="CA certificates (PEM, absolute path) an https firmware source must chain to; "
+        "default: the system's CAs",
     )
     max_file_bytes: int = Field(
         default=512 * 1024 * 1024, ge=1024, le=64 * 1024**3, description="largest firmware file (bytes)"

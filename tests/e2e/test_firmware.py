@@ -3,9 +3,11 @@
 The CSMS (PyPI `ocpp`, its own process) sends PublishFirmware to the controller's own identity; the
 controller downloads from a firmware source on loopback, verifies the MD5, publishes on its HTTP face
 and reports each status through its durable outbox. The CSMS then sends UpdateFirmware with the
-published URL to an `ocpp`-library station relayed by the controller; that peer accepts but does not
-download, so the test downloads the URL the station received, as the station would, and checks the
-MD5. Every frame the controller wrote under its own identity is validated against the OCA schemas.
+published URL to an `ocpp`-library station relayed by the controller; that peer accepts, downloads
+the URL it received (its own HTTP client, in its own process), reports Downloading and Downloaded to
+the CSMS in FirmwareStatusNotifications, and tells the test the MD5 of what it got. Every frame the
+controller wrote under its own identity, and every frame relayed for the station, is validated
+against the OCA schemas.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import hashlib
 import json
 from typing import Any
 
-import httpx
 import trio
+import trio.testing
 
 from tests.e2e.conftest import OpenRelay
 from tests.integration.test_firmware_cache import honest, source, status
@@ -37,6 +39,17 @@ def statuses(csms: Peer) -> list[dict[str, Any]]:
         if e.get("event") == "request"
         and e.get("identity") == IDENTITY
         and e.get("action") == "PublishFirmwareStatusNotification"
+    ]
+
+
+def firmware_statuses(csms: Peer, identity: str) -> list[dict[str, Any]]:
+    """FirmwareStatusNotification payloads the CSMS received from one station, in order."""
+    return [
+        e["payload"]
+        for e in csms.events
+        if e.get("event") == "request"
+        and e.get("identity") == identity
+        and e.get("action") == "FirmwareStatusNotification"
     ]
 
 
@@ -81,17 +94,43 @@ async def test_publish_then_a_station_updates_from_the_controller(open_relay: Op
             answer = await csms.call(identity="CS01", action="UpdateFirmware", payload=update)
             assert answer["event"] == "result" and answer["payload"]["status"] == "Accepted"
             received = await station.wait_for_event("request", action="UpdateFirmware")
-            async with httpx.AsyncClient(trust_env=False) as client:
-                download = await client.get(received["payload"]["firmware"]["location"])
-            assert download.status_code == 200
-            assert hashlib.md5(download.content).hexdigest() == FIRMWARE_MD5
+            assert received["payload"]["firmware"]["location"] == url
+            # The station downloads from the controller on its own (L01) and says what it got.
+            download = await station.wait_for(
+                lambda e: e.get("event") in ("firmware_download", "firmware_download_failed") and e["requestId"] == 77
+            )
+            assert download["event"] == "firmware_download", download
+            assert (download["url"], download["status"], download["bytes"]) == (url, 200, len(FIRMWARE))
+            assert download["md5"] == FIRMWARE_MD5
             assert relay.metric("ocpp_lc_firmware_served_bytes_total") == len(FIRMWARE)
+            # Its FirmwareStatusNotifications reach the CSMS through the controller, with its requestId.
+            await csms.wait_for(lambda e: "Downloaded" in [p["status"] for p in firmware_statuses(csms, "CS01")])
+            assert firmware_statuses(csms, "CS01") == [
+                {"status": "Downloading", "requestId": 77},
+                {"status": "Downloaded", "requestId": 77},
+            ]
+
+            # The station has its bytes and has hung up; the controller (in this process) ends its side of
+            # the transfer a moment later (about a millisecond; more on a busy machine). Wait until every
+            # task has been idle for 0.1 s, or L04 below could still, rightly, answer DownloadOngoing.
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+            assert relay.metric("ocpp_lc_firmware_station_downloads") == 0
 
             # L04: unpublished once no station downloads it; then there is nothing left to unpublish.
             gone = await csms.call(identity=IDENTITY, action="UnpublishFirmware", payload={"checksum": FIRMWARE_MD5})
             assert gone["payload"] == {"status": "Unpublished"}
             again = await csms.call(identity=IDENTITY, action="UnpublishFirmware", payload={"checksum": FIRMWARE_MD5})
             assert again["payload"] == {"status": "NoFirmware"}
+            # A station sent there now finds nothing, and says so to the CSMS.
+            stale = {**update, "requestId": 78}
+            assert (await csms.call(identity="CS01", action="UpdateFirmware", payload=stale))["event"] == "result"
+            failed = await station.wait_for(
+                lambda e: e.get("event") in ("firmware_download", "firmware_download_failed") and e["requestId"] == 78
+            )
+            assert (failed["event"], failed["status"]) == ("firmware_download_failed", 404)
+            await csms.wait_for(
+                lambda e: {"status": "DownloadFailed", "requestId": 78} in firmware_statuses(csms, "CS01")
+            )
 
             # L03.FR.10: after Published, a triggered status is Idle.
             trigger = {"requestedMessage": "PublishFirmwareStatusNotification"}
@@ -99,6 +138,7 @@ async def test_publish_then_a_station_updates_from_the_controller(open_relay: Op
             assert triggered["payload"]["status"] == "Accepted"
             await csms.wait_for(lambda e: any(p["status"] == "Idle" for p in statuses(csms)))
     validate_frames(csms.frames(identity=IDENTITY))
+    validate_frames(csms.frames(identity="CS01"))
 
 
 async def test_failure_paths_report_in_order_with_one_request_id(open_relay: OpenRelay) -> None:

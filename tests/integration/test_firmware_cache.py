@@ -3,9 +3,10 @@
 Each test runs a :class:`FirmwareCache` on a real state store with its HTTP face (``serve_http``) on
 port 0, and a firmware *source*: a raw trio HTTP/1.1 server on port 0 whose behaviour the test picks
 byte for byte (honest, 404, a different file, closing mid-transfer, more bytes than the cap, holding
-the response open). The CSMS side is a recorder that validates every status notification against
-the OCA schema and lets the test wait for a final status. The full path through the own identity to
-an ``ocpp``-library CSMS is in ``tests/e2e/test_firmware.py``.
+the response open), plain or behind TLS. The CSMS side is a recorder that validates every status
+notification against the OCA schema and lets the test wait for a final status. The full path through
+the own identity to an ``ocpp``-library CSMS is in ``tests/e2e/test_firmware.py``; https sources are
+in ``test_firmware_https.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -73,19 +75,20 @@ class Request:
     headers: dict[str, str]
 
 
-Behaviour = Callable[[trio.SocketStream, Request, int], Awaitable[None]]
+Behaviour = Callable[[trio.abc.Stream, Request, int], Awaitable[None]]
 
 
 @dataclass
 class Source:
     port: int
     requests: list[Request] = field(default_factory=list)
+    scheme: str = "http"
 
-    def url(self, name: str = "fw-1.2.3.bin") -> str:
-        return f"http://127.0.0.1:{self.port}/files/{name}"
+    def url(self, name: str = "fw-1.2.3.bin", host: str = "127.0.0.1") -> str:
+        return f"{self.scheme}://{host}:{self.port}/files/{name}"
 
 
-async def _read_request(stream: trio.SocketStream) -> Request | None:
+async def _read_request(stream: trio.abc.Stream) -> Request | None:
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = await stream.receive_some(4096)
@@ -101,14 +104,23 @@ async def _read_request(stream: trio.SocketStream) -> Request | None:
 
 
 @asynccontextmanager
-async def source(behaviour: Behaviour) -> AsyncIterator[Source]:
-    """A raw HTTP server on 127.0.0.1:0: one request per connection, answered by ``behaviour``."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    found = Source(listeners[0].socket.getsockname()[1])
+async def source(behaviour: Behaviour, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Source]:
+    """A raw HTTP server on 127.0.0.1:0: one request per connection, answered by ``behaviour``.
 
-    async def handle(stream: trio.SocketStream) -> None:
+    With ``ssl_context`` (a server context holding the source's certificate) it speaks https.
+    """
+    tcp_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    found = Source(tcp_listeners[0].socket.getsockname()[1], scheme="https" if ssl_context else "http")
+    listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
+    if ssl_context is not None:
+        listeners = [trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in tcp_listeners]
+
+    async def handle(stream: trio.abc.Stream) -> None:
         async with stream:
-            request = await _read_request(stream)
+            try:
+                request = await _read_request(stream)
+            except trio.BrokenResourceError:
+                return  # a TLS handshake failed: the client rejected our certificate
             if request is None:
                 return
             found.requests.append(request)
@@ -129,7 +141,7 @@ def _head(status: str, headers: dict[str, str]) -> bytes:
 def honest(body: bytes, etag: str = '"v1"') -> Behaviour:
     """Serves ``body`` with Range and If-Range, like a proper static server."""
 
-    async def behave(stream: trio.SocketStream, request: Request, number: int) -> None:
+    async def behave(stream: trio.abc.Stream, request: Request, number: int) -> None:
         ranged = re.fullmatch(r"bytes=(\d+)-", request.headers.get("range", ""))
         if_range = request.headers.get("if-range")
         if ranged and (if_range is None or if_range == etag):
@@ -150,7 +162,7 @@ def cut_first(body: bytes, at: int) -> Behaviour:
     """The first transfer breaks after ``at`` bytes (the connection closes); later ones are honest."""
     rest = honest(body)
 
-    async def behave(stream: trio.SocketStream, request: Request, number: int) -> None:
+    async def behave(stream: trio.abc.Stream, request: Request, number: int) -> None:
         if number == 1:
             head = _head("200 OK", {"Content-Length": str(len(body)), "ETag": '"v1"'})
             await stream.send_all(head + body[:at])
@@ -161,7 +173,7 @@ def cut_first(body: bytes, at: int) -> Behaviour:
 
 
 def status(code: str) -> Behaviour:
-    async def behave(stream: trio.SocketStream, request: Request, number: int) -> None:
+    async def behave(stream: trio.abc.Stream, request: Request, number: int) -> None:
         await stream.send_all(_head(code, {"Content-Length": "0"}))
 
     return behave
@@ -170,7 +182,7 @@ def status(code: str) -> Behaviour:
 def endless(chunk: bytes = b"x" * 65536) -> Behaviour:
     """No Content-Length, bytes until the controller hangs up."""
 
-    async def behave(stream: trio.SocketStream, request: Request, number: int) -> None:
+    async def behave(stream: trio.abc.Stream, request: Request, number: int) -> None:
         await stream.send_all(_head("200 OK", {}))
         while True:
             await stream.send_all(chunk)
@@ -182,7 +194,7 @@ def held(body: bytes, release: trio.Event, at: int, sent: trio.Event | None = No
     """Sends ``at`` bytes (then sets ``sent``), waits for ``release``, sends the rest (first request only)."""
     rest = honest(body)
 
-    async def behave(stream: trio.SocketStream, request: Request, number: int) -> None:
+    async def behave(stream: trio.abc.Stream, request: Request, number: int) -> None:
         if number > 1:
             await rest(stream, request, number)
             return

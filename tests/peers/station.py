@@ -4,6 +4,16 @@ Run as `python -m tests.peers.station --url ws://127.0.0.1:PORT/ocpp --identity 
 once to `<url>/<percent-encoded identity>`, boots (unless `--no-boot`), answers CSMS CALLs with
 schema-valid canned responses, and exits when the connection ends. Events and commands are described
 in `tests/peers/common.py` and `tests/support/peers.py`.
+
+UpdateFirmware is answered Accepted and then acted on, as a real station would (Part 2 L01): the
+station sends FirmwareStatusNotification Downloading, GETs `firmware.location` (stdlib urllib in a
+thread, no proxies, certificates verified against the system trust for https), then sends Downloaded
+or DownloadFailed, all with the request's `requestId`. It downloads at once (`retrieveDateTime` is not
+waited for) and installs nothing. Extra events:
+  {"event":"firmware_download","requestId":N,"url":..,"status":<HTTP status>,"bytes":N,"md5":"<hex>"}
+  {"event":"firmware_download_failed","requestId":N,"url":..,"status":<HTTP status>|null,"error":".."}
+  {"event":"firmware_status_failed","requestId":N,"status":..,"error":..}  (the notification got no answer)
+A test that overrides the UpdateFirmware answer (`set_response`) gets no download.
 """
 
 from __future__ import annotations
@@ -11,11 +21,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
 import sys
+import threading
+import urllib.error
 import urllib.parse
+import urllib.request
 from typing import Any
 
-from ocpp.routing import on
+from ocpp.routing import after, on
 from ocpp.v201 import call_result
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
@@ -37,6 +51,16 @@ from tests.peers.common import (
 )
 
 
+def _failed(request_id: int, url: str, status: int | None, error: str) -> dict[str, Any]:
+    return {
+        "event": "firmware_download_failed",
+        "requestId": request_id,
+        "url": url,
+        "status": status,
+        "error": error,
+    }
+
+
 def _variable_result(item: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """Echo the component/variable/attribute type of a requested variable into its result."""
     result = {"component": item["component"], "variable": item["variable"], **extra}
@@ -45,8 +69,40 @@ def _variable_result(item: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return result
 
 
+#: Socket timeout of a firmware download (connect, and each read): a stalled source fails it.
+FIRMWARE_TIMEOUT_S = 30.0
+_CHUNK_BYTES = 65536
+
+
+class DownloadStopped(Exception):
+    """The station is shutting down: the download thread gives up between two reads."""
+
+
+def download(url: str, stop: threading.Event) -> tuple[int, int, str]:
+    """GET ``url`` (blocking); return (HTTP status, byte count, MD5 hex). Raises OSError or DownloadStopped.
+
+    No proxies from the environment: the tests' traffic stays on loopback whatever the machine says.
+    """
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    digest = hashlib.md5(usedforsecurity=False)
+    count = 0
+    with opener.open(url, timeout=FIRMWARE_TIMEOUT_S) as response:
+        while chunk := response.read(_CHUNK_BYTES):
+            if stop.is_set():
+                raise DownloadStopped
+            digest.update(chunk)
+            count += len(chunk)
+        return int(response.status), count, digest.hexdigest()
+
+
 class StationChargePoint(PeerChargePoint):
     """The station end: canned answers for CSMS-initiated CALLs (the handlers see snake_case keys)."""
+
+    def __init__(self, identity: str, connection: FrameLog, behaviour: Behaviour) -> None:
+        super().__init__(identity, connection, behaviour)
+        #: Where work that outlives a CALL (firmware downloads) runs; set by `amain`, None: none is done.
+        self.tasks: asyncio.TaskGroup | None = None
+        self.firmware_tasks: set[asyncio.Task[None]] = set()
 
     @on("GetVariables")
     def on_get_variables(self, get_variable_data: list[dict[str, Any]], **_: Any) -> call_result.GetVariables:
@@ -97,6 +153,49 @@ class StationChargePoint(PeerChargePoint):
     @on("UpdateFirmware")
     def on_update_firmware(self, **_: Any) -> call_result.UpdateFirmware:
         return call_result.UpdateFirmware(status="Accepted")
+
+    @after("UpdateFirmware")
+    def after_update_firmware(self, request_id: int, firmware: dict[str, Any], **_: Any) -> None:
+        # Runs once the Accepted answer is sent, so the CSMS sees it before the first status.
+        if self.tasks is None:
+            return
+        task = self.tasks.create_task(self.update_firmware(request_id, str(firmware["location"])))
+        self.firmware_tasks.add(task)
+        task.add_done_callback(self.firmware_tasks.discard)
+
+    async def update_firmware(self, request_id: int, url: str) -> None:
+        """Download ``url`` and report it, as events and as FirmwareStatusNotifications (L01)."""
+        await self.firmware_status("Downloading", request_id)
+        stop = threading.Event()
+        try:
+            status, count, md5 = await asyncio.to_thread(download, url, stop)
+        except urllib.error.HTTPError as exc:
+            emit(_failed(request_id, url, exc.code, f"HTTP {exc.code} {exc.reason}"))
+        except (OSError, ValueError, DownloadStopped) as exc:
+            emit(_failed(request_id, url, None, f"{type(exc).__name__}: {exc}"))
+        except asyncio.CancelledError:
+            stop.set()  # the thread cannot be cancelled; it stops at its next read
+            raise
+        else:
+            emit(
+                {
+                    "event": "firmware_download",
+                    "requestId": request_id,
+                    "url": url,
+                    "status": status,
+                    "bytes": count,
+                    "md5": md5,
+                }
+            )
+            await self.firmware_status("Downloaded", request_id)
+            return
+        await self.firmware_status("DownloadFailed", request_id)
+
+    async def firmware_status(self, status: str, request_id: int) -> None:
+        try:
+            await self.call_raw("FirmwareStatusNotification", {"status": status, "requestId": request_id})
+        except CallFailed as exc:
+            emit({"event": "firmware_status_failed", "requestId": request_id, "status": status, **exc.event})
 
     @on("ChangeAvailability")
     def on_change_availability(self, **_: Any) -> call_result.ChangeAvailability:
@@ -210,6 +309,8 @@ async def amain(args: argparse.Namespace) -> int:
     station_type = Ocpp16Echo if ws.subprotocol == "ocpp1.6" else StationChargePoint
     station = station_type(args.identity, FrameLog(ws, args.identity), Behaviour())
     async with asyncio.TaskGroup() as tasks:
+        if isinstance(station, StationChargePoint):
+            station.tasks = tasks
         helpers = [
             tasks.create_task(follow_commands(station.behaviour, lambda _: station, stop)),
             tasks.create_task(_close_on(stop, ws)),
@@ -220,7 +321,8 @@ async def amain(args: argparse.Namespace) -> int:
             await station.serve()
         finally:
             emit({"event": "disconnected", "identity": args.identity, "code": ws.close_code, "reason": ws.close_reason})
-            for task in helpers:
+            firmware_tasks = station.firmware_tasks if isinstance(station, StationChargePoint) else set()
+            for task in [*helpers, *firmware_tasks]:
                 task.cancel()
     return 0
 

@@ -466,3 +466,17 @@ def test_a_basic_auth_password_under_security_profile_3_is_refused(tmp_path: Pat
         "lc.toml: [controller] basic_auth_password: is not used with [csms.security] security_profile 3 "
         "(the client certificate identifies the controller): remove it"
     )
+
+
+def test_firmware_ca_file_must_be_a_readable_absolute_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"firmware": {"ca_file": str(tmp_path / "missing.pem")}})
+    assert any(
+        problem.location == "firmware.ca_file" and "no such file" in problem.message
+        for problem in caught.value.problems
+    )
+    with pytest.raises(ConfigError):
+        parse_settings({"firmware": {"ca_file": "relative/ca.pem"}})
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert parse_settings({"firmware": {"ca_file": str(bundle)}}).firmware.ca_file == str(bundle)
