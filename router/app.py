@@ -16,6 +16,7 @@ same process), so that a restart really begins from the configuration and the st
 
 from __future__ import annotations
 
+import datetime
 import logging
 import ssl
 from dataclasses import dataclass, field
@@ -111,6 +112,32 @@ class App:
             "stations_connected": len(self.links),
             "station_port": self.station_port,
             "own_identity": own,
+        }
+
+    def status(self) -> dict[str, Any]:
+        """What ``GET /api/v1/status`` (and so ``ocpp-lc status``) reports."""
+        # connected_at_s is on trio's clock; the wall-clock moment is derived from the age so that the
+        # CLI can print when each station connected.
+        now_s = trio.current_time()
+        wall = utc_now()
+        stations = [
+            {
+                "station_id": link.station_id,
+                "subprotocol": link.subprotocol,
+                "connected_for_s": round(now_s - link.connected_at_s, 3),
+                "connected_since": (wall - datetime.timedelta(seconds=now_s - link.connected_at_s)).isoformat(),
+            }
+            for link in sorted(self.links, key=lambda link: link.station_id)
+        ]
+        own: dict[str, Any] = {"identity": self.settings.controller.identity, "connect": self.own is not None}
+        if self.own is not None:
+            own |= {"link_up": self.own.link_up, "boot_status": self.own.boot_status}
+        return {
+            "stations": stations,
+            "own_identity": own,
+            "limits": self.limits.status(),
+            "upstream": {"csms_url": self.settings.csms.url, "link_up": own.get("link_up")},
+            "shutting_down": self.shutting_down,
         }
 
 
@@ -313,7 +340,7 @@ async def _serve(app: App, task_status: trio.TaskStatus[App]) -> None:
                 app.hub.update_fill_gauges()
                 return app.health()
 
-            ems_api = EmsApi(app.limits, app.registry, token=settings.http.token_value())
+            ems_api = EmsApi(app.limits, app.registry, token=settings.http.token_value(), status=app.status)
             routes = ems_api.routes()
             if app.firmware is not None:
                 # Before the HTTP face and the own identity: files are re-verified before they are

@@ -7,6 +7,11 @@ Exit codes (also in ``ocpp-lc run --help``):
 * 2: a configuration problem (the message names the file, the key and what is allowed);
 * 3: the state store cannot be used (the message names the file and what to do about it).
 
+The commands that talk to a running controller over its HTTP face (``status``, ``limit set``,
+``limit clear``) exit 0 when it answered, 1 when it cannot be reached (the message names the URL),
+2 for a configuration problem, 3 when the controller refused the request (a limit it judged invalid,
+or a source with no limit to clear; the reasons are printed) and 4 when the token is wrong or missing.
+
 Restart: when the CSMS resets the controller (Reset on its own identity, B11/B12), the appliance shuts
 down gracefully, closing every station with 1001, and ``run`` starts it again in the same process, with
 the same configuration and state directory; stations reconnect on their own. The service manager sees
@@ -15,12 +20,15 @@ one process throughout, so a restart never counts as a failure there.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
+from urllib.parse import quote
 
+import httpx
 import trio
 import typer
 
@@ -34,6 +42,10 @@ if TYPE_CHECKING:
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 EXIT_STATE = 3
+#: Commands talking to a running controller: it refused the request (e.g. an invalid limit).
+EXIT_REFUSED = 3
+#: Commands talking to a running controller: the bearer token is wrong or missing.
+EXIT_UNAUTHORIZED = 4
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 stopped on request; 1 failed while running (e.g. a port in use); "
@@ -206,6 +218,180 @@ def demo(
     from .demo import run_demo
 
     raise typer.Exit(run_demo(stations=stations, duration_s=duration_s, plain=plain))
+
+
+CLIENT_EXIT_CODES_HELP = (
+    "Exit codes: 0 ok; 1 controller unreachable; 2 configuration problem; 3 refused by the controller "
+    "(the reasons are printed); 4 unauthorized (wrong or missing token)."
+)
+#: A controller on this machine answers at once; waiting longer only delays telling the user it is down.
+CLIENT_TIMEOUT_S = 10.0
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="The controller's TOML configuration file: the URL and token default from [http]."
+    ),
+]
+UrlOption = Annotated[
+    str | None,
+    typer.Option("--url", help="The controller's HTTP face (default: from [http] listen, else http://127.0.0.1:8080)."),
+]
+TokenOption = Annotated[str | None, typer.Option("--token", help="Bearer token (default: [http] token).")]
+
+
+def _endpoint(config: Path | None, url: str | None, token: str | None) -> tuple[str, str | None]:
+    """The base URL and token: the options first, then the configuration's [http] section."""
+    if config is not None:
+        http = _load(config).http
+        if url is None:
+            address = http.address
+            # A wildcard listen address is reached on loopback from this machine.
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(address.host, address.host)
+            url = f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"
+        if token is None:
+            token = http.token_value()
+    return (url or "http://127.0.0.1:8080").rstrip("/"), token
+
+
+def _request(method: str, url: str, token: str | None, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+    """One request to the controller; exits 1 when it cannot be reached and 4 when the token is refused."""
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    try:
+        # trust_env=False: a proxy in the environment must not stand between this and a local controller.
+        with httpx.Client(base_url=url, timeout=CLIENT_TIMEOUT_S, trust_env=False) as client:
+            response = client.request(method, path, json=body, headers=headers)
+    except httpx.HTTPError as error:
+        typer.echo(f"ocpp-lc: controller unreachable at {url}: {error}", err=True)
+        raise typer.Exit(EXIT_RUNTIME) from None
+    if response.status_code == 401:
+        typer.echo(f"ocpp-lc: unauthorized at {url}: wrong or missing token (--token or [http] token)", err=True)
+        raise typer.Exit(EXIT_UNAUTHORIZED)
+    return response
+
+
+def _document(response: httpx.Response, url: str) -> dict[str, Any]:
+    try:
+        document = response.json()
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        typer.echo(f"ocpp-lc: {url} answered HTTP {response.status_code}, not an ocpp-lc controller?", err=True)
+        raise typer.Exit(EXIT_RUNTIME)
+    return document
+
+
+def _refused(response: httpx.Response, url: str) -> NoReturn:
+    document = _document(response, url)
+    typer.echo(f"ocpp-lc: refused (HTTP {response.status_code}): {document.get('error', '')}", err=True)
+    for field_name, reason in (document.get("fields") or {}).items():
+        typer.echo(f"  {field_name}: {reason}", err=True)
+    raise typer.Exit(EXIT_REFUSED)
+
+
+def _amount(value: float | None, unit: str) -> str:
+    return "none" if value is None else f"{value:g} {unit}"
+
+
+def _print_status(document: dict[str, Any]) -> None:
+    stations = document.get("stations", [])
+    typer.echo(f"stations connected: {len(stations)}")
+    for station in stations:
+        typer.echo(
+            f"  {station['station_id']}  since {station['connected_since']}  "
+            f"({station['connected_for_s']:.0f} s)  {station['subprotocol'] or '-'}"
+        )
+    own = document.get("own_identity", {})
+    if own.get("connect"):
+        link = "up" if own.get("link_up") else "down"
+        typer.echo(f"own identity {own.get('identity')}: link {link}, boot {own.get('boot_status') or 'not yet'}")
+    else:
+        typer.echo(f"own identity {own.get('identity')}: off ([controller] connect = false)")
+    limits = document.get("limits", {})
+    typer.echo("limit in force:")
+    for phase, limit in limits.get("phases", {}).items():
+        typer.echo(f"  {phase}: {_amount(limit['limit_amperes'], 'A')}  source {limit['source'] or '-'}")
+    power = limits.get("power", {})
+    typer.echo(f"  power: {_amount(power.get('limit_watts'), 'W')}  source {power.get('source') or '-'}")
+    if limits.get("failsafe_active"):
+        typer.echo(f"  failsafe active: {limits.get('failsafe_current_amperes'):g} A per phase")
+    for source in limits.get("sources", []):
+        state = "stale" if source.get("stale") else f"valid until {source['valid_until']}"
+        typer.echo(f"  ems source {source['source']}: {_amount(source['limit_now'], source['unit'])}, {state}")
+    upstream = document.get("upstream", {})
+    link_up = upstream.get("link_up")
+    state = "unknown (own connection off)" if link_up is None else ("up" if link_up else "down")
+    typer.echo(f"upstream {upstream.get('csms_url')}: {state}")
+
+
+@cli.command(epilog=CLIENT_EXIT_CODES_HELP)
+def status(
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the controller's status document as JSON.")] = False,
+) -> None:
+    """Show a running controller: connected stations, its own identity, the limit in force, the CSMS link."""
+    base, token = _endpoint(config, url, token)
+    response = _request("GET", base, token, "/api/v1/status")
+    document = _document(response, base)
+    if response.status_code != 200:
+        _refused(response, base)
+    if as_json:
+        typer.echo(json.dumps(document, indent=2))
+    else:
+        _print_status(document)
+
+
+limit_cli = typer.Typer(
+    help="Set or clear a site limit on a running controller, as an EMS would.", no_args_is_help=True
+)
+cli.add_typer(limit_cli, name="limit")
+
+
+@limit_cli.command("set", epilog=CLIENT_EXIT_CODES_HELP)
+def limit_set(
+    source: Annotated[str, typer.Argument(help="The EMS source name (e.g. pv, tariff).")],
+    amperes: Annotated[float | None, typer.Option("--amperes", help="Per-phase current limit in A.")] = None,
+    watts: Annotated[float | None, typer.Option("--watts", help="Power limit in W.")] = None,
+    valid_for: Annotated[
+        float | None, typer.Option("--valid-for", help="Seconds the limit stays valid (default: the controller's).")
+    ] = None,
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Set SOURCE's limit (PUT /api/v1/limits/SOURCE): exactly one of --amperes and --watts."""
+    if (amperes is None) == (watts is None):
+        typer.echo("ocpp-lc: give exactly one of --amperes and --watts", err=True)
+        raise typer.Exit(EXIT_CONFIG)
+    base, token = _endpoint(config, url, token)
+    body: dict[str, Any] = {"unit": "A", "limit": amperes} if amperes is not None else {"unit": "W", "limit": watts}
+    if valid_for is not None:
+        body["valid_for_s"] = valid_for
+    response = _request("PUT", base, token, f"/api/v1/limits/{quote(source, safe='')}", body)
+    if response.status_code != 200:
+        _refused(response, base)
+    accepted = _document(response, base)
+    typer.echo(
+        f"limit {accepted['source']} set: {_amount(accepted['limit_now'], accepted['unit'])}, "
+        f"valid until {accepted['valid_until']}"
+    )
+
+
+@limit_cli.command("clear", epilog=CLIENT_EXIT_CODES_HELP)
+def limit_clear(
+    source: Annotated[str, typer.Argument(help="The EMS source name.")],
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Release SOURCE's limit (DELETE /api/v1/limits/SOURCE)."""
+    base, token = _endpoint(config, url, token)
+    response = _request("DELETE", base, token, f"/api/v1/limits/{quote(source, safe='')}")
+    if response.status_code != 200:
+        _refused(response, base)
+    typer.echo(f"limit {source} cleared")
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ Routes (JSON; every one needs ``Authorization: Bearer <[http] token>`` when a to
 * ``DELETE /api/v1/limits/{source}``: release it; 200, or 404 if the source had no limit.
 * ``GET /api/v1/limits``: the effective limit per phase and its source, and every EMS source with its
   age and whether it is stale.
+* ``GET /api/v1/status``: what ``ocpp-lc status`` prints: connected stations, the own identity, the
+  limits in force and the upstream (CSMS) state; the document comes from the App.
 * ``GET /api/v1/allocations``: what the balancing loop allocated; until the loop exists, the sessions
   the wiring hands in (none) with a note saying so.
 
@@ -59,14 +61,16 @@ class EmsApi:
         *,
         token: str | None,
         allocations: Callable[[], Sequence[dict[str, Any]]] | None = None,
+        status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._limits = limits
         self._token = None if token is None else token.encode()
         self._allocations = allocations
+        self._status = status
         self.requests = Counter(
             "ocpp_lc_ems_api_requests",
-            "EMS API requests by operation (set, release, read_limits, read_allocations) and outcome "
-            "(ok, invalid, unauthorized, not_found).",
+            "EMS API requests by operation (set, release, read_limits, read_allocations, "
+            "read_status) and outcome (ok, invalid, unauthorized, not_found).",
             ["operation", "outcome"],
             registry=registry,
         )
@@ -86,6 +90,7 @@ class EmsApi:
             Route(
                 f"{API_PREFIX}/allocations", self._guard("read_allocations", self._read_allocations), methods=["GET"]
             ),
+            Route(f"{API_PREFIX}/status", self._guard("read_status", self._read_status), methods=["GET"]),
         ]
 
     def _guard(self, operation: str, handler: Callable[[Request], Awaitable[tuple[str, Response]]]) -> Handler:
@@ -142,6 +147,11 @@ class EmsApi:
 
     async def _read_limits(self, request: Request) -> tuple[str, Response]:
         return "ok", JSONResponse(self._limits.status(), headers=_NO_STORE)
+
+    async def _read_status(self, request: Request) -> tuple[str, Response]:
+        # Without an App status (the API alone, in tests) the limits are still worth reporting.
+        document = self._status() if self._status is not None else {"limits": self._limits.status()}
+        return "ok", JSONResponse(document, headers=_NO_STORE)
 
     async def _read_allocations(self, request: Request) -> tuple[str, Response]:
         effective = self._limits.effective()
