@@ -22,12 +22,16 @@ def _redact(text: str) -> str:
     return _SECRET.sub(lambda m: (m.group(1) or m.group(3)) + "***", text)
 
 
+def _stamp(record: logging.LogRecord) -> str:
+    """The record's time as UTC RFC 3339 with milliseconds, as both formats print it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
 class TextFormatter(logging.Formatter):
     """``2026-11-25T11:00:00.123Z INFO  ocpp_lc.link [CS01] pair closed ...``"""
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        line = f"{stamp} {record.levelname:<7} {record.name} {_redact(record.getMessage())}"
+        line = f"{_stamp(record)} {record.levelname:<7} {record.name} {_redact(record.getMessage())}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -39,7 +43,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = _redact(record.getMessage())
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "time": _stamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": message,
