@@ -102,6 +102,9 @@ class Session:
     compliant: bool = True
     served_since_s: float | None = None
     waiting_since_s: float = 0.0
+    #: A cap from outside the site model (the CSMS's own TxProfile/TxDefaultProfile at the station):
+    #: the EVSE gets at most this, and its minimum drops to it if it is lower.
+    max_current_amperes: float | None = None
 
     @property
     def key(self) -> EvseKey:
@@ -228,6 +231,9 @@ def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], 
     for session in ordered:
         station = site.station(session.station_id)
         low, high = station.evse_range_amperes(session.evse_id)
+        if session.max_current_amperes is not None:
+            high = max(0.0, min(high, session.max_current_amperes))
+            low = min(low, high)
         grid_phases = station.grid_phases(session.phases_used)
         if session.compliant and _underdrawing(session, now_s, policy.underdraw_grace_s):
             assert session.measured_current_amperes is not None

@@ -27,7 +27,7 @@ any EV may arrive) and, times that phase count, each power constraint on its pat
    counted at its maximum.
 3. **Increases**, only while no decrease is planned or in flight (issue 5: decreases are sent and
    accepted before increases are sent). Each goes to a confirmed EVSE whose station has not changed for
-   ``min_interval_s``, in (station id, EVSE id) order, and is clipped to the headroom that the *current*
+   ``min_interval_s`` (a first current, from 0, is not held back by that), in (station id, EVSE id) order, and is clipped to the headroom that the *current*
    bounds leave on every constraint on its path; an increase that would leave an EVSE between 0 and its
    minimum, or that is smaller than the hysteresis, waits.
 
@@ -171,6 +171,23 @@ class RolloutState:
         self.evses[step.key] = replace(
             self.evses[step.key], accepted_amperes=None, in_flight_amperes=None, confirmed=False
         )
+
+    def installed(self, key: EvseKey, accepted_amperes: float | None) -> None:
+        """What the EVSE has installed changed without a step of ours (a transaction began or ended, the
+        CSMS touched our profile): ``accepted_amperes``, or unknown (``None``: counted at its maximum)."""
+        applied = self.evses[key]
+        self.evses[key] = replace(
+            applied,
+            accepted_amperes=accepted_amperes,
+            in_flight_amperes=None,
+            confirmed=accepted_amperes is not None,
+        )
+
+    def forget_station(self, station_id: str) -> None:
+        """Drop a station's EVSEs (it has been gone long enough)."""
+        for key in [key for key in self.evses if key[0] == station_id]:
+            del self.evses[key]
+        self.last_change_s.pop(station_id, None)
 
     def disconnected(self, station_id: str) -> None:
         """The station went away: untrusted until it accepts a profile again."""
@@ -330,7 +347,8 @@ def plan(
             target = targets[key]
             if target - accepted < policy.hysteresis_amperes:
                 continue
-            if due_at(applied.station_id) > now_s:
+            # A session's first current (from 0) is not a change that can flap: it is not held back.
+            if accepted > 0 and due_at(applied.station_id) > now_s:
                 next_due.append(due_at(applied.station_id))
                 waiting.append(key)
                 continue

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,24 +27,30 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
+from balancing.allocator import SiteLimits
 from balancing.csms_limits import CsmsLimitBook, limit_steps
 from balancing.limits import LimitBounds, LimitSources
+from balancing.loop import Balancer, Caller, CallOutcome, LoopSettings
+from balancing.rollout import RolloutPolicy
 from balancing.schedules import PeriodLimit
+from balancing.upstream import EmsReporter
 from firmware_cache import FirmwareCache, FirmwareSettings, RequestInvalid
 from firmware_cache.service import STATUS_ACTION
 
 from .config import Settings
 from .ems_api import EmsApi
 from .http import build_http_app, serve_http
-from .link import LinkTimings
+from .link import CallRejected, CallTimeout, LinkClosed, LinkTimings, UnsupportedVersion
 from .metrics import RouterMetrics
-from .observers import ObserverHub
+from .observers import LinkEvent, ObservedMessage, ObserverHub
+from .ocppj import MessageType
 from .own.charging_handlers import register_csms_limits
 from .own.connection import CallErrorReply, Reply, Session
 from .own.service import OwnIdentity, OwnIdentitySettings, utc_now
 from .server import LinkRegistry, StationServer, UpstreamTarget
 from .store import Store
 from .tls import client_context, server_context
+from .trace_api import TraceApi
 
 log = logging.getLogger("ocpp_lc.app")
 
@@ -67,6 +74,10 @@ class App:
     own: OwnIdentity | None = None
     #: The firmware cache (L03/L04); it works through the own identity, so None when that is off.
     firmware: FirmwareCache | None = None
+    #: The balancing loop; None when ``[balancing] enabled`` is false.
+    balancer: Balancer | None = None
+    #: Reports EMS limits to the CSMS (K14); needs the own identity.
+    ems_reporter: EmsReporter | None = None
     station_port: int = 0
     http_port: int = 0
     #: Why the appliance was asked to restart (e.g. "RemoteReset"); None for a plain shutdown.
@@ -136,6 +147,7 @@ class App:
             "stations": stations,
             "own_identity": own,
             "limits": self.limits.status(),
+            "balancing": None if self.balancer is None else self.balancer.status(),
             "upstream": {"csms_url": self.settings.csms.url, "link_up": own.get("link_up")},
             "shutting_down": self.shutting_down,
         }
@@ -208,19 +220,37 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         tls_handshake_timeout_s=settings.stations.security.handshake_timeout_s,
     )
     own_settings = own_identity_settings(settings, csms_context)
+    grid = settings.site.grid
     csms_book = CsmsLimitBook(
         store.namespace(CSMS_LIMITS_NAMESPACE),
-        # Until the site model configures the grid node, the largest EMS limit stands for the grid
-        # connection in GetCompositeSchedule answers.
-        grid_limit=PeriodLimit(settings.ems.max_current_amperes, "A", 3),
+        # The grid connection bounds GetCompositeSchedule answers; unconfigured, the largest EMS limit.
+        grid_limit=PeriodLimit(
+            grid.max_current_amperes if grid.max_current_amperes is not None else settings.ems.max_current_amperes,
+            "A",
+            3,
+        ),
         max_stack_level=own_settings.profile_stack_level,
         max_periods=own_settings.periods_per_schedule,
     )
+    listeners: list[Callable[[], None]] = []
+
+    def limits_changed() -> None:
+        for listener in listeners:
+            listener()
+
     limits = LimitSources(
-        store.namespace(EMS_LIMITS_NAMESPACE), limit_bounds(settings), csms_limits=csms_book.site_limits_at
+        store.namespace(EMS_LIMITS_NAMESPACE),
+        limit_bounds(settings),
+        config_limits=SiteLimits.uniform(grid.max_current_amperes, grid.max_power_watts),
+        csms_limits=csms_book.site_limits_at,
+        on_change=limits_changed,
     )
     csms_book.other_limits = limit_steps(limits.effective, limits.next_change_after)
     app = App(settings, registry, metrics, hub, links, server, store, limits, csms_book)
+    if settings.balancing.enabled:
+        app.balancer = build_balancer(settings, limits, links, registry)
+        listeners.append(app.balancer.wake)
+        csms_book.on_change(app.balancer.wake)
     if settings.controller.connect:
         app.own = OwnIdentity(
             own_settings,
@@ -238,7 +268,92 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
             registry=registry,
         )
         wire_firmware(app.own, app.firmware)
+        model = app.own.device_model
+        app.ems_reporter = EmsReporter(
+            limits,
+            store.namespace(EMS_REPORTED_NAMESPACE),
+            app.own.send,
+            significance_percent=lambda: model.float_value("SmartChargingCtrlr", "LimitChangeSignificance"),
+            with_schedules=lambda: model.value("SmartChargingCtrlr", "NotifyChargingLimitWithSchedules") == "true",
+        )
+        listeners.append(app.ems_reporter.wake)
     return app
+
+
+#: Store namespace of what the CSMS was last told about EMS limits (K14).
+EMS_REPORTED_NAMESPACE = "ems_reported"
+
+
+def build_balancer(
+    settings: Settings, limits: LimitSources, links: LinkRegistry, registry: CollectorRegistry
+) -> Balancer:
+    """The balancing loop over the site model, the effective limits and the stations' links."""
+    config = settings.balancing
+    loop_settings = LoopSettings(
+        stack_level=config.stack_level,
+        profile_id_base=config.profile_id_base,
+        recompute_interval_s=config.recompute_interval_s,
+        forget_disconnected_after_s=config.forget_disconnected_after_s,
+        rollout=RolloutPolicy(
+            hysteresis_amperes=config.hysteresis_amperes,
+            min_interval_s=config.min_interval_s,
+            resolution_amperes=config.resolution_amperes,
+        ),
+    )
+    return Balancer(
+        settings.site,
+        lambda now: limits.effective(now).site_limits(),
+        link_caller(links),
+        loop_settings,
+        next_limit_change=limits.next_change_after,
+        wall_clock=limits.now,
+        registry=registry,
+    )
+
+
+def link_caller(links: LinkRegistry) -> Caller:
+    """The balancing loop's way to call a station: the router's LC-call API, outcomes as values."""
+
+    async def call(station_id: str, action: str, payload: dict[str, Any]) -> CallOutcome:
+        link = links.get(station_id)
+        if link is None:
+            return CallOutcome("gone", detail="not connected")
+        try:
+            return CallOutcome("answered", await link.call(action, payload))
+        except CallRejected as error:
+            return CallOutcome("error", detail=f"{error.code}: {error.description}"[:200])
+        except CallTimeout:
+            return CallOutcome("timeout", detail="no answer in time")
+        except (LinkClosed, UnsupportedVersion) as error:
+            return CallOutcome("gone", detail=str(error)[:200] or type(error).__name__)
+
+    return call
+
+
+async def feed_balancer(
+    hub: ObserverHub,
+    balancer: Balancer,
+    capacity: int,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Hand the relayed traffic the loop reads to it; subscribed before the first station can connect."""
+    with hub.subscribe("balancing", capacity) as observations:
+        task_status.started()
+        async for item in observations:
+            if isinstance(item, ObservedMessage):
+                if item.source == "station":
+                    if item.message_type is MessageType.CALL:
+                        balancer.station_call(item.station_id, item.action, item.payload)
+                    elif item.message_type is MessageType.CALLRESULT:
+                        balancer.station_answer(item.station_id, item.action, item.payload, item.request)
+                elif item.source == "csms" and item.message_type is MessageType.CALLRESULT:
+                    balancer.csms_answer(item.station_id, item.action, item.payload, item.request)
+            elif isinstance(item, LinkEvent):
+                if item.kind == "connected":
+                    balancer.station_connected(item.station_id)
+                else:
+                    balancer.station_disconnected(item.station_id)
 
 
 #: Store namespace of the EMS limits in force.
@@ -332,6 +447,9 @@ async def _serve(app: App, task_status: trio.TaskStatus[App]) -> None:
     settings = app.settings
     try:
         async with trio.open_nursery() as nursery:
+            if app.balancer is not None:
+                await nursery.start(feed_balancer, app.hub, app.balancer, settings.balancing.observer_queue)
+                await nursery.start(app.balancer.run)
             stations = settings.stations.address
             app.station_port = await nursery.start(app.server.serve, stations.host, stations.port)
             http = settings.http.address
@@ -340,8 +458,23 @@ async def _serve(app: App, task_status: trio.TaskStatus[App]) -> None:
                 app.hub.update_fill_gauges()
                 return app.health()
 
-            ems_api = EmsApi(app.limits, app.registry, token=settings.http.token_value(), status=app.status)
+            ems_api = EmsApi(
+                app.limits,
+                app.registry,
+                token=settings.http.token_value(),
+                status=app.status,
+                allocations=None if app.balancer is None else app.balancer.evse_rows,
+            )
             routes = ems_api.routes()
+            trace_api = TraceApi(
+                app.hub,
+                app.metrics,
+                app.registry,
+                token=settings.http.token_value(),
+                connected=lambda station_id: app.links.get(station_id) is not None,
+                capacity=settings.routing.observer_queue,
+            )
+            routes += trace_api.routes()
             if app.firmware is not None:
                 # Before the HTTP face and the own identity: files are re-verified before they are
                 # served, and PublishFirmware needs the cache's nursery.
@@ -358,6 +491,8 @@ async def _serve(app: App, task_status: trio.TaskStatus[App]) -> None:
                     )
             if app.own is not None:
                 await nursery.start(app.own.run)
+            if app.ems_reporter is not None:
+                await nursery.start(app.ems_reporter.run)
             log.info(
                 "ocpp-lc %s up: stations on port %d, HTTP on port %d, CSMS at %s, state in %s%s",
                 settings.controller.identity,

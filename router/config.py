@@ -24,6 +24,8 @@ from annotated_types import Ge, Le, MaxLen, MinLen
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from balancing.site import SiteConfig
+
 from .own.device_model import PASSWORD_STRING
 from .tls import CsmsTlsSettings, StationTlsSettings
 
@@ -424,6 +426,34 @@ class EmsSettings(BaseModel):
         return self
 
 
+class BalancingSettings(BaseModel):
+    """The balancing loop: how its charging profiles look and how often they may change (K01, K03, K14)."""
+
+    model_config = _MODEL
+    enabled: bool = Field(default=True, description="balance the site's sessions with charging profiles")
+    stack_level: int = Field(
+        default=8, ge=0, le=1000, description="stack level of the controller's profiles; the CSMS must not use it"
+    )
+    profile_id_base: int = Field(
+        default=900_000,
+        ge=1,
+        le=2_000_000_000,
+        description="first of 2002 charging profile ids reserved for the controller; the CSMS must not use them",
+    )
+    recompute_interval_s: float = Field(default=10.0, ge=0.5, le=3600, description="reallocate at least this often (s)")
+    hysteresis_amperes: float = Field(default=1.0, ge=0, le=32, description="smaller changes are not sent (A)")
+    min_interval_s: float = Field(
+        default=30.0, ge=0, le=3600, description="per station, between increases (decreases are never held) (s)"
+    )
+    resolution_amperes: float = Field(default=0.1, ge=0.01, le=1, description="limits are rounded down to this (A)")
+    forget_disconnected_after_s: float = Field(
+        default=3600.0, ge=0, le=604_800, description="a station gone this long stops counting at its maximum (s)"
+    )
+    observer_queue: int = Field(
+        default=10_000, ge=100, le=1_000_000, description="relayed messages buffered for the loop (count)"
+    )
+
+
 class LogSettings(BaseModel):
     """What the controller logs and how."""
 
@@ -444,6 +474,8 @@ class Settings(BaseModel):
     state: StateSettings = StateSettings()
     firmware: FirmwareCacheSettings = FirmwareCacheSettings()
     ems: EmsSettings = EmsSettings()
+    site: SiteConfig = SiteConfig()
+    balancing: BalancingSettings = BalancingSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="after")
@@ -555,7 +587,7 @@ def _translate(detail: ErrorDetails) -> ConfigProblem:
     elif kind == "literal_error":
         message = f"must be one of {ctx['expected']}, got {_show(got)}"
     elif kind in _BOUNDS:
-        message = _range(loc, got)
+        message = _range(loc, got, ctx)
     else:  # a case this table does not foresee: pydantic's own words beat none
         message = f"{detail['msg']}, got {_show(got)}"
     return ConfigProblem(".".join(loc), message)
@@ -583,14 +615,22 @@ def _unknown_key(loc: tuple[str, ...], got: object) -> str:
     return f"{what}{hint} (known sections: {', '.join(known)})"
 
 
-def _range(loc: tuple[str, ...], got: object) -> str:
-    """What values a bounded key allows, in words, from the field's own bounds."""
+def _range(loc: tuple[str, ...], got: object, ctx: Mapping[str, Any] | None = None) -> str:
+    """What values a bounded key allows, in words, from the field's own bounds (or the error's, deeper down)."""
     info = _SECTIONS[loc[0]].model_fields.get(loc[1]) if len(loc) == 2 and loc[0] in _SECTIONS else None
     unit = " seconds" if loc[-1].endswith("_s") else " bytes" if loc[-1].endswith("_bytes") else ""
     low = high = None
     for rule in info.metadata if info else []:
         low = rule.ge if isinstance(rule, Ge) else rule.min_length if isinstance(rule, MinLen) else low
         high = rule.le if isinstance(rule, Le) else rule.max_length if isinstance(rule, MaxLen) else high
+    if info is None and ctx:
+        # A key deeper in a table ([site.grid], [[site.stations]]): the error names the bound it broke.
+        low = ctx.get("ge", ctx.get("gt", ctx.get("min_length")))
+        high = ctx.get("le", ctx.get("lt", ctx.get("max_length")))
+        if low is not None:
+            return f"must be {'above' if 'gt' in ctx else 'at least'} {_show(low)}{unit}, got {_show(got)}"
+        if high is not None:
+            return f"must be {'below' if 'lt' in ctx else 'at most'} {_show(high)}{unit}, got {_show(got)}"
     shown = _show(got)
     if isinstance(got, str):
         unit, shown = " characters", f"{len(got)} characters"

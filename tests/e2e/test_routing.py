@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from router.link import CallRejected, CallTimeout, LinkError, StationLink, UnsupportedVersion
+from tests.support.frames import relayed
 from tests.support.peers import Event, Peer
 from tests.support.schemas import validate_call, validate_frame, validate_frames
 
@@ -229,8 +230,8 @@ async def test_traffic_in_both_directions_is_relayed_byte_for_byte_and_answered(
 
     # The CSMS cannot tell it is not talking to the station directly (§6.1): same bytes, same order.
     csms_in, csms_out = relay.csms.frames("CS01", "in"), relay.csms.frames("CS01", "out")
-    assert csms_in == station.frames(direction="out")
-    assert csms_out == station.frames(direction="in")
+    assert csms_in == relayed(station.frames(direction="out"))
+    assert csms_out == relayed(station.frames(direction="in"))
     assert [json.loads(f)[2] for f in csms_in if json.loads(f)[0] == CALL] == [
         "BootNotification",
         *(action for action, _ in station_calls),
@@ -296,8 +297,8 @@ async def test_station_gets_the_subprotocol_the_csms_picked(open_relay: OpenRela
             with pytest.raises(UnsupportedVersion):
                 await live_link(relay, "CS16").call("SetChargingProfile", tx_default_profile())
 
-    assert relay.csms.frames("CS16", "in") == station.frames(direction="out")
-    assert relay.csms.frames("CS16", "out") == station.frames(direction="in")
+    assert relay.csms.frames("CS16", "in") == relayed(station.frames(direction="out"))
+    assert relay.csms.frames("CS16", "out") == relayed(station.frames(direction="in"))
     assert len(station.frames()) == 4
 
 
@@ -344,8 +345,8 @@ async def test_compression_is_negotiated_on_each_leg_independently(open_relay: O
             assert relay.metric("ocpp_lc_compression_negotiated_total", leg="csms") == 2
             assert relay.metric("ocpp_lc_compression_negotiated_total", leg="station") == 1
     for identity, station in (("CSZ", deflating), ("CSP", plain)):
-        assert relay.csms.frames(identity, "in") == station.frames(direction="out")
-        assert relay.csms.frames(identity, "out") == station.frames(direction="in")
+        assert relay.csms.frames(identity, "in") == relayed(station.frames(direction="out"))
+        assert relay.csms.frames(identity, "out") == relayed(station.frames(direction="in"))
 
 
 # -- 5. identity and credentials pass through unchanged ----------------------------------------

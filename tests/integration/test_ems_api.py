@@ -74,8 +74,8 @@ async def test_set_read_and_release_round_trip(tmp_path: Path) -> None:
     assert after.json()["sources"] == []
     assert again.status_code == 404
     assert allocations.status_code == 200
+    # No station is connected: the balancing loop runs but has nothing to allocate.
     assert allocations.json()["allocations"] == []
-    assert "note" in allocations.json()
     assert sample(app, "ocpp_lc_ems_api_requests_total", operation="set", outcome="ok") == 1
     assert sample(app, "ocpp_lc_ems_api_requests_total", operation="release", outcome="not_found") == 1
 

@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from balancing.site import (
+    AllocationPolicy,
+    CircuitConfig,
+    EvseConfig,
+    NodeLimits,
+    SiteConfig,
+    StationConfig,
+    StationDefaults,
+)
 from router.config import (
+    BalancingSettings,
     ConfigError,
     ConfigProblem,
     ControllerSettings,
@@ -108,9 +118,9 @@ def test_the_shipped_example_documents_every_key() -> None:
     documented: dict[str, set[str]] = {}
     section = ""
     for line in EXAMPLE_FILE.read_text(encoding="utf-8").splitlines():
-        if header := re.fullmatch(r"\[([\w.]+)\]", line):
+        if header := re.fullmatch(r"#? ?\[\[?([\w.]+)\]\]?", line):
             section = header[1]
-            documented[section] = set()
+            documented.setdefault(section, set())
         elif key := re.match(r"#? ?(\w+) = ", line):
             documented[section].add(key[1])
     sections: dict[str, type[BaseModel]] = {
@@ -122,10 +132,17 @@ def test_the_shipped_example_documents_every_key() -> None:
         "state": StateSettings,
         "firmware": FirmwareCacheSettings,
         "ems": EmsSettings,
+        "site": SiteConfig,
+        "balancing": BalancingSettings,
         "log": LogSettings,
     }
     assert set(sections) == set(Settings.model_fields)
-    expected = {name: set(model.model_fields) - {"security"} for name, model in sections.items()}
+    tables = {"security", "grid", "circuits", "stations", "defaults", "policy"}
+    expected = {name: set(model.model_fields) - tables for name, model in sections.items()}
+    expected |= {"site.grid": set(NodeLimits.model_fields), "site.defaults": set(StationDefaults.model_fields)}
+    expected |= {"site.policy": set(AllocationPolicy.model_fields), "site.circuits": set(CircuitConfig.model_fields)}
+    expected |= {"site.stations": set(StationConfig.model_fields) - {"evses"}}
+    expected |= {"site.stations.evses": set(EvseConfig.model_fields)}
     expected |= {"stations.security": set(StationTlsSettings.model_fields)}
     expected |= {"csms.security": set(CsmsTlsSettings.model_fields)}
     assert documented == expected
