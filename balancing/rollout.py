@@ -27,9 +27,10 @@ any EV may arrive) and, times that phase count, each power constraint on its pat
    counted at its maximum.
 3. **Increases**, only while no decrease is planned or in flight (issue 5: decreases are sent and
    accepted before increases are sent). Each goes to a confirmed EVSE whose station has not changed for
-   ``min_interval_s`` (a first current, from 0, is not held back by that), in (station id, EVSE id) order, and is clipped to the headroom that the *current*
-   bounds leave on every constraint on its path; an increase that would leave an EVSE between 0 and its
-   minimum, or that is smaller than the hysteresis, waits.
+   ``min_interval_s`` (a first current, from 0, is not held back by that), in (station id, EVSE id)
+   order, and is clipped to the headroom that the *current* bounds leave on every constraint on its
+   path; an increase that would leave an EVSE between 0 and its minimum, or that is smaller than the
+   hysteresis, waits.
 
 So whatever the stations answer and whenever, the sum of the bounds never grows past a limit because of
 an increase, and the actual draw (at most the limit a station installed) never exceeds the sum of the
