@@ -141,8 +141,60 @@ RULE_TESTS: dict[str, Any] = {
                     "series": 'ocpp_lc_firmware_downloads_total{instance="lc:8080",job="ocpp-lc",outcome="published"}',
                     "values": "0 1 2 3x18",
                 },
+                # Phase L1 is measured over its 100 A limit from minute 3 to minute 6; L2 stays under.
+                {
+                    "series": 'ocpp_lc_balancing_measured_draw_amperes{instance="lc:8080",job="ocpp-lc",phase="L1"}',
+                    "values": "90 90 90 110 110 110 110 95x10",
+                },
+                {
+                    "series": 'ocpp_lc_balancing_measured_draw_amperes{instance="lc:8080",job="ocpp-lc",phase="L2"}',
+                    "values": "90x20",
+                },
+                {
+                    "series": 'ocpp_lc_balancing_grid_limit_amperes{instance="lc:8080",job="ocpp-lc",phase="L1"}',
+                    "values": "100x20",
+                },
+                {
+                    "series": 'ocpp_lc_balancing_grid_limit_amperes{instance="lc:8080",job="ocpp-lc",phase="L2"}',
+                    "values": "100x20",
+                },
+                # A station rejects profiles from minute 4.
+                {
+                    "series": 'ocpp_lc_balancing_profiles_total{instance="lc:8080",job="ocpp-lc",kind="increase",'
+                    'outcome="rejected"}',
+                    "values": "0 0 0 0 1x16",
+                },
             ],
             "alert_rule_test": [
+                # Over the limit for 1 minute is the rollout catching up; for 2 minutes it is an alert.
+                {"eval_time": "4m", "alertname": "OcppLcSiteOverLimit", "exp_alerts": []},
+                {
+                    "eval_time": "5m",
+                    "alertname": "OcppLcSiteOverLimit",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {"severity": "page", "instance": "lc:8080", "job": "ocpp-lc", "phase": "L1"},
+                            "exp_annotations": {"summary": "Site draw on L1 is above its limit on lc:8080"},
+                        }
+                    ],
+                },
+                {"eval_time": "9m", "alertname": "OcppLcSiteOverLimit", "exp_alerts": []},
+                {"eval_time": "3m", "alertname": "OcppLcProfilesRejected", "exp_alerts": []},
+                {
+                    "eval_time": "5m",
+                    "alertname": "OcppLcProfilesRejected",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "severity": "warning",
+                                "instance": "lc:8080",
+                                "job": "ocpp-lc",
+                                "outcome": "rejected",
+                            },
+                            "exp_annotations": {"summary": "Stations rejected charging profiles on lc:8080"},
+                        }
+                    ],
+                },
                 # Down for 4 minutes: not yet (5 minutes are allowed for a reconnect).
                 {"eval_time": "6m", "alertname": "OcppLcCsmsLinkDown", "exp_alerts": []},
                 {
