@@ -69,6 +69,16 @@ class CallOutcome:
     detail: str = ""
 
 
+class BalancerState(Protocol):
+    """Where the loop keeps what it knows of each station across restarts (a store namespace)."""
+
+    def put_many(self, items: Mapping[str, Any]) -> None: ...
+
+    def delete(self, key: str) -> bool: ...
+
+    def items(self) -> dict[str, Any]: ...
+
+
 class Caller(Protocol):
     """Sends one CALL of the controller's own to a station (the router's LC-call API)."""
 
@@ -175,6 +185,7 @@ class Balancer:
         next_limit_change: Callable[[datetime], datetime | None] = lambda now: None,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         registry: CollectorRegistry | None = None,
+        state: BalancerState | None = None,
     ) -> None:
         self.site = site
         self.settings = settings or LoopSettings()
@@ -195,6 +206,10 @@ class Balancer:
         #: Set after every reallocation (tests and benchmarks wait on it).
         self.reallocated = trio.Event()
         self.last_duration_s = 0.0
+        self._state = state
+        self._dirty: set[str] = set()
+        if state is not None:
+            self._restore(state)
 
     # --- observation (called from the router's observer task; never blocks) ---------------------
 
@@ -254,6 +269,7 @@ class Balancer:
         if record.priority != priority:
             # K03.FR.05/06: the CSMS's priority holds for the rest of the transaction.
             record.priority = priority
+            self._dirty.add(station_id)
             self.wake()
 
     def station_answer(self, station_id: str, action: str | None, payload: Any, request: Any) -> None:
@@ -272,6 +288,10 @@ class Balancer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Reallocate on every wake-up and tick, and send what the plan says, until cancelled."""
+        now_s = trio.current_time()
+        for station in self._stations.values():
+            if not station.connected and station.disconnected_at_s is None:
+                station.disconnected_at_s = now_s  # restored: forgotten if it never comes back
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
@@ -316,6 +336,7 @@ class Balancer:
             self._in_flight[step.key] = (record.generation, purpose)
             self.metrics.profiles.labels(step.kind, "sent").inc()
             nursery.start_soon(self._send, step, purpose, payload, record.generation)
+        self._flush()
         self.last_duration_s = time.perf_counter() - started
         self.metrics.reallocations.inc()
         self.metrics.reallocation_seconds.observe(self.last_duration_s)
@@ -368,6 +389,7 @@ class Balancer:
         record = None if station is None else station.evses.get(step.evse_id)
         if record is None or step.key not in self.rollout.evses:
             return  # forgotten meanwhile
+        self._dirty.add(step.station_id)
         if accepted and purpose == "TxDefaultProfile":
             record.default_amperes = step.current_amperes
         if record.generation != generation:
@@ -399,6 +421,7 @@ class Balancer:
             # Whatever it has installed is unknown until it accepts one of ours: counted at its maximum.
             self.rollout.add_evse(station_id, evse_id, accepted_amperes=None)
             log.info("[%s] EVSE %d joins the balancing", station_id, evse_id)
+            self._dirty.add(station_id)
             self.wake()
         return record
 
@@ -433,9 +456,11 @@ class Balancer:
             self.rollout.session_started(record.key, facts.phases_used)
             self.rollout.installed(record.key, record.default_amperes)
             log.info("[%s] transaction %s on EVSE %d joins the balancing", station_id, facts.transaction_id, evse_id)
+            self._dirty.add(station_id)
             self.wake()
         if facts.phases_used is not None and facts.phases_used != record.phases_used:
             record.phases_used = facts.phases_used
+            self._dirty.add(station_id)
             self.rollout.session_started(record.key, facts.phases_used)
             self.wake()
         record.charging_state = facts.charging_state or record.charging_state
@@ -455,6 +480,7 @@ class Balancer:
         record.underdraw_since_s = None
         record.served_since_s = None
         record.generation += 1
+        self._dirty.add(record.station_id)
         self.rollout.session_ended(record.key)
         # The TxProfile ended with the transaction; our TxDefaultProfile governs the EVSE again.
         self.rollout.installed(record.key, record.default_amperes)
@@ -524,6 +550,67 @@ class Balancer:
                 log.info("[%s] disconnected for %.0f s: no longer balanced", station_id, gone_s)
                 del self._stations[station_id]
                 self.rollout.forget_station(station_id)
+                self._dirty.add(station_id)
+
+    # --- persistence ---------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Write what changed since the last flush, in one transaction (never per answer: fsyncs add up)."""
+        if self._state is None or not self._dirty:
+            return
+        items: dict[str, Any] = {}
+        for station_id in sorted(self._dirty):
+            station = self._stations.get(station_id)
+            if station is None:
+                self._state.delete(station_id)
+                continue
+            evses = {}
+            for evse_id, record in station.evses.items():
+                applied = self.rollout.evses.get(record.key)
+                installed = None
+                if applied is not None and applied.confirmed and applied.in_flight_amperes is None:
+                    installed = applied.accepted_amperes
+                evses[str(evse_id)] = {
+                    "default": record.default_amperes,
+                    "tx": record.transaction_id,
+                    "started": None if record.started_at is None else record.started_at.isoformat(),
+                    "priority": record.priority,
+                    "phases": record.phases_used,
+                    "installed": installed,
+                }
+            items[station_id] = {"evses": evses}
+        self._dirty.clear()
+        if items:
+            self._state.put_many(items)
+
+    def _restore(self, state: BalancerState) -> None:
+        """Take back what was known before a restart: the EVSEs, their transactions and installed limits."""
+        for station_id, stored in sorted(state.items().items()):
+            try:
+                station = _Station()
+                for key, item in stored["evses"].items():
+                    evse_id = int(key)
+                    started = item.get("started")
+                    record = _Evse(
+                        station_id,
+                        evse_id,
+                        default_amperes=_optional_float(item.get("default")),
+                        transaction_id=item.get("tx") if isinstance(item.get("tx"), str) else None,
+                        started_at=datetime.fromisoformat(started) if isinstance(started, str) else None,
+                        priority=int(item.get("priority") or 0),
+                        phases_used=item.get("phases") if item.get("phases") in (1, 2, 3) else None,
+                    )
+                    station.evses[evse_id] = record
+                    if record.transaction_id is not None:
+                        station.transactions[record.transaction_id] = evse_id
+                    self.rollout.add_evse(station_id, evse_id, _optional_float(item.get("installed")))
+                    if record.transaction_id is not None:
+                        self.rollout.session_started(record.key, record.phases_used)
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                log.error("[%s] balancing state in the store is unreadable (%s): learned again", station_id, error)
+                self.rollout.forget_station(station_id)
+                continue
+            self._stations[station_id] = station
 
     # --- the CSMS's own profiles at stations -----------------------------------------------------
 
@@ -578,6 +665,7 @@ class Balancer:
             self.settings.profile_id_base,
             self.settings.stack_level,
         )
+        self._dirty.add(station_id)
         for record in station.evses.values():
             if evse_id in (None, 0, record.evse_id):
                 record.default_amperes = None
@@ -702,6 +790,12 @@ class Balancer:
             "evses": rows,
             "reallocation_seconds": round(self.last_duration_s, 6),
         }
+
+
+def _optional_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 class _Collector(Collector):

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from balancing.allocator import SiteLimits
 from balancing.csms_limits import CsmsLimitBook, limit_steps
 from balancing.limits import LimitBounds, LimitSources
-from balancing.loop import Balancer, Caller, CallOutcome, LoopSettings
+from balancing.loop import Balancer, BalancerState, Caller, CallOutcome, LoopSettings
 from balancing.rollout import RolloutPolicy
 from balancing.schedules import PeriodLimit
 from balancing.upstream import EmsReporter
@@ -248,7 +248,7 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
     csms_book.other_limits = limit_steps(limits.effective, limits.next_change_after)
     app = App(settings, registry, metrics, hub, links, server, store, limits, csms_book)
     if settings.balancing.enabled:
-        app.balancer = build_balancer(settings, limits, links, registry)
+        app.balancer = build_balancer(settings, limits, links, registry, store.namespace(BALANCING_NAMESPACE))
         listeners.append(app.balancer.wake)
         csms_book.on_change(app.balancer.wake)
     if settings.controller.connect:
@@ -284,8 +284,16 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
 EMS_REPORTED_NAMESPACE = "ems_reported"
 
 
+#: Store namespace of what the balancing loop knows of each station (EVSEs, transactions, installed limits).
+BALANCING_NAMESPACE = "balancing"
+
+
 def build_balancer(
-    settings: Settings, limits: LimitSources, links: LinkRegistry, registry: CollectorRegistry
+    settings: Settings,
+    limits: LimitSources,
+    links: LinkRegistry,
+    registry: CollectorRegistry,
+    state: BalancerState | None = None,
 ) -> Balancer:
     """The balancing loop over the site model, the effective limits and the stations' links."""
     config = settings.balancing
@@ -308,6 +316,7 @@ def build_balancer(
         next_limit_change=limits.next_change_after,
         wall_clock=limits.now,
         registry=registry,
+        state=state,
     )
 
 
