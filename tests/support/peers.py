@@ -88,6 +88,18 @@ class Peer:
                 raise self._exit_error()
             await self._changed.wait()
 
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Return once `condition()` holds, checking it now and after every new event of this peer.
+
+        For conditions on the history as a whole (e.g. "the latest profile this station received is
+        answered"), which `wait_for`'s per-event predicate cannot express. Raises PeerExited if the
+        process has ended without the condition holding.
+        """
+        while not condition():
+            if self._exited.is_set():
+                raise self._exit_error()
+            await self._changed.wait()
+
     async def wait_for_event(self, name: str, **fields: Any) -> Event:
         """Shorthand for `wait_for`: the first event called `name` whose fields have these values."""
         return await self.wait_for(lambda e: e.get("event") == name and all(e.get(k) == v for k, v in fields.items()))
