@@ -393,12 +393,10 @@ class Balancer:
         if accepted and purpose == "TxDefaultProfile":
             record.default_amperes = step.current_amperes
         if record.generation != generation:
-            # A transaction started or ended while this was under way: what is installed now is
-            # whatever that change left. Known only if it is our default on an idle EVSE.
-            if record.transaction_id is None and record.default_amperes is not None:
-                self.rollout.installed(step.key, record.default_amperes)
-            else:
-                self.rollout.installed(step.key, None)
+            # A transaction started or ended while this was under way. No TxProfile of ours exists for
+            # the transaction there is now (one would carry the new generation), so our
+            # TxDefaultProfile governs the EVSE, idle or not: known if the station accepted one.
+            self.rollout.installed(step.key, record.default_amperes)
             return
         if accepted:
             self.rollout.accepted(step)

@@ -184,13 +184,18 @@ class SiteConfig(_Frozen):
     def _circuits_by_id(self) -> dict[str, CircuitConfig]:
         return {circuit.circuit_id: circuit for circuit in self.circuits}
 
+    @cached_property
+    def _unlisted(self) -> dict[str, StationConfig]:
+        # Built once per unlisted station: the allocator asks for every EVSE on every reallocation.
+        return {}
+
     def station(self, station_id: str) -> StationConfig:
         """The configuration of a station, or one built from :attr:`defaults` if it is not listed."""
-        found = self._stations_by_id.get(station_id)
+        found = self._stations_by_id.get(station_id) or self._unlisted.get(station_id)
         if found is not None:
             return found
         defaults = self.defaults
-        return StationConfig(
+        found = self._unlisted[station_id] = StationConfig(
             station_id=station_id,
             circuit_id=defaults.circuit_id,
             phases=defaults.phases,
@@ -199,6 +204,7 @@ class SiteConfig(_Frozen):
             evse_max_current_amperes=defaults.max_current_amperes,
             priority=defaults.priority,
         )
+        return found
 
     def circuit_path(self, circuit_id: str) -> tuple[str, ...]:
         """Node ids from ``circuit_id`` up to and including the grid node."""

@@ -443,7 +443,10 @@ class BalancingSettings(BaseModel):
     recompute_interval_s: float = Field(default=10.0, ge=0.5, le=3600, description="reallocate at least this often (s)")
     hysteresis_amperes: float = Field(default=1.0, ge=0, le=32, description="smaller changes are not sent (A)")
     min_interval_s: float = Field(
-        default=30.0, ge=0, le=3600, description="per station, between increases (decreases are never held) (s)"
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="per station, from its last profile change to an increase (decreases never wait) (s)",
     )
     resolution_amperes: float = Field(default=0.1, ge=0.01, le=1, description="limits are rounded down to this (A)")
     forget_disconnected_after_s: float = Field(
