@@ -11,6 +11,7 @@ The commands that talk to a running controller over its HTTP face (``status``, `
 ``limit clear``) exit 0 when it answered, 1 when it cannot be reached (the message names the URL),
 2 for a configuration problem, 3 when the controller refused the request (a limit it judged invalid,
 or a source with no limit to clear; the reasons are printed) and 4 when the token is wrong or missing.
+``trace`` runs until Ctrl-C (exit 0) and exits 1 when the controller goes away during the trace.
 
 Restart: when the CSMS resets the controller (Reset on its own identity, B11/B12), the appliance shuts
 down gracefully, closing every station with 1001, and ``run`` starts it again in the same process, with
@@ -20,6 +21,7 @@ one process throughout, so a restart never counts as a failure there.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import signal
@@ -208,7 +210,7 @@ def check_config(
 
 @cli.command()
 def demo(
-    stations: Annotated[int, typer.Option(help="How many simulated stations.", min=1, max=200)] = 6,
+    stations: Annotated[int, typer.Option(help="How many simulated stations.", min=1, max=200)] = 12,
     duration_s: Annotated[
         float, typer.Option("--duration", help="Stop after this many seconds (0: until Ctrl-C).", min=0)
     ] = 0,
@@ -392,6 +394,109 @@ def limit_clear(
     if response.status_code != 200:
         _refused(response, base)
     typer.echo(f"limit {source} cleared")
+
+
+TRACE_EXIT_CODES_HELP = (
+    "Exit codes: 0 stopped with Ctrl-C; 1 controller unreachable, or it went away during the trace; "
+    "2 configuration problem; 3 refused by the controller (too many traces open, or an identity no station "
+    "can have); 4 unauthorized (wrong or missing token)."
+)
+
+
+def _clock_time(iso_time: Any) -> str:
+    """``HH:MM:SS.mmm`` in local time for an ISO 8601 time from the controller (as sent if unreadable)."""
+    try:
+        moment = datetime.datetime.fromisoformat(str(iso_time)).astimezone()
+    except ValueError:
+        return str(iso_time)
+    return moment.strftime("%H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+
+
+def _print_trace_line(line: str) -> None:
+    """One NDJSON line of a trace, as a person reads it."""
+    try:
+        document = json.loads(line)
+    except ValueError:
+        typer.echo(f"? {line}")
+        return
+    if not isinstance(document, dict):
+        typer.echo(f"? {line}")
+        return
+    at = _clock_time(document.get("t"))
+    if "frame" in document:
+        typer.echo(f"{at} +{float(document.get('dt_s') or 0):.3f}s {document.get('direction')} {document['frame']}")
+    elif "trace" in document:
+        state = "connected now" if document.get("connected") else "not connected now: waiting for it"
+        typer.echo(f"{at} tracing {document['trace']} ({state}); Ctrl-C to stop")
+    elif document.get("event") == "connected":
+        typer.echo(f"{at} -- connected ({document.get('subprotocol') or 'no subprotocol'})")
+    elif document.get("event") == "disconnected":
+        typer.echo(f"{at} -- disconnected ({document.get('reason') or 'no reason given'})")
+    elif "dropped" in document:
+        typer.echo(f"{at} !! {document['dropped']} frames or events lost here: this trace did not keep up")
+    else:
+        typer.echo(f"{at} ? {line}")
+
+
+@cli.command(epilog=TRACE_EXIT_CODES_HELP)
+def trace(
+    identity: Annotated[str, typer.Argument(help="The station's identity (the last part of its connection URL).")],
+    config: ConfigOption = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the controller's NDJSON lines unchanged (one JSON object per line).")
+    ] = False,
+) -> None:
+    """Follow one station's OCPP-J frames live, both directions, with timing, until Ctrl-C.
+
+    Each frame relayed between the station and the CSMS is printed as it passes, exactly as it travelled:
+
+      14:02:03.123 +0.004s station->csms [2,"19","Heartbeat",{}]
+
+    That is the local time, the seconds since the previous frame, who sent it to whom, and the frame.
+
+    "--" lines say when the station connects or disconnects. A station that is not connected is waited for.
+
+    "!!" lines say frames were lost because this terminal did not keep up (forwarding never waits for a trace).
+
+    Calls the controller itself sends to the station are not shown.
+    """
+    base, token = _endpoint(config, url, token)
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    # The connection must come up promptly; after that the trace may be silent for as long as the station is.
+    timeout = httpx.Timeout(CLIENT_TIMEOUT_S, read=None)
+    path = f"/api/v1/trace/{quote(identity, safe='')}"
+    streaming = False
+    try:
+        with (
+            httpx.Client(base_url=base, timeout=timeout, trust_env=False) as client,
+            client.stream("GET", path, headers=headers) as response,
+        ):
+            if response.status_code == 401:
+                typer.echo(
+                    f"ocpp-lc: unauthorized at {base}: wrong or missing token (--token or [http] token)", err=True
+                )
+                raise typer.Exit(EXIT_UNAUTHORIZED)
+            if response.status_code != 200:
+                response.read()
+                _refused(response, base)
+            streaming = True
+            for line in response.iter_lines():
+                if not line:
+                    continue  # the controller's keep-alive
+                if as_json:
+                    typer.echo(line)
+                else:
+                    _print_trace_line(line)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+    except httpx.HTTPError as error:
+        if not streaming:
+            typer.echo(f"ocpp-lc: controller unreachable at {base}: {error}", err=True)
+            raise typer.Exit(EXIT_RUNTIME) from None
+    typer.echo(f"ocpp-lc: the controller at {base} ended the trace (stopped or restarting?)", err=True)
+    raise typer.Exit(EXIT_RUNTIME)
 
 
 def main() -> None:
