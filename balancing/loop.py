@@ -47,7 +47,7 @@ from pydantic import ValidationError
 from .allocator import Allocation, EvseKey, Session, SiteLimits, allocate
 from .observe import Measurement, charging_priority, evse_of, measurement, transaction_facts
 from .rollout import RolloutPolicy, RolloutState, Step, bound_amperes, plan
-from .schedules import ChargingProfile, leading_limit
+from .schedules import ChargingProfile, leading_limit, limit_at
 from .site import GRID_NODE_ID, SiteConfig
 
 log = logging.getLogger("ocpp_lc.balancing")
@@ -118,6 +118,7 @@ class _Evse:
     served_since_s: float | None = None
     waiting_since_s: float = 0.0
     generation: int = 0  # grows when a transaction starts or ends: answers from before are stale
+    tx_profile_accepted: bool = False  # a TxProfile of ours for the current transaction was accepted
 
     @property
     def key(self) -> EvseKey:
@@ -131,7 +132,6 @@ class _Station:
     evses: dict[int, _Evse] = field(default_factory=dict)
     transactions: dict[str, int] = field(default_factory=dict)  # transactionId -> evseId
     csms_profiles: dict[int, tuple[int, ChargingProfile]] = field(default_factory=dict)  # id -> (evse, profile)
-    pending_csms: dict[str, tuple[str, Any]] = field(default_factory=dict)
 
     @property
     def connected(self) -> bool:
@@ -186,6 +186,7 @@ class Balancer:
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         registry: CollectorRegistry | None = None,
         state: BalancerState | None = None,
+        is_connected: Callable[[str], bool] | None = None,
     ) -> None:
         self.site = site
         self.settings = settings or LoopSettings()
@@ -199,7 +200,6 @@ class Balancer:
         self.limits = SiteLimits()
         self._wake = trio.Event()
         self._next_due_s: float | None = None
-        self._in_flight: dict[EvseKey, tuple[int, Purpose]] = {}
         self.metrics = BalancingMetrics(registry if registry is not None else CollectorRegistry())
         if registry is not None:
             registry.register(_Collector(self))
@@ -207,6 +207,9 @@ class Balancer:
         self.reallocated = trio.Event()
         self.last_duration_s = 0.0
         self._state = state
+        # The router's registry, when there is one: a connect or disconnect event the observer dropped
+        # must not leave a station unsent-to (or never forgotten) for good.
+        self._is_connected = is_connected
         self._dirty: set[str] = set()
         if state is not None:
             self._restore(state)
@@ -240,7 +243,7 @@ class Balancer:
             self._on_transaction_event(station_id, payload)
         elif action == "MeterValues":
             evse_id = evse_of(payload)
-            if evse_id is None:
+            if evse_id is None or not self._evse_plausible(station_id, evse_id):
                 return  # evseId 0 is the main meter: not an EVSE's draw
             record = self._evse(station_id, evse_id)
             found = measurement(payload.get("meterValue"))
@@ -248,7 +251,7 @@ class Balancer:
                 self._measured(record, found)
         elif action == "StatusNotification":
             evse_id = evse_of(payload)
-            if evse_id is None:
+            if evse_id is None or not self._evse_plausible(station_id, evse_id):
                 self.metrics.ignored.labels(action).inc()
                 return
             self._evse(station_id, evse_id)
@@ -278,7 +281,11 @@ class Balancer:
             return
         if not isinstance(payload, Mapping) or payload.get("status") != "Accepted" or not isinstance(request, Mapping):
             return
-        station = self._stations.setdefault(station_id, _Station())
+        station = self._stations.get(station_id)
+        if station is None:
+            station = self._stations[station_id] = _Station(disconnected_at_s=trio.current_time())
+            if self._is_connected is None or self._is_connected(station_id):
+                station.disconnected_at_s = None
         if action == "SetChargingProfile":
             self._on_csms_profile(station_id, station, request)
         else:
@@ -320,6 +327,7 @@ class Balancer:
         wall = self._wall()
         self._forget_gone(now_s)
         self.limits = self._limits_at(wall)
+        governed = self._csms_governed(wall)
         sessions = [self._session(record, wall) for record in self._records() if record.transaction_id is not None]
         self.allocation = allocate(self.site, self.limits, self.rollout.allocator_sessions(sessions), now_s)
         self._update_turns(now_s)
@@ -327,13 +335,14 @@ class Balancer:
         self._next_due_s = steps.next_due_s
         for step in steps.steps:
             station = self._stations.get(step.station_id)
-            if station is None or not station.connected:
+            if station is None or not self._connected(step.station_id, station):
                 continue  # nothing to send to; it stays counted at its maximum until it is back
+            if step.key in governed:
+                continue  # a CSMS profile outranks ours there: sending changes nothing
             record = station.evses[step.evse_id]
             purpose: Purpose = "TxProfile" if record.transaction_id is not None else "TxDefaultProfile"
             payload = self.profile_payload(record, purpose, step.current_amperes)
             self.rollout.sent(step, now_s)
-            self._in_flight[step.key] = (record.generation, purpose)
             self.metrics.profiles.labels(step.kind, "sent").inc()
             nursery.start_soon(self._send, step, purpose, payload, record.generation)
         self._flush()
@@ -365,7 +374,11 @@ class Balancer:
         return {"evseId": record.evse_id, "chargingProfile": profile}
 
     async def _send(self, step: Step, purpose: Purpose, payload: dict[str, Any], generation: int) -> None:
-        outcome = await self._caller(step.station_id, "SetChargingProfile", payload)
+        try:
+            outcome = await self._caller(step.station_id, "SetChargingProfile", payload)
+        except Exception as error:  # defence in depth: one station's failure must not stop the loop
+            log.exception("[%s] sending a profile failed unexpectedly", step.station_id)
+            outcome = CallOutcome("gone", detail=type(error).__name__)
         accepted = outcome.status == "answered" and (outcome.payload or {}).get("status") == "Accepted"
         label = "accepted" if accepted else "rejected" if outcome.status == "answered" else outcome.status
         self.metrics.profiles.labels(step.kind, label).inc()
@@ -384,7 +397,6 @@ class Balancer:
         self.wake()
 
     def _settle(self, step: Step, purpose: Purpose, generation: int, accepted: bool, status: str) -> None:
-        self._in_flight.pop(step.key, None)
         station = self._stations.get(step.station_id)
         record = None if station is None else station.evses.get(step.evse_id)
         if record is None or step.key not in self.rollout.evses:
@@ -400,16 +412,28 @@ class Balancer:
             return
         if accepted:
             self.rollout.accepted(step)
+            if purpose == "TxProfile":
+                record.tx_profile_accepted = True
         elif status == "answered" or status == "error":
             self.rollout.rejected(step)
         else:
             self.rollout.unanswered(step)
+
+    def _connected(self, station_id: str, station: _Station) -> bool:
+        if self._is_connected is not None:
+            return self._is_connected(station_id)
+        return station.connected
 
     # --- bookkeeping -------------------------------------------------------------------------------
 
     def _records(self) -> Iterator[_Evse]:
         for station in self._stations.values():
             yield from station.evses.values()
+
+    def _evse_plausible(self, station_id: str, evse_id: int) -> bool:
+        """False for an EVSE id the site model lists the station without (it would count at maximum)."""
+        listed = self.site.station(station_id).evses
+        return not listed or any(evse.evse_id == evse_id for evse in listed)
 
     def _evse(self, station_id: str, evse_id: int) -> _Evse:
         station = self._stations.setdefault(station_id, _Station())
@@ -429,7 +453,16 @@ class Balancer:
             self.metrics.ignored.labels("TransactionEvent").inc()
             return
         station = self._stations.setdefault(station_id, _Station())
-        evse_id = facts.evse_id if facts.evse_id is not None else station.transactions.get(facts.transaction_id)
+        known = station.transactions.get(facts.transaction_id)
+        evse_id = known if known is not None else facts.evse_id
+        if known is not None and facts.evse_id is not None and facts.evse_id != known:
+            # The transaction moved to another EVSE (or the station says so): end it where it was.
+            old = station.evses.get(known)
+            if old is not None and old.transaction_id == facts.transaction_id:
+                self._end_session(old)
+            evse_id = facts.evse_id
+        if evse_id is not None and not self._evse_plausible(station_id, evse_id):
+            evse_id = None
         if evse_id is None:
             self.metrics.ignored.labels("TransactionEvent").inc()
             return  # a later event of a transaction whose start we never saw, without its EVSE
@@ -450,6 +483,7 @@ class Balancer:
             record.waiting_since_s = now_s
             record.served_since_s = None
             record.generation += 1
+            record.tx_profile_accepted = False
             # Our TxDefaultProfile governs the new transaction until our TxProfile replaces it.
             self.rollout.session_started(record.key, facts.phases_used)
             self.rollout.installed(record.key, record.default_amperes)
@@ -467,6 +501,11 @@ class Balancer:
 
     def _end_session(self, record: _Evse) -> None:
         station = self._stations[record.station_id]
+        record.tx_profile_accepted = False
+        for profile_id, (_, profile) in list(station.csms_profiles.items()):
+            # A TxProfile ends with its transaction (K01): the CSMS's too.
+            if profile.charging_profile_purpose == "TxProfile" and profile.transaction_id == record.transaction_id:
+                del station.csms_profiles[profile_id]
         if record.transaction_id is not None:
             station.transactions.pop(record.transaction_id, None)
         record.transaction_id = None
@@ -543,7 +582,11 @@ class Balancer:
     def _forget_gone(self, now_s: float) -> None:
         hold_s = self.settings.forget_disconnected_after_s
         for station_id, station in list(self._stations.items()):
-            if station.disconnected_at_s is not None and now_s - station.disconnected_at_s >= hold_s:
+            if self._is_connected is not None and self._is_connected(station_id):
+                station.disconnected_at_s = None
+            # A station with a transaction open may charge offline under what it accepted: never forgotten.
+            busy = any(record.transaction_id is not None for record in station.evses.values())
+            if not busy and station.disconnected_at_s is not None and now_s - station.disconnected_at_s >= hold_s:
                 gone_s = now_s - station.disconnected_at_s
                 log.info("[%s] disconnected for %.0f s: no longer balanced", station_id, gone_s)
                 del self._stations[station_id]
@@ -589,12 +632,15 @@ class Balancer:
                 for key, item in stored["evses"].items():
                     evse_id = int(key)
                     started = item.get("started")
+                    started_at = datetime.fromisoformat(started) if isinstance(started, str) else None
+                    if started_at is not None and started_at.tzinfo is None:
+                        raise ValueError("a transaction start without a time zone")
                     record = _Evse(
                         station_id,
                         evse_id,
                         default_amperes=_optional_float(item.get("default")),
                         transaction_id=item.get("tx") if isinstance(item.get("tx"), str) else None,
-                        started_at=datetime.fromisoformat(started) if isinstance(started, str) else None,
+                        started_at=started_at,
                         priority=int(item.get("priority") or 0),
                         phases_used=item.get("phases") if item.get("phases") in (1, 2, 3) else None,
                     )
@@ -623,6 +669,16 @@ class Balancer:
             return
         if self.settings.is_ours(profile.id) or profile.stack_level == self.settings.stack_level:
             self._conflict(station_id, station, evse_id, f"SetChargingProfile id {profile.id}")
+        elif profile.stack_level > self.settings.stack_level:
+            self.metrics.csms_conflicts.inc()
+            log.warning(
+                "[%s] the CSMS's %s at stack level %d outranks the controller's (%d): that EVSE counts at the "
+                "CSMS's limit or its maximum and is not steered",
+                station_id,
+                profile.charging_profile_purpose,
+                profile.stack_level,
+                self.settings.stack_level,
+            )
         if profile.charging_profile_purpose in ("TxProfile", "TxDefaultProfile"):
             station.csms_profiles[profile.id] = (evse_id, profile)
             self.wake()
@@ -680,24 +736,49 @@ class Balancer:
         ]
         found = leading_limit(tx, wall, record.started_at)
         if found is None:
-            for evse_id in (record.evse_id, 0):
-                defaults = [
-                    profile
-                    for evse, profile in station.csms_profiles.values()
-                    if evse == evse_id and profile.charging_profile_purpose == "TxDefaultProfile"
-                ]
-                found = leading_limit(defaults, wall, record.started_at)
-                if found is not None:
-                    break
+            # One pool: an EVSE's own TxDefaultProfile and one for every EVSE (0) compete by stack level.
+            defaults = [
+                profile
+                for evse, profile in station.csms_profiles.values()
+                if evse in (record.evse_id, 0) and profile.charging_profile_purpose == "TxDefaultProfile"
+            ]
+            found = leading_limit(defaults, wall, record.started_at)
         if found is None:
             return None
-        station_config = self.site.station(record.station_id)
-        phases = len(station_config.grid_phases(record.phases_used))
-        return (
-            found.amperes(self.site.nominal_voltage_volts)
-            if found.unit == "A"
-            else (found.limit / (self.site.nominal_voltage_volts * (found.number_phases or phases)))
-        )
+        # As the station converts it (K01.FR.50: W over numberPhases, 3 when absent).
+        return found.amperes(self.site.nominal_voltage_volts)
+
+    def _csms_governed(self, wall: datetime) -> set[EvseKey]:
+        """EVSEs where a CSMS profile, not ours, sets the limit: counted at it (or their maximum), not sent to.
+
+        A CSMS TxProfile for the transaction outranks any TxDefaultProfile, so it governs until a TxProfile
+        of ours is accepted, and for good if its stack level is above ours (K01.FR.17); a CSMS
+        TxDefaultProfile above our stack level governs an EVSE without a TxProfile of ours.
+        """
+        result: set[EvseKey] = set()
+        ours = self.settings.stack_level
+        for station in self._stations.values():
+            if not station.csms_profiles:
+                continue
+            for record in station.evses.values():
+                for evse, profile in station.csms_profiles.values():
+                    purpose = profile.charging_profile_purpose
+                    if purpose == "TxProfile":
+                        mine = record.transaction_id is not None and profile.transaction_id == record.transaction_id
+                        governs = mine and (profile.stack_level > ours or not record.tx_profile_accepted)
+                    else:
+                        governs = (
+                            evse in (0, record.evse_id)
+                            and profile.stack_level > ours
+                            and not record.tx_profile_accepted
+                        )
+                    if governs and limit_at(profile, wall, record.started_at) is not None:
+                        result.add(record.key)
+                        applied = self.rollout.evses.get(record.key)
+                        if applied is not None and (applied.confirmed or applied.in_flight_amperes is not None):
+                            self.rollout.installed(record.key, None)
+                        break
+        return result
 
     # --- reading -----------------------------------------------------------------------------------
 

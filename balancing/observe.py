@@ -83,7 +83,8 @@ def measurement(meter_values: Any) -> Measurement | None:
     if not isinstance(samples, list):
         return None
     currents: list[float] = []
-    power: float | None = None
+    total_power: float | None = None
+    phase_power: float | None = None
     for sample in samples:
         if not isinstance(sample, Mapping):
             continue
@@ -100,8 +101,12 @@ def measurement(meter_values: Any) -> Measurement | None:
             phase = sample.get("phase")
             if value is None or not 0 <= value <= _MAX_WATTS:
                 continue
-            # A per-phase power sample adds to the total; an unphased one is the total.
-            power = value if phase is None else (power or 0.0) + value
+            # An unphased sample is the total; per-phase ones add up to it (the total wins if both come).
+            if phase is None:
+                total_power = value
+            else:
+                phase_power = (phase_power or 0.0) + value
+    power = total_power if total_power is not None else phase_power
     if not currents and power is None:
         return None
     return Measurement(max(currents) if currents else None, power)
@@ -116,7 +121,8 @@ def transaction_facts(payload: Any) -> TransactionFacts | None:
     if event_type not in ("Started", "Updated", "Ended") or not isinstance(info, Mapping):
         return None
     transaction_id = info.get("transactionId")
-    if not isinstance(transaction_id, str) or not transaction_id:
+    # identifierString of at most 36 characters: a longer one could not be put in our TxProfile.
+    if not isinstance(transaction_id, str) or not transaction_id or len(transaction_id) > 36:
         return None
     evse = payload.get("evse")
     evse_id = evse.get("id") if isinstance(evse, Mapping) else None
@@ -140,9 +146,12 @@ def charging_priority(response: Any) -> int | None:
     """chargingPriority of a TransactionEventResponse (K03.FR.05), or ``None`` if it names none."""
     if not isinstance(response, Mapping):
         return None
-    value = response.get("chargingPriority")
-    if isinstance(value, int) and not isinstance(value, bool) and -9 <= value <= 9:
-        return value
+    # K03.FR.05/06: the response's own chargingPriority first, else the one in its idTokenInfo.
+    token_info = response.get("idTokenInfo")
+    from_token = token_info.get("chargingPriority") if isinstance(token_info, Mapping) else None
+    for value in (response.get("chargingPriority"), from_token):
+        if isinstance(value, int) and not isinstance(value, bool) and -9 <= value <= 9:
+            return value
     return None
 
 

@@ -32,6 +32,8 @@ from .limits import EmsLimit, LimitSources, LimitStore
 log = logging.getLogger("ocpp_lc.balancing.upstream")
 
 REPORTED_KEY = "reported"
+#: After a failure to queue a report, the next try.
+RETRY_S = 5.0
 #: The chargingSchedule ids of our reports (one per unit).
 SCHEDULE_IDS = {"A": 1, "W": 2}
 
@@ -89,15 +91,14 @@ class EmsReporter:
                 result[unit] = (value, limit)
         return result
 
-    def decide(self, now: datetime) -> list[tuple[str, dict[str, Any]]]:
-        """The messages to send for the EMS limit at ``now``; records them as reported."""
+    def decide(self, now: datetime) -> list[tuple[str, dict[str, Any], dict[str, float]]]:
+        """The messages to send for the EMS limit at ``now``, each with what is reported once it is queued."""
         imposed = self.imposed(now)
         reported = self.reported
         if not imposed:
             if not reported:
                 return []
-            self._store.put(REPORTED_KEY, {})
-            return [("ClearedChargingLimit", {"chargingLimitSource": "EMS"})]
+            return [("ClearedChargingLimit", {"chargingLimitSource": "EMS"}, {})]
         significance = self._significance_percent() / 100.0
         changed = set(imposed) != set(reported) or any(
             abs(value - reported[unit]) > significance * reported[unit] or (reported[unit] == 0 and value != 0)
@@ -110,8 +111,7 @@ class EmsReporter:
             payload["chargingSchedule"] = [
                 self._schedule(unit, limit, now) for unit, (_, limit) in sorted(imposed.items())
             ]
-        self._store.put(REPORTED_KEY, {unit: value for unit, (value, _) in imposed.items()})
-        return [("NotifyChargingLimit", payload)]
+        return [("NotifyChargingLimit", payload, {unit: value for unit, (value, _) in imposed.items()})]
 
     def _schedule(self, unit: str, limit: EmsLimit, now: datetime) -> dict[str, Any]:
         if limit.is_stale(now):
@@ -139,18 +139,27 @@ class EmsReporter:
 
     async def check(self) -> None:
         """Decide at the limits' clock and queue what is to be sent."""
-        for action, payload in self.decide(self._limits.now()):
+        for action, payload, reported in self.decide(self._limits.now()):
             log.info("EMS limit reported upstream: %s %s", action, payload.get("chargingLimit", payload))
+            # Queued first, recorded after: a crash in between repeats the report, never loses it.
             await self._send(action, payload)
+            self._store.put(REPORTED_KEY, reported)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Check at start, on every wake-up and whenever the EMS limit changes by itself, until cancelled."""
         task_status.started()
         while True:
             self._wake = trio.Event()
-            await self.check()
+            failed = False
+            try:
+                await self.check()
+            except Exception:  # the store (disk full …): try again shortly rather than stop the appliance
+                log.exception("EMS limit report to the CSMS could not be queued; retrying")
+                failed = True
             now = self._limits.now()
             upcoming = self._limits.next_change_after(now)
             delay_s = 3600.0 if upcoming is None else max(0.0, (upcoming - now).total_seconds()) + 0.001
+            if failed:
+                delay_s = min(delay_s, RETRY_S)
             with trio.move_on_after(delay_s):
                 await self._wake.wait()

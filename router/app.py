@@ -317,6 +317,7 @@ def build_balancer(
         wall_clock=limits.now,
         registry=registry,
         state=state,
+        is_connected=lambda station_id: links.get(station_id) is not None,
     )
 
 
