@@ -216,7 +216,8 @@ def demo(
     ] = 0,
     plain: Annotated[bool, typer.Option(help="Print events line by line instead of a live view.")] = False,
 ) -> None:
-    """Show the controller working on loopback: a sandbox CSMS and simulated stations through the real router."""
+    """Show the controller on loopback: a sandbox CSMS, simulated stations balanced under a site limit an EMS
+    lowers and releases, and a firmware publish."""
     from .demo import run_demo
 
     raise typer.Exit(run_demo(stations=stations, duration_s=duration_s, plain=plain))
@@ -232,14 +233,16 @@ CLIENT_TIMEOUT_S = 10.0
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
-        "--config", "-c", help="The controller's TOML configuration file: the URL and token default from [http]."
+        "--config", "-c", help="The controller's TOML configuration file: the URL and token default from \\[http]."
     ),
 ]
 UrlOption = Annotated[
     str | None,
-    typer.Option("--url", help="The controller's HTTP face (default: from [http] listen, else http://127.0.0.1:8080)."),
+    typer.Option(
+        "--url", help="The controller's HTTP face (default: from \\[http] listen, else http://127.0.0.1:8080)."
+    ),
 ]
-TokenOption = Annotated[str | None, typer.Option("--token", help="Bearer token (default: [http] token).")]
+TokenOption = Annotated[str | None, typer.Option("--token", help="Bearer token (default: \\[http] token).")]
 
 
 def _endpoint(config: Path | None, url: str | None, token: str | None) -> tuple[str, str | None]:
@@ -460,7 +463,8 @@ def trace(
 
     "!!" lines say frames were lost because this terminal did not keep up (forwarding never waits for a trace).
 
-    Calls the controller itself sends to the station are not shown.
+    Calls the controller itself sends to the station (its charging profiles) show as lc->station, the
+    station's answers as station->lc: they never reach the CSMS.
     """
     base, token = _endpoint(config, url, token)
     headers = {} if token is None else {"Authorization": f"Bearer {token}"}

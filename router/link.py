@@ -259,6 +259,8 @@ class StationLink:
                     except ConnectionClosed as exc:
                         raise LinkClosed(f"{self.station_id} disconnected") from exc
                     self._count("lc_to_station", label, frame)
+                    if self._hub.wants_raw:
+                        self._hub.publish(RawFrame(self.station_id, "lc_to_station", frame, trio.current_time()))
                     self._observe("lc", MessageType.CALL, message_id, action, payload, None)
                     await self._wait_reply(pending)
         except trio.TooSlowError:
@@ -538,6 +540,8 @@ class StationLink:
             log.info("[%s] late answer to controller call %s dropped", self.station_id, envelope.message_id)
             return
         self._count("station_to_lc", ocppj.action_label(pending.action), text)
+        if self._hub.wants_raw:
+            self._hub.publish(RawFrame(self.station_id, "station_to_lc", text, trio.current_time()))
         pending.reply = envelope
         self._slot.release(envelope.message_id)
         pending.done.set()

@@ -7,9 +7,9 @@ client goes away or the controller stops:
 
 * first a hello: ``{"trace": identity, "connected": true|false, "t": ...}``; tracing a station that is
   not connected is allowed, and the trace waits for it (and follows it across reconnections);
-* one line per relayed frame: ``{"t": wall-clock ISO 8601 UTC, "dt_s": seconds since the previous frame
-  of this trace (0 for the first), "direction": "station->csms" | "csms->station", "frame": the exact
-  text as it travelled}``;
+* one line per frame: ``{"t": wall-clock ISO 8601 UTC, "dt_s": seconds since the previous frame of this
+  trace (0 for the first), "direction": "station->csms" | "csms->station" | "lc->station" |
+  "station->lc", "frame": the exact text as it travelled}`` (lc: the controller's own calls, never relayed);
 * ``{"t": ..., "event": "connected", "subprotocol": ...}`` and ``{"t": ..., "event": "disconnected",
   "reason": ...}`` when the station's pair comes up or goes down;
 * ``{"t": ..., "dropped": n}`` when ``n`` frames (or events) were lost, somewhere before this line and
@@ -73,7 +73,13 @@ _STREAM_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 #: link.py's direction names, as users read them.
-_DIRECTIONS = {"station_to_csms": "station->csms", "csms_to_station": "csms->station"}
+_DIRECTIONS = {
+    "station_to_csms": "station->csms",
+    "csms_to_station": "csms->station",
+    # The controller's own calls (balancing profiles …) and their answers, never relayed (Part 4 §6.4).
+    "lc_to_station": "lc->station",
+    "station_to_lc": "station->lc",
+}
 
 WallClock = Callable[[], datetime.datetime]
 
