@@ -323,6 +323,25 @@ def _print_status(document: dict[str, Any]) -> None:
     for source in limits.get("sources", []):
         state = "stale" if source.get("stale") else f"valid until {source['valid_until']}"
         typer.echo(f"  ems source {source['source']}: {_amount(source['limit_now'], source['unit'])}, {state}")
+    balancing = document.get("balancing")
+    if balancing is None:
+        typer.echo("balancing: off ([balancing] enabled = false)")
+    else:
+        typer.echo(f"balancing: {balancing.get('sessions', 0)} sessions")
+        for phase, values in balancing.get("phases", {}).items():
+            typer.echo(
+                f"  {phase}: limit {_amount(values.get('limit_amperes'), 'A')}, committed "
+                f"{values.get('committed_amperes', 0):g} A, measured {values.get('measured_amperes', 0):g} A, "
+                f"headroom {_amount(values.get('headroom_amperes'), 'A')}"
+            )
+        for row in balancing.get("evses", []):
+            session = f"tx {row['transaction_id']}" if row.get("transaction_id") else "idle"
+            steer = "" if row.get("compliant") else "  (not steerable: counted at its maximum)"
+            typer.echo(
+                f"  {row['station_id']}/{row['evse_id']}  {session}  allocated "
+                f"{_amount(row.get('allocated_amperes'), 'A')}  installed {_amount(row.get('installed_amperes'), 'A')}"
+                f"  measured {_amount(row.get('measured_current_amperes'), 'A')}{steer}"
+            )
     upstream = document.get("upstream", {})
     link_up = upstream.get("link_up")
     state = "unknown (own connection off)" if link_up is None else ("up" if link_up else "down")

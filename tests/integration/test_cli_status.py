@@ -61,6 +61,9 @@ async def test_status_lists_stations_own_identity_limits_and_upstream(lab: Lab, 
     assert OCPP201 in station_line
     assert "own identity LC01: off" in out
     assert "L1: none  source -" in out
+    # Balancing runs; the station told it of no EVSE yet, so there is nothing to allocate.
+    assert "balancing: 0 sessions" in out
+    assert "L1: limit none, committed 0 A, measured 0 A, headroom none" in out
     assert f"upstream {csms.url}" in out
     assert json_code == 0
     document = json.loads(json_out)
