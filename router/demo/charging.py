@@ -3,9 +3,11 @@
 Pure and synchronous: the station feeds it SetChargingProfile / ClearChargingProfile payloads and
 asks, at each meter sample, what limit applies to its one EVSE. It is a faithful-enough subset of
 smart charging for the demo and for the balancing work to test against: absolute, relative and
-recurring schedules, validFrom/validTo, stack levels, and the rule that a TxProfile overrides a
-TxDefaultProfile while a ChargingStationMaxProfile caps both. It is not a full composite-schedule
-implementation (no minChargingRate, one schedule per profile, no sales tariffs).
+recurring schedules, validFrom/validTo, stack levels, and the rules that a TxDefaultProfile applies
+to an idle EVSE and to a new transaction until a TxProfile for that transaction arrives, that a
+TxProfile overrides it and ends with its transaction, and that a ChargingStationMaxProfile caps both.
+It is not a full composite-schedule implementation (no minChargingRate, one schedule per profile, no
+sales tariffs).
 """
 
 from __future__ import annotations
@@ -112,13 +114,17 @@ class ChargingProfiles:
         transaction_id: str | None,
         transaction_started: datetime.datetime | None,
     ) -> float | None:
-        """The per-phase current limit on EVSE 1 now (K01.FR.51), or None when no profile limits it."""
+        """The per-phase current limit on EVSE 1 now (K01.FR.51), or None when no profile limits it.
+
+        Idle (``transaction_id`` None), the TxDefaultProfile is what a transaction starting now would
+        get; in a transaction, its TxProfile wins over the default (K01.FR.03).
+        """
         station_max = self._best("ChargingStationMaxProfile", now, transaction_started, None)
         tx_limit = None
         if transaction_id is not None:
             tx_limit = self._best("TxProfile", now, transaction_started, transaction_id)
-            if tx_limit is None:
-                tx_limit = self._best("TxDefaultProfile", now, transaction_started, None)
+        if tx_limit is None:
+            tx_limit = self._best("TxDefaultProfile", now, transaction_started, None)
         limits = [limit for limit in (station_max, tx_limit) if limit is not None]
         return min(limits) if limits else None
 

@@ -7,6 +7,12 @@ answers to StatusNotification, MeterValues, NotifyReport and the like. It also c
 itself, to show calls travelling CSMS → controller → station: a GetBaseReport once a station has
 booted, then now and then a GetVariables. Unknown actions get a NotImplemented CALLERROR.
 
+Firmware (L03 then L01), when a :class:`FirmwarePlan` is given: once the controller's own identity
+has booted, the CSMS asks it to publish the vendor's file (PublishFirmware with the file's MD5); when
+the controller reports Published with the URLs it serves the file at, the CSMS sends UpdateFirmware
+to one station, pointing at the controller's URL, so the station downloads from the site controller
+and not from the internet. What happened is kept in :attr:`SandboxCsms.firmware` for the demo's view.
+
 Every connection is handled in its own task under the server's nursery and always closed.
 """
 
@@ -16,6 +22,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
 from urllib.parse import unquote
@@ -47,6 +54,37 @@ _POLLED_VARIABLES: Final = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class FirmwarePlan:
+    """What to publish through the controller and which station to update from it."""
+
+    controller_identity: str
+    location: str
+    md5: str
+    target_station: str
+    #: After the controller's boot: a newcomer first sees stations arrive, then the firmware.
+    publish_after_s: float = 5.0
+    publish_request_id: int = 1
+    update_request_id: int = 2
+
+
+@dataclass
+class FirmwareProgress:
+    """The firmware story as the CSMS heard it (for the demo's view and summary)."""
+
+    publish_answer: str | None = None  # PublishFirmwareResponse status
+    publish_status: str | None = None  # last PublishFirmwareStatusNotification status
+    published_urls: tuple[str, ...] = ()
+    update_station: str | None = None
+    update_answer: str | None = None  # UpdateFirmwareResponse status
+    #: The last FirmwareStatusNotification status of each station.
+    station_status: dict[str, str] = field(default_factory=dict)
+
+
+#: Receives one sentence per notable firmware event, for the line-by-line output.
+EventLog = Callable[[str], None]
+
+
 class SandboxCsms:
     """The demo's CSMS. Run with ``port = await nursery.start(csms.serve)``."""
 
@@ -58,8 +96,18 @@ class SandboxCsms:
         poll_interval_s: tuple[float, float] = (8.0, 20.0),
         clock: WallClock = utc_now,
         frame_log: CsmsFrameLog | None = None,
+        firmware: FirmwarePlan | None = None,
+        on_event: EventLog | None = None,
     ) -> None:
         self.path = path
+        self.firmware_plan = firmware
+        self.firmware = FirmwareProgress()
+        self._on_event = on_event
+        #: The booted connection of each identity (the newest one).
+        self._sessions: dict[str, _StationSession] = {}
+        self._nursery: trio.Nursery | None = None
+        self._publish_started = False
+        self._update_sent = False
         self._seed = seed
         self._poll_interval_s = poll_interval_s
         self._clock = clock
@@ -73,10 +121,77 @@ class SandboxCsms:
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on 127.0.0.1 (a free port) until cancelled; report the port once listening."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             listeners: list[trio.SocketListener] = await nursery.start(
                 partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
             )
             task_status.started(listeners[0].socket.getsockname()[1])
+
+    # -- firmware ------------------------------------------------------------------------------
+
+    def _event(self, sentence: str) -> None:
+        if self._on_event is not None:
+            self._on_event(sentence)
+
+    def _booted(self, session: _StationSession) -> None:
+        self._sessions[session.identity] = session
+        plan = self.firmware_plan
+        if plan is None or self._nursery is None:
+            return
+        if session.identity == plan.controller_identity and not self._publish_started:
+            self._publish_started = True
+            self._nursery.start_soon(self._publish, session, plan)
+        elif session.identity == plan.target_station and self.firmware.published_urls:
+            self._start_update()  # published before the station was there (or while it reconnected)
+
+    async def _publish(self, session: _StationSession, plan: FirmwarePlan) -> None:
+        await trio.sleep(plan.publish_after_s)
+        request = {"location": plan.location, "checksum": plan.md5, "requestId": plan.publish_request_id}
+        self._event(f"sandbox CSMS asks controller {plan.controller_identity} to publish {plan.location}")
+        reply = await session.call("PublishFirmware", request)
+        if reply is None:
+            self._publish_started = False  # not answered: ask again when the controller is back
+        else:
+            self.firmware.publish_answer = str(reply.get("status"))
+            self._event(f"controller {plan.controller_identity} answered PublishFirmware: {reply.get('status')}")
+
+    def _publish_status(self, identity: str, request: dict[str, Any]) -> None:
+        plan = self.firmware_plan
+        if plan is None or identity != plan.controller_identity:
+            return
+        status = str(request.get("status"))
+        self.firmware.publish_status = status
+        urls = tuple(str(url) for url in request.get("location", []))
+        self._event(f"controller {identity} firmware publish: {status}" + (f" at {', '.join(urls)}" if urls else ""))
+        if status == "Published" and urls:
+            self.firmware.published_urls = urls
+            self._start_update()
+
+    def _start_update(self) -> None:
+        plan = self.firmware_plan
+        session = None if plan is None else self._sessions.get(plan.target_station)
+        if plan is None or session is None or self._update_sent or self._nursery is None:
+            return  # the station's boot starts it
+        self._update_sent = True
+        self._nursery.start_soon(self._update, session, plan, self.firmware.published_urls[0])
+
+    async def _update(self, session: _StationSession, plan: FirmwarePlan, url: str) -> None:
+        request = {
+            "requestId": plan.update_request_id,
+            "firmware": {"location": url, "retrieveDateTime": self.now()},
+        }
+        self.firmware.update_station = session.identity
+        self._event(f"sandbox CSMS sends UpdateFirmware to {session.identity}: download from {url}")
+        reply = await session.call("UpdateFirmware", request)
+        if reply is None:
+            self._update_sent = False  # not answered: try again when the station is back
+            return
+        self.firmware.update_answer = str(reply.get("status"))
+
+    def _firmware_status(self, identity: str, request: dict[str, Any]) -> None:
+        status = str(request.get("status"))
+        self.firmware.station_status[identity] = status
+        self._event(f"{identity} firmware update: {status}")
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
@@ -133,6 +248,7 @@ class _StationSession:
         self._label = label
         self._booted = trio.Event()
         self._request_id = 0
+        self._rpc: RpcEndpoint | None = None
 
     async def run(self, websocket: WebSocket) -> None:
         on_frame: FrameHook | None = None
@@ -143,7 +259,7 @@ class _StationSession:
             def on_frame(direction: str, text: str) -> None:
                 frame_log(label, direction, text)
 
-        rpc = RpcEndpoint(websocket, self._handlers(), on_frame=on_frame)
+        rpc = self._rpc = RpcEndpoint(websocket, self._handlers(), on_frame=on_frame)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._call_now_and_then, rpc)
             await rpc.serve()
@@ -161,6 +277,7 @@ class _StationSession:
 
         def boot_notification(request: dict[str, Any]) -> dict[str, Any]:
             self._booted.set()
+            csms._booted(self)
             return {"currentTime": csms.now(), "interval": HEARTBEAT_INTERVAL_S, "status": "Accepted"}
 
         def id_token_accepted(request: dict[str, Any]) -> dict[str, Any]:
@@ -173,18 +290,27 @@ class _StationSession:
         def empty(request: dict[str, Any]) -> dict[str, Any]:
             return {}
 
+        def publish_status(request: dict[str, Any]) -> dict[str, Any]:
+            csms._publish_status(self.identity, request)
+            return {}
+
+        def firmware_status(request: dict[str, Any]) -> dict[str, Any]:
+            csms._firmware_status(self.identity, request)
+            return {}
+
         answers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "BootNotification": boot_notification,
             "Heartbeat": lambda request: {"currentTime": csms.now()},
             "Authorize": id_token_accepted,
             "TransactionEvent": transaction_event,
+            "PublishFirmwareStatusNotification": publish_status,
+            "FirmwareStatusNotification": firmware_status,
         }
         for action in (
             "StatusNotification",
             "MeterValues",
             "NotifyReport",
             "NotifyEvent",
-            "FirmwareStatusNotification",
             "SecurityEventNotification",
             "LogStatusNotification",
             "NotifyChargingLimit",
@@ -193,6 +319,21 @@ class _StationSession:
         ):
             answers[action] = empty
         return {action: counted(action, answer) for action, answer in answers.items()}
+
+    async def call(self, action: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """A call of the CSMS's own on this connection; None when it was refused, unanswered or the
+        connection is gone (logged)."""
+        rpc = self._rpc
+        if rpc is None:
+            return None
+        try:
+            reply = await rpc.call(action, payload)
+        except (CallError, CallTimedOut, EndpointClosed) as exc:
+            self._csms.calls_sent[action, "error"] += 1
+            log.warning("[%s] sandbox CSMS: %s not answered: %s", self.identity, action, exc)
+            return None
+        self._csms.calls_sent[action, "result"] += 1
+        return reply
 
     async def _call_now_and_then(self, rpc: RpcEndpoint) -> None:
         """The CSMS's own calls: a base report after boot, then GetVariables now and then."""

@@ -1,7 +1,7 @@
 """Simulated charging stations for the demo: OCPP 2.0.1 over a real websocket, with EVs coming and going.
 
-Each station has one EVSE with one connector on three phases. Its life, sped up so that a newcomer
-sees something happen within seconds:
+Each station has one EVSE with one connector, on three phases or on one. Its life, sped up so that a
+newcomer sees something happen within seconds:
 
 * connect (subprotocol ocpp2.0.1), BootNotification, StatusNotification Available, then Heartbeats
   at the interval the CSMS gave and clock-aligned MeterValues;
@@ -10,7 +10,9 @@ sees something happen within seconds:
   every few seconds, may fill up (SuspendedEV), then leave (TransactionEvent Ended, Available);
 * the CSMS's calls are answered: GetVariables from a small device model, GetBaseReport (followed by a
   NotifyReport), SetChargingProfile / ClearChargingProfile (the limit is honoured by the simulated
-  current), UpdateFirmware (accepted; the firmware work will add the download).
+  current at once: the EV draws the lower of what it can take and what the profiles allow, see
+  :mod:`.charging`), UpdateFirmware (the file is downloaded over HTTP, and FirmwareStatusNotification
+  reports Downloading, Downloaded, Installing and Installed, L01).
 
 Calls go out one at a time (Part 4 §4.1.1). Timings come from a seeded :class:`random.Random` per
 station, so a run is reproducible apart from network latency. Energy follows the simulated current
@@ -20,6 +22,7 @@ on the real clock, so the register, the samples and the timestamps agree.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import math
 import random
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import httpx
 import trio
 
 from ..transport import ConnectionClosed, HandshakeFailed, connect
@@ -43,6 +47,8 @@ PHASES: Final = 3
 EVSE_ID: Final = 1
 CONNECTOR_ID: Final = 1
 CONNECT_TIMEOUT_S: Final = 10.0
+#: A firmware download that takes longer fails (DownloadFailed).
+FIRMWARE_DOWNLOAD_TIMEOUT_S: Final = 30.0
 #: RFID cards the simulated drivers carry (ISO 14443 UIDs).
 ID_TOKENS: Final = ("04A1B2C3D4E5F6", "04B7C8D9E0F1A2", "04C3D4E5F6A7B8", "04D9E0F1A2B3C4", "04E5F6A7B8C9D0")
 
@@ -115,8 +121,11 @@ class SimulatedStation:
         timings: SimTimings = DEFAULT_TIMINGS,
         clock: WallClock = utc_now,
         frame_log: StationFrameLog | None = None,
+        phases: int = PHASES,
+        max_current_amperes: float | None = None,
     ) -> None:
         self.identity = identity
+        self.phases = phases
         self._host = host
         self._port = port
         self._target = f"{path}/{identity}"
@@ -129,19 +138,26 @@ class SimulatedStation:
         # Measurement noise has its own generator, so that answering the CSMS (which may re-sample the
         # current) does not shift the seeded sequence of arrivals and departures.
         self._noise = random.Random(rng.random())
-        self.max_current_amperes = float(rng.choice((16, 32)))
-        self.model = f"Demo AC {round(self.max_current_amperes * PHASES * NOMINAL_VOLTAGE_V / 1000)} kW"
+        rated = float(rng.choice((16, 32)))  # drawn either way: the seeded sequence stays the same
+        self.max_current_amperes = rated if max_current_amperes is None else max_current_amperes
+        self.model = f"Demo AC {round(self.max_current_amperes * phases * NOMINAL_VOLTAGE_V / 1000)} kW"
         self.profiles = ChargingProfiles()
-        #: The last UpdateFirmware request, kept for the firmware work to act on.
+        #: The last UpdateFirmware request, and how the update went (FirmwareStatusNotification status).
         self.firmware_request: dict[str, Any] | None = None
+        self.firmware_status: str | None = None
+        self.firmware_version = "1.0.0"
+        #: Size and MD5 of the last file downloaded.
+        self.firmware_downloaded: tuple[int, str] | None = None
         # Meter register (Wh) and the current drawn per phase (A) since the last integration.
         self._register_wh = float(rng.randrange(100_000, 5_000_000))
-        self._currents_amperes = [0.0] * PHASES
+        self._currents_amperes = [0.0] * phases
         self._integrated_at_s = trio.current_time()
         self._target_amperes = 0.0
         self._transaction: _Transaction | None = None
         #: Why the next TransactionEvent Updated is sent, when something other than the sample period.
         self._pending_trigger: str | None = None
+        #: Set when a new limit changed the current: the change is reported at once, not at the next sample.
+        self._report_now: trio.Event | None = None
         self._heartbeat_interval_s = 60
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -193,7 +209,7 @@ class SimulatedStation:
     def _end_connection(self) -> None:
         # Without a connection the simulated EV leaves quietly; the next connection boots afresh.
         self._advance()
-        self._currents_amperes = [0.0] * PHASES
+        self._currents_amperes = [0.0] * self.phases
         if self._transaction is not None:
             self.profiles.end_transaction(self._transaction.transaction_id)
             self._transaction = None
@@ -225,7 +241,7 @@ class SimulatedStation:
                         "model": self.model,
                         "vendorName": "ocpp-lc demo",
                         "serialNumber": self.identity,
-                        "firmwareVersion": "1.0.0",
+                        "firmwareVersion": self.firmware_version,
                     },
                 },
             )
@@ -282,7 +298,7 @@ class SimulatedStation:
         one_phase = rng.random() < 0.25
         ev = _Ev(
             max_current_amperes=float(rng.choice((16, 32) if one_phase else (10, 16, 16, 32))),
-            phases=1 if one_phase else PHASES,
+            phases=1 if one_phase else self.phases,
             departs_at_s=now_s + stay_s,
             full_at_s=full_at_s,
         )
@@ -312,7 +328,9 @@ class SimulatedStation:
             wake_s = min(trio.current_time() + rng.uniform(*timings.sample_s), ev.departs_at_s)
             if transaction.charging_state != "SuspendedEV":
                 wake_s = min(wake_s, ev.full_at_s)  # say at once when the battery is full
-            await trio.sleep_until(wake_s)
+            self._report_now = trio.Event()
+            with trio.move_on_at(wake_s):
+                await self._report_now.wait()
             now_s = trio.current_time()
             if now_s >= ev.departs_at_s:
                 break
@@ -324,11 +342,12 @@ class SimulatedStation:
                 self._pending_trigger = "ChargingStateChanged"
             trigger = self._pending_trigger or "MeterValuePeriodic"
             self._pending_trigger = None
-            await rpc.call("TransactionEvent", self._transaction_event("Updated", trigger, "Sample.Periodic"))
+            context = "Sample.Periodic" if trigger == "MeterValuePeriodic" else "Trigger"
+            await rpc.call("TransactionEvent", self._transaction_event("Updated", trigger, context))
 
         self._advance()
         transaction.charging_state = "Idle"
-        self._currents_amperes = [0.0] * PHASES
+        self._currents_amperes = [0.0] * self.phases
         ended = self._transaction_event("Ended", "EVDeparted", "Transaction.End")
         ended["transactionInfo"]["stoppedReason"] = "EVDisconnected"
         ended["transactionInfo"]["timeSpentCharging"] = round(transaction.charged_s)
@@ -394,7 +413,7 @@ class SimulatedStation:
         phases = transaction.ev.phases if transaction is not None else 0
         self._currents_amperes = [
             round(self._target_amperes * self._noise.uniform(0.96, 1.0), 1) if phase < phases else 0.0
-            for phase in range(PHASES)
+            for phase in range(self.phases)
         ]
         return changed
 
@@ -435,7 +454,7 @@ class SimulatedStation:
             ("ChargingStation", "Model"): self.model,
             ("ChargingStation", "VendorName"): "ocpp-lc demo",
             ("ChargingStation", "AvailabilityState"): "Occupied" if transaction else "Available",
-            ("ChargingStation", "SupplyPhases"): str(PHASES),
+            ("ChargingStation", "SupplyPhases"): str(self.phases),
             ("OCPPCommCtrlr", "HeartbeatInterval"): str(self._heartbeat_interval_s),
             ("SampledDataCtrlr", "TxUpdatedInterval"): str(round(sum(self._timings.sample_s) / 2)),
             ("AlignedDataCtrlr", "Interval"): str(round(self._timings.aligned_interval_s)),
@@ -486,8 +505,9 @@ class SimulatedStation:
             return {"status": status}
 
         def update_firmware(request: dict[str, Any]) -> dict[str, Any]:
-            # Accepted and remembered; downloading and FirmwareStatusNotification come with the firmware work.
+            # The download follows the answer, as calls of the station's own (L01.FR.01).
             self.firmware_request = request
+            nursery.start_soon(self._update_firmware, rpc(), request)
             return {"status": "Accepted"}
 
         return {
@@ -498,14 +518,45 @@ class SimulatedStation:
             "UpdateFirmware": update_firmware,
         }
 
+    async def _update_firmware(self, rpc: RpcEndpoint, request: dict[str, Any]) -> None:
+        """Download the file and report each step (L01). Installing needs no reboot in the demo: the new
+        version is what the next BootNotification reports."""
+        request_id = int(request["requestId"])
+        location = str(request["firmware"]["location"])
+        await self._firmware_step(rpc, "Downloading", request_id)
+        try:
+            # trust_env=False: the file is on the site network; a proxy in the environment would miss it.
+            async with httpx.AsyncClient(timeout=FIRMWARE_DOWNLOAD_TIMEOUT_S, trust_env=False) as client:
+                response = await client.get(location)
+                response.raise_for_status()
+        except httpx.HTTPError as exc:
+            log.warning("[%s] firmware download from %s failed: %s", self.identity, location, exc)
+            await self._firmware_step(rpc, "DownloadFailed", request_id)
+            return
+        content = response.content
+        self.firmware_downloaded = (len(content), hashlib.md5(content, usedforsecurity=False).hexdigest())
+        await self._firmware_step(rpc, "Downloaded", request_id)
+        await trio.sleep(self._noise.uniform(0.5, 1.5))  # checking and writing the image takes a moment
+        await self._firmware_step(rpc, "Installing", request_id)
+        await trio.sleep(self._noise.uniform(0.5, 1.5))
+        self.firmware_version = "1.1.0"
+        await self._firmware_step(rpc, "Installed", request_id)
+
+    async def _firmware_step(self, rpc: RpcEndpoint, status: str, request_id: int) -> None:
+        self.firmware_status = status
+        await self._quietly(rpc, "FirmwareStatusNotification", {"status": status, "requestId": request_id})
+
     def _retarget(self) -> None:
-        """Honour a changed limit at once (K01.FR.07), and say so with the next sample."""
+        """Honour a changed limit at once (K01.FR.07), and say so at once: the controller balancing the
+        site reads the new draw from the meter values."""
         before = self._target_amperes
         self._advance()
         if self._set_currents():
             self._pending_trigger = "ChargingStateChanged"
         elif self._target_amperes != before and self._pending_trigger is None:
             self._pending_trigger = "ChargingRateChanged"
+        if self._pending_trigger is not None and self._report_now is not None:
+            self._report_now.set()
 
     async def _send_report(self, rpc: RpcEndpoint, request_id: int) -> None:
         report = [

@@ -4,18 +4,23 @@ Theory of operation: :class:`SiteModel` is fed every :class:`~router.observers.O
 ObserverHub publishes (the same stream balancing and the status API read) and keeps, per station,
 what a site operator wants to see: connector status, link, charging state, current per phase,
 energy, messages relayed. It never looks at the simulators, so the demo shows what really went
-through the controller. :meth:`SiteModel.apply` returns the notable events as sentences, for the
-line-by-line output; :func:`render_live` turns the model into the lines of one full-screen frame.
-Everything here is synchronous and pure apart from reading the clock it is given.
+through the controller. Balancing comes from the controller itself: :func:`site_balance` condenses
+``App.status()`` (the limit in force per phase and its source, what the balancing loop committed,
+allocated and installed per EVSE) into a :class:`SiteBalance` for the view.
+:meth:`SiteModel.apply` returns the notable events as sentences, for the line-by-line output;
+:func:`render_live` turns the model into the lines of one full-screen frame. Everything here is
+synchronous and pure apart from reading the clock it is given.
 """
 
 from __future__ import annotations
 
 import datetime
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
+
+from prometheus_client import CollectorRegistry
 
 from ..metrics import RouterMetrics
 from ..observers import LinkEvent, Observation, ObservedMessage, RawFrame
@@ -233,6 +238,10 @@ def _call_summary(action: str, payload: dict[str, Any]) -> str:
         return str(payload.get("reportBase", ""))
     if action == "NotifyReport":
         return f"{len(payload.get('reportData', []))} variables"
+    if action == "FirmwareStatusNotification":
+        return str(payload.get("status", ""))
+    if action == "UpdateFirmware":
+        return str(payload.get("firmware", {}).get("location", ""))
     if action == "SetChargingProfile":
         profile = payload.get("chargingProfile", {})
         schedule = (profile.get("chargingSchedule") or [{}])[0]
@@ -311,6 +320,86 @@ def _total(families: Iterable[Any], suffix: str) -> int:
     return int(sum(sample.value for family in families for sample in family.samples if sample.name.endswith(suffix)))
 
 
+def read_profile_counts(registry: CollectorRegistry) -> dict[str, int]:
+    """The balancing loop's SetChargingProfile count by outcome (sent, accepted, rejected, ...)."""
+    counts: dict[str, int] = {}
+    for family in registry.collect():
+        if family.name != "ocpp_lc_balancing_profiles":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                outcome = sample.labels["outcome"]
+                counts[outcome] = counts.get(outcome, 0) + int(sample.value)
+    return counts
+
+
+# -- balancing, as the controller reports it -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SiteBalance:
+    """The limit in force and what the balancing loop made of it, for the live view."""
+
+    limit: str  # "100 A per phase (config)"
+    committed_amperes: tuple[float, ...]
+    measured_amperes: tuple[float, ...]
+    headroom_amperes: tuple[float | None, ...]
+    overcommitted: bool
+    #: The balancing loop's row of each station's EVSE 1 (allocated, installed, measured, phases used).
+    evses: dict[str, Mapping[str, Any]]
+    ems: str  # what the EMS is doing
+    firmware: str  # how the firmware publish and update are going
+
+
+_PHASES: Final = ("L1", "L2", "L3")
+
+
+def site_balance(status: Mapping[str, Any], *, ems: str, firmware: str) -> SiteBalance:
+    """Condense ``App.status()`` for the view."""
+    balancing = status.get("balancing") or {}
+    phases = balancing.get("phases") or {}
+
+    def per_phase(key: str) -> tuple[Any, ...]:
+        return tuple((phases.get(name) or {}).get(key) for name in _PHASES)
+
+    evses: dict[str, Mapping[str, Any]] = {}
+    for row in balancing.get("evses", []):
+        if row.get("evse_id") == 1:
+            evses[str(row.get("station_id"))] = row
+    return SiteBalance(
+        limit=limit_text((status.get("limits") or {}).get("phases") or {}),
+        committed_amperes=tuple(value or 0.0 for value in per_phase("committed_amperes")),
+        measured_amperes=tuple(value or 0.0 for value in per_phase("measured_amperes")),
+        headroom_amperes=per_phase("headroom_amperes"),
+        overcommitted=bool(balancing.get("overcommitted")),
+        evses=evses,
+        ems=ems,
+        firmware=firmware,
+    )
+
+
+def limit_text(phases: Mapping[str, Any]) -> str:
+    """The per-phase limit in force and its source: ``60 A per phase (ems:pv)`` when alike."""
+    values = [(phases.get(name) or {}).get("limit_amperes") for name in _PHASES]
+    sources = [(phases.get(name) or {}).get("source") for name in _PHASES]
+    if all(value is None for value in values):
+        return "none (nothing limits the grid connection)"
+    if len(set(values)) == 1 and len(set(sources)) == 1:
+        return f"{values[0]:g} A per phase ({sources[0]})"
+    return ", ".join(
+        f"{name} {'-' if value is None else f'{value:g} A'} ({source or '-'})"
+        for name, value, source in zip(_PHASES, values, sources, strict=True)
+    )
+
+
+def _triple(values: Iterable[float | None]) -> str:
+    return "/".join("-" if value is None else f"{value:.0f}" for value in values)
+
+
+def _amps(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.1f}"
+
+
 # -- the live view ------------------------------------------------------------------------------
 
 
@@ -358,13 +447,14 @@ def render_live(
     height: int,
     unicode: bool = True,
     notes: Iterable[str] = (),
+    balance: SiteBalance | None = None,
 ) -> list[ScreenLine]:
     """The lines of one live-view frame: at most ``height`` lines, each shorter than ``width``.
 
     The last column stays empty: writing there makes some terminals wrap (and scroll a full screen).
     ``clock`` is (trio time, wall time) of the same instant, to print message times; ``notes`` are
-    warnings to show at the bottom. The station table gets the room left after the header, the
-    counters and three recent messages; the recent messages get whatever remains.
+    warnings to show at the bottom. The station table gets the room left after the header and the
+    counters; the recent messages get whatever remains.
     """
     arrow, dot = ("→", "·") if unicode else ("->", "|")
     hours, rest = divmod(int(uptime_s), 3600)
@@ -375,47 +465,55 @@ def render_live(
             f"{dot} Ctrl-C to stop",
             emphasis=True,
         ),
-        ScreenLine(f"{f'stations {arrow} controller':<23}{header.station_url}"),
-        ScreenLine(
-            f"{f'controller {arrow} CSMS':<23}{header.csms_url} (sandbox) {dot} {counters.stations_connected} links up"
-        ),
-        ScreenLine(f"{'metrics':<23}{header.metrics_url}"),
-        ScreenLine(""),
-        ScreenLine(
-            f"{'STATION':<{id_width}}  {'CONNECTOR':<11}  LINK  {'SESSION':<13}  {'CURRENT A':<14}  {'kWh':>7}  MSGS",
-            emphasis=True,
-        ),
+        ScreenLine(f"{f'stations {arrow}':<11}{header.station_url} {dot} {counters.stations_connected} links up"),
+        ScreenLine(f"{f'{arrow} CSMS':<11}{header.csms_url} (sandbox)"),
+        ScreenLine(f"{'metrics':<11}{header.metrics_url}"),
     ]
-    missed = f" {dot} the view missed {counters.observations_missed}" if counters.observations_missed else ""
+    if balance is not None:
+        headroom = _triple(balance.headroom_amperes)
+        top += [
+            ScreenLine(f"{'limit':<11}{balance.limit} {dot} EMS {balance.ems}"),
+            ScreenLine(
+                f"{'balancing':<11}committed {_triple(balance.committed_amperes)} A {dot} "
+                f"draw {_triple(balance.measured_amperes)} A {dot} headroom {headroom} A"
+                + (f" {dot} OVERCOMMITTED" if balance.overcommitted else "")
+            ),
+            ScreenLine(f"{'firmware':<11}{balance.firmware}"),
+        ]
+    top.append(
+        ScreenLine(
+            f"{'STATION':<{id_width}}  {'CONNECTOR':<9}  LINK  {'SESSION':<13}  PH  ALLOC   INST   DRAW  "
+            f"{'kWh':>6}  MSGS",
+            emphasis=True,
+        )
+    )
+    missed = f" {dot} view missed {counters.observations_missed}" if counters.observations_missed else ""
+    relayed = counters.frames_to("station_to_csms") + counters.frames_to("csms_to_station")
     middle = [
-        ScreenLine(""),
-        ScreenLine(
-            f"relayed   station {arrow} CSMS {counters.frames_to('station_to_csms')} {dot} "
-            f"CSMS {arrow} station {counters.frames_to('csms_to_station')} {dot} CSMS calls {model.csms_calls}"
-        ),
-        ScreenLine(
-            f"          {format_bytes(counters.payload_bytes)} of OCPP-J, "
-            f"{format_bytes(counters.wire_bytes)} on the wire (permessage-deflate)"
-        ),
         ScreenLine(
             f"sessions  {model.transactions_started} started, {model.transactions_ended} ended {dot} "
-            f"{model.energy_wh / 1000:.3f} kWh delivered {dot} errors {model.call_errors}{missed}"
+            f"{model.energy_wh / 1000:.3f} kWh {dot} {relayed} messages relayed {dot} "
+            f"errors {model.call_errors}{missed}"
         ),
         ScreenLine("RECENT MESSAGES", emphasis=True),
     ]
     bottom = [ScreenLine(f"! {note}") for note in list(notes)[-3:]]
 
-    room = max(height - len(top) - len(middle) - len(bottom) - 3, 1)
+    room = max(height - len(top) - len(middle) - len(bottom), 1)
     rows = [model.rows[station_id] for station_id in sorted(model.rows)]
     shown = rows if len(rows) <= room else rows[: room - 1]
     table = []
+    evses = balance.evses if balance is not None else {}
     for row in shown:
-        current = "/".join(f"{current:.1f}" for current in row.currents_amperes) if row.currents_amperes else "-"
+        evse = evses.get(row.station_id, {})
+        drawn = max(row.currents_amperes) if row.currents_amperes else None
+        phases = sum(1 for current in row.currents_amperes if current > 0) or evse.get("phases_used") or "-"
         energy = f"{row.session_wh / 1000:.3f}" if row.transaction_id else "-"
         table.append(
             ScreenLine(
-                f"{row.station_id:<{id_width}}  {row.connector_status:<11}  {'up' if row.connected else 'down':<4}  "
-                f"{row.charging_state:<13}  {current:<14}  {energy:>7}  {row.messages:>4}"
+                f"{row.station_id:<{id_width}}  {row.connector_status:<9}  {'up' if row.connected else 'down':<4}  "
+                f"{row.charging_state:<13}  {phases!s:>2}  {_amps(evse.get('allocated_amperes')):>5}  "
+                f"{_amps(evse.get('installed_amperes')):>5}  {_amps(drawn):>5}  {energy:>6}  {row.messages:>4}"
             )
         )
     if len(shown) < len(rows):

@@ -20,15 +20,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from router.app import run_app
 from router.demo.charging import ChargingProfiles
-from router.demo.runner import OCPP_PATH, demo_main, demo_settings
+from router.demo.firmware_source import FirmwareSource
+from router.demo.runner import OCPP_PATH, EmsPlan, demo_main, demo_settings
 from router.demo.sandbox_csms import SandboxCsms
 from router.demo.stations import SimTimings, SimulatedStation
 from router.observers import ObservedMessage
-from router.ocppj import MessageType
+from router.ocppj import MessageType, is_lc_message_id
 from tests.support.peers import REPO_ROOT
 from tests.support.schemas import validate_frames
 
@@ -69,11 +71,13 @@ async def test_demo_runs_stations_through_the_controller_with_valid_ocpp() -> No
     recorder = FrameRecorder()
     out = io.StringIO()
     with trio.fail_after(RUN_TIMEOUT_S):
-        summary = await demo_main(3, 6.0, True, out, frame_log=recorder, timings=FAST)
+        summary = await demo_main(
+            4, 11.0, True, out, frame_log=recorder, timings=FAST, ems=EMS, firmware_after_s=0.5, grid_amperes=60.0
+        )
     text = out.getvalue()
 
     # Every station booted through the router: the CSMS's acceptance was observed by the controller.
-    assert summary.booted == ("DEMO-01", "DEMO-02", "DEMO-03")
+    assert summary.booted == STATIONS
     for identity in summary.booted:
         assert re.search(rf"^\d\d:\d\d:\d\d  {identity} booted: BootNotification accepted", text, re.MULTILINE)
     # EVs came and went, with meter values on the way, and the CSMS's own calls reached the stations.
@@ -83,32 +87,36 @@ async def test_demo_runs_stations_through_the_controller_with_valid_ocpp() -> No
     assert summary.energy_wh > 0
     assert re.search(r"DEMO-\d\d transaction [0-9a-f]{8} started \(idToken", text)
     assert re.search(r"DEMO-\d\d transaction [0-9a-f]{8} ended \(EVDisconnected\): \d+\.\d{3} kWh delivered", text)
-    assert summary.csms_calls_relayed >= 3  # a GetBaseReport for each station, at least
+    assert summary.csms_calls_relayed >= 4  # a GetBaseReport for each station, at least
     assert summary.csms_calls_answered == summary.csms_calls_relayed
     assert "CSMS call relayed to DEMO-01: GetBaseReport" in text
-    # The appliance's own metrics counted exactly what arrived at each far end.
+    # The appliance's own metrics counted exactly what arrived at each far end (the controller's own
+    # calls to the stations, and their answers, are not relayed).
     station_labels, csms_labels = recorder.labels(csms=False), recorder.labels(csms=True)
-    assert [label.split("#")[0] for label in station_labels] == ["DEMO-01", "DEMO-02", "DEMO-03"]
-    assert sorted(label.split("#")[0] for label in csms_labels) == ["DEMO-01", "DEMO-02", "DEMO-03"]
+    assert [label.split("#")[0] for label in station_labels] == list(STATIONS)
+    assert sorted(label.split("#")[0] for label in csms_labels) == list(STATIONS)
     received_by_csms = sum(len(recorder.texts(label, "received")) for label in csms_labels)
-    received_by_stations = sum(len(recorder.texts(label, "received")) for label in station_labels)
-    assert summary.frames_station_to_csms == received_by_csms > 30
-    assert summary.frames_csms_to_station == received_by_stations > 30
+    received_by_stations = sum(len(_relayed(recorder.texts(label, "received"))) for label in station_labels)
+    assert summary.frames_station_to_csms == received_by_csms > 40
+    assert summary.frames_csms_to_station == received_by_stations > 40
     assert 0 < summary.wire_bytes < summary.payload_bytes  # permessage-deflate on both legs
     # Stopping is the appliance's graceful shutdown: every station is told 1001 (going away).
-    assert summary.station_closes == {1001: 3}
+    assert summary.station_closes == {1001: 4}
     assert "stopping: the controller closes every station connection with 1001" in text
-    assert summary.errors == 0
-    assert "ocpp-lc demo summary" in text and "3 booted through the controller" in text
+    assert summary.errors == 0, text
+    assert "ocpp-lc demo summary" in text and "4 booted through the controller" in text
 
-    # Byte-for-byte relaying, and valid OCPP 2.0.1 from both kinds of peer, results included.
+    # Byte-for-byte relaying, and valid OCPP 2.0.1 from both kinds of peer and from the controller's
+    # own identity (PublishFirmware's statuses, the answers to the CSMS), results included.
     for csms_label in csms_labels:
         identity = csms_label.split("#")[0]
         (station_label,) = [label for label in station_labels if label.startswith(f"{identity}#")]
-        sent = recorder.texts(station_label, "sent")
+        sent = _relayed(recorder.texts(station_label, "sent"))
         assert recorder.texts(csms_label, "received") == sent[: len(recorder.texts(csms_label, "received"))]
         validate_frames(recorder.texts(station_label))
         validate_frames(recorder.texts(csms_label))
+    (own_label,) = [label for label in recorder.frames if label.startswith("LC-DEMO#")]
+    validate_frames(recorder.texts(own_label))
     calls = [
         json.loads(text)[2:]
         for label in csms_labels
@@ -117,16 +125,103 @@ async def test_demo_runs_stations_through_the_controller_with_valid_ocpp() -> No
     ]
     actions = {action for action, _ in calls}
     assert {"BootNotification", "StatusNotification", "Authorize", "TransactionEvent", "NotifyReport"} <= actions
-    # Meter values reached the CSMS: the energy register and the current on each phase.
+    # Meter values reached the CSMS: the energy register, the power and the current on each phase the
+    # station has (DEMO-04 is wired on one phase).
     samples = [
         {(value.get("measurand"), value.get("phase")) for value in payload["meterValue"][-1]["sampledValue"]}
         for action, payload in calls
         if action == "TransactionEvent" and payload["eventType"] == "Updated"
     ]
     assert samples and all(
-        {("Energy.Active.Import.Register", None), *(("Current.Import", f"L{phase}") for phase in (1, 2, 3))} <= sample
+        {("Energy.Active.Import.Register", None), ("Power.Active.Import", None), ("Current.Import", "L1")} <= sample
         for sample in samples
     )
+
+    # Balancing: every station got a TxDefaultProfile of 0 A while idle, and every transaction that
+    # ran to its end got a TxProfile of its own, which the station accepted (K01.FR.03).
+    for label in station_labels:
+        profiles = _profiles_accepted(recorder.texts(label))
+        assert ("TxDefaultProfile", None, 0.0) in profiles, label
+        ended = {
+            payload["transactionInfo"]["transactionId"]
+            for action, payload in _calls(recorder.texts(label, "sent"))
+            if action == "TransactionEvent" and payload["eventType"] == "Ended"
+        }
+        assert ended <= {transaction_id for purpose, transaction_id, _ in profiles if purpose == "TxProfile"}, label
+    # The grid connection (60 A) is shared out: more was wanted than it carries.
+    assert "site limit 60 A per phase (config): the controller balances" in text
+
+    # The EMS script lowered the limit through the EMS API and the stations' draw followed under it;
+    # released, the configured limit was back in force and allocations rose above the lowered limit.
+    lowered, released = summary.ems_events
+    assert (lowered.action, lowered.status_code, released.action, released.status_code) == (
+        "lowered",
+        200,
+        "released",
+        200,
+    )
+    assert lowered.limit == "12 A per phase (ems:demo-ems)" and released.limit == "60 A per phase (config)"
+    assert lowered.settled_s is not None and max(lowered.drawn_amperes) <= 12.05
+    assert max(lowered.committed_amperes) <= 12.0
+    assert released.settled_s is not None and max(released.committed_amperes) > 12.0
+    assert "PUT /api/v1/limits/demo-ems answered 200" in text and "DELETE /api/v1/limits/demo-ems answered 200" in text
+    # Until the release, after every reallocation, the stations were allowed and drew no more.
+    assert lowered.peak_committed_amperes is not None and max(lowered.peak_committed_amperes) <= 12.0
+    assert lowered.peak_drawn_amperes is not None and max(lowered.peak_drawn_amperes) <= 12.05
+
+    # Firmware: the CSMS had the controller publish the vendor's file (L03), then told DEMO-01 to
+    # update from the controller's URL (L01); the station downloaded it from there.
+    own_calls = _calls(recorder.texts(own_label, "received"))  # at the CSMS's end of the controller's own link
+    published = [payload for action, payload in own_calls if action == "PublishFirmwareStatusNotification"]
+    assert [payload["status"] for payload in published] == [
+        "Downloading",
+        "Downloaded",
+        "ChecksumVerified",
+        "Published",
+    ]
+    (url,) = published[-1]["location"]
+    assert url.endswith("/demo-fw-1.1.0.bin") and "/firmware/" in url
+    (station_label,) = [label for label in station_labels if label.startswith("DEMO-01#")]
+    (update,) = [
+        payload for action, payload in _calls(recorder.texts(station_label, "received")) if action == "UpdateFirmware"
+    ]
+    assert update["firmware"]["location"] == url
+    statuses = [
+        payload["status"]
+        for action, payload in _calls(recorder.texts(station_label, "sent"))
+        if action == "FirmwareStatusNotification"
+    ]
+    assert statuses == ["Downloading", "Downloaded", "Installing", "Installed"]
+    assert summary.firmware.publish_status == "Published"
+    assert summary.firmware.station_status == {"DEMO-01": "Installed"}
+    assert "firmware      demo-fw-1.1.0.bin: publish Published; DEMO-01 Installed" in text
+
+
+#: Four stations: DEMO-04 is wired on one phase (grid S first, rotation STR).
+STATIONS = ("DEMO-01", "DEMO-02", "DEMO-03", "DEMO-04")
+#: The EMS script on the test's short clock: 12 A per phase from 4 s to 7.5 s.
+EMS = EmsPlan(lower_at_s=4.0, release_at_s=7.5, limit_amperes=12.0, settle_timeout_s=3.0)
+
+
+def _relayed(texts: list[str]) -> list[str]:
+    """The frames of a station's connection that travel to or from the CSMS (not the controller's own)."""
+    return [text for text in texts if not is_lc_message_id(str(json.loads(text)[1]))]
+
+
+def _calls(texts: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    return [(frame[2], frame[3]) for frame in map(json.loads, texts) if frame[0] == 2]
+
+
+def _profiles_accepted(texts: list[str]) -> set[tuple[str, str | None, float]]:
+    """(purpose, transactionId, limit) of every SetChargingProfile a station received and accepted."""
+    answers = {frame[1]: frame[2] for frame in map(json.loads, texts) if frame[0] == 3}
+    accepted = set()
+    for frame in map(json.loads, texts):
+        if frame[0] == 2 and frame[2] == "SetChargingProfile" and answers.get(frame[1], {}).get("status") == "Accepted":
+            profile = frame[3]["chargingProfile"]
+            limit = profile["chargingSchedule"][0]["chargingSchedulePeriod"][0]["limit"]
+            accepted.add((profile["chargingProfilePurpose"], profile.get("transactionId"), float(limit)))
+    return accepted
 
 
 async def test_live_view_draws_within_the_terminal_and_restores_it() -> None:
@@ -150,6 +245,14 @@ async def test_live_view_draws_within_the_terminal_and_restores_it() -> None:
     assert len(frames) >= 4  # redrawn about twice a second
     assert all(len(frame) <= 24 and all(len(line) < 80 for line in frame) for frame in frames)  # no wrap, no scroll
     assert all(frame[0].startswith("ocpp-lc demo · controller LC-DEMO · up 00:00:0") for frame in frames)
+    # The limit in force and where it comes from, what balancing committed, the firmware story, and
+    # per station what was allocated, what the station accepted and what it draws.
+    assert all(
+        "limit      100 A per phase (config) · EMS demo-ems lowers the limit at 15 s" in frame for frame in frames
+    )
+    assert all(any(line.startswith("balancing  committed ") for line in frame) for frame in frames)
+    assert all(any(line.startswith("firmware   ") for line in frame) for frame in frames)
+    assert all(any(line.split()[4:8] == ["PH", "ALLOC", "INST", "DRAW"] for line in frame) for frame in frames)
     # While running, both stations are listed as connected, and relayed messages scroll by.
     tables = [[line.split() for line in frame if line.startswith("DEMO-0")] for frame in frames]
     assert any(
@@ -160,12 +263,19 @@ async def test_live_view_draws_within_the_terminal_and_restores_it() -> None:
 
 
 async def test_simulated_station_honours_a_charging_profile_sent_through_the_controller(tmp_path: Path) -> None:
-    # The hooks balancing and firmware publishing will use: the controller's own calls to a station.
+    # The simulator alone, under profiles and an UpdateFirmware the test sends through the controller's
+    # own-call API (the balancing loop is off so that its profiles do not mix with the test's).
     recorder = FrameRecorder()
+    source = FirmwareSource("fw.bin", size_bytes=10_000)
     with trio.fail_after(RUN_TIMEOUT_S):
         async with trio.open_nursery() as nursery:
+            await nursery.start(source.serve)
             csms_port = await nursery.start(SandboxCsms(frame_log=recorder).serve)
-            app = await nursery.start(run_app, demo_settings(csms_port, tmp_path))
+            settings = demo_settings(csms_port, tmp_path)
+            settings = settings.model_copy(
+                update={"balancing": settings.balancing.model_copy(update={"enabled": False})}
+            )
+            app = await nursery.start(run_app, settings)
             stopping = trio.Event()
             station = SimulatedStation(
                 "DEMO-01",
@@ -187,9 +297,14 @@ async def test_simulated_station_honours_a_charging_profile_sent_through_the_con
                 reply = await link.call("SetChargingProfile", _tx_profile(transaction_id, limit_amperes=8.0))
                 assert reply == {"status": "Accepted"}
                 updated = await _next_transaction_event(observed, "Updated")
+                # Reported at once, not at the next periodic sample: a balancing controller reads it.
                 assert updated["triggerReason"] == "ChargingRateChanged"
                 currents = _currents(updated)
                 assert currents and max(currents) <= 8.0 and max(currents) > 7.0
+                assert {value["measurand"] for value in updated["meterValue"][-1]["sampledValue"]} >= {
+                    "Current.Import",
+                    "Power.Active.Import",
+                }
 
                 reply = await link.call("SetChargingProfile", _tx_profile(transaction_id, limit_amperes=3.0))
                 assert reply == {"status": "Accepted"}  # below the 6 A an AC EV needs: charging pauses
@@ -200,10 +315,23 @@ async def test_simulated_station_honours_a_charging_profile_sent_through_the_con
 
                 firmware = {
                     "requestId": 1,
-                    "firmware": {"location": "http://127.0.0.1/fw.bin", "retrieveDateTime": started["timestamp"]},
+                    "firmware": {"location": source.url(), "retrieveDateTime": started["timestamp"]},
                 }
                 assert await link.call("UpdateFirmware", firmware) == {"status": "Accepted"}
                 assert station.firmware_request == firmware
+                # The station downloads the file and reports each step (L01).
+                statuses = []
+                async for event in observed:
+                    if (
+                        isinstance(event, ObservedMessage)
+                        and event.action == "FirmwareStatusNotification"
+                        and event.message_type is MessageType.CALL
+                    ):
+                        statuses.append(event.payload["status"])
+                        if event.payload["status"] == "Installed":
+                            break
+                assert statuses == ["Downloading", "Downloaded", "Installing", "Installed"]
+                assert station.firmware_downloaded == (10_000, source.md5)
 
             stopping.set()
             app.request_shutdown()
@@ -286,10 +414,19 @@ async def test_ctrl_c_stops_the_demo_cleanly_with_a_summary() -> None:
     assert "Traceback" not in errors
     assert "stopping: the controller closes every station connection with 1001" in output
     assert "ocpp-lc demo summary" in output
-    assert re.search(r"^  stations +6 simulated, [1-6] booted through the controller$", output, re.MULTILINE)
+    assert re.search(
+        r"^  stations +12 simulated, (?:[1-9]|1[0-2]) booted through the controller$", output, re.MULTILINE
+    )
     # Whoever was connected was told 1001 (going away), and nothing else.
-    assert re.search(r"^  shutdown +station connections closed: [1-6] with 1001$", output, re.MULTILINE)
+    assert re.search(r"^  shutdown +station connections closed: (?:[1-9]|1[0-2]) with 1001$", output, re.MULTILINE)
     assert re.search(r"errors\s+0$", output, re.MULTILINE)
+    # Nothing listens any more on the ports the demo announced: controller (stations and HTTP),
+    # sandbox CSMS and firmware source.
+    ports = {int(port) for port in re.findall(r"127\.0\.0\.1:(\d+)", output)}
+    assert len(ports) == 4
+    for port in ports:
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", port)
 
 
 def test_station_profiles_follow_the_smart_charging_rules_balancing_relies_on() -> None:
@@ -327,7 +464,8 @@ def test_station_profiles_follow_the_smart_charging_rules_balancing_relies_on() 
         "Accepted"
     )
     assert limit(10) == 16.0 and limit(90) == 6.0  # periods follow each other (K01.FR.12)
-    assert limit(10, transaction_id=None) is None  # a TxDefaultProfile limits transactions only
+    # Idle, the default is what a transaction starting now gets (it applies until a TxProfile arrives).
+    assert limit(10, transaction_id=None) == 16.0
     # A TxProfile overrides the default; the station maximum caps both.
     assert profiles.install(1, tx_profile, start, "tx-1") == "Accepted"
     assert limit(10) == 20.0
