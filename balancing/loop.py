@@ -207,6 +207,7 @@ class Balancer:
         self.reallocated = trio.Event()
         self.last_duration_s = 0.0
         self._state = state
+        self._stopping = False
         # The router's registry, when there is one: a connect or disconnect event the observer dropped
         # must not leave a station unsent-to (or never forgotten) for good.
         self._is_connected = is_connected
@@ -219,6 +220,10 @@ class Balancer:
     def wake(self) -> None:
         """Recompute soon: something the allocation depends on changed."""
         self._wake.set()
+
+    def stop(self) -> None:
+        """Send nothing more (the appliance is shutting down: the stations are being closed)."""
+        self._stopping = True
 
     def station_connected(self, station_id: str) -> None:
         station = self._stations.setdefault(station_id, _Station())
@@ -322,6 +327,8 @@ class Balancer:
 
     def reallocate(self, nursery: trio.Nursery) -> None:
         """Allocate now and start sending the steps the rollout plan allows."""
+        if self._stopping:
+            return
         started = time.perf_counter()
         now_s = trio.current_time()
         wall = self._wall()
@@ -382,7 +389,7 @@ class Balancer:
         accepted = outcome.status == "answered" and (outcome.payload or {}).get("status") == "Accepted"
         label = "accepted" if accepted else "rejected" if outcome.status == "answered" else outcome.status
         self.metrics.profiles.labels(step.kind, label).inc()
-        if not accepted:
+        if not accepted and not self._stopping:
             status_info = (outcome.payload or {}).get("statusInfo") if outcome.status == "answered" else None
             log.warning(
                 "[%s] %s of %.1f A on EVSE %d: %s%s; counted at its maximum until it accepts one",

@@ -514,6 +514,8 @@ async def _serve(app: App, task_status: trio.TaskStatus[App]) -> None:
             )
             task_status.started(app)
             await app._shutdown.wait()
+            if app.balancer is not None:
+                app.balancer.stop()  # no more profiles to stations that are being closed
             log.info("shutting down: closing %d station connections", len(app.links))
             await app.server.stop_accepting()
             await app.server.close_all(settings.routing.shutdown_grace_s)
