@@ -73,6 +73,8 @@ class EvseApplied:
     # The session's phase count (numberOfPhasesUsed; ``None``: unknown, all); only read while in_session.
     phases_used: int | None = None
     in_session: bool = False
+    # While the limit is unknown after unanswered steps: the lowest it may have installed (None: no idea).
+    lowest_possible_amperes: float | None = None
 
     @property
     def key(self) -> EvseKey:
@@ -160,7 +162,11 @@ class RolloutState:
     def accepted(self, step: Step) -> None:
         """The station accepted the step: it is installed and the EVSE is trusted again."""
         self.evses[step.key] = replace(
-            self.evses[step.key], accepted_amperes=step.current_amperes, in_flight_amperes=None, confirmed=True
+            self.evses[step.key],
+            accepted_amperes=step.current_amperes,
+            in_flight_amperes=None,
+            confirmed=True,
+            lowest_possible_amperes=None,
         )
 
     def rejected(self, step: Step) -> None:
@@ -169,8 +175,20 @@ class RolloutState:
 
     def unanswered(self, step: Step) -> None:
         """No answer (timeout, link lost): whether it was applied is unknown, so the limit is unknown."""
+        applied = self.evses[step.key]
+        candidates = [step.current_amperes]
+        if applied.accepted_amperes is not None:
+            candidates.append(applied.accepted_amperes)
+        elif applied.lowest_possible_amperes is not None:
+            candidates.append(applied.lowest_possible_amperes)
+        else:
+            candidates = []  # it was unknown already, with no floor: still none
         self.evses[step.key] = replace(
-            self.evses[step.key], accepted_amperes=None, in_flight_amperes=None, confirmed=False
+            applied,
+            accepted_amperes=None,
+            in_flight_amperes=None,
+            confirmed=False,
+            lowest_possible_amperes=min(candidates) if candidates else None,
         )
 
     def installed(self, key: EvseKey, accepted_amperes: float | None) -> None:
@@ -182,6 +200,7 @@ class RolloutState:
             accepted_amperes=accepted_amperes,
             in_flight_amperes=None,
             confirmed=accepted_amperes is not None,
+            lowest_possible_amperes=None,
         )
 
     def forget_station(self, station_id: str) -> None:
@@ -327,7 +346,19 @@ def plan(
                 continue
             # Never more than it last accepted: an acceptance can only lower the bound from its maximum.
             known = applied.accepted_amperes
-            ceiling = known if known is not None else stations[key].evse_range_amperes(applied.evse_id)[0]
+            if known is not None:
+                ceiling = known
+            else:
+                # Unknown: never above the lowest value it may have installed, so an acceptance cannot
+                # raise its draw; with no floor known and no room on its path, only 0 A is safe.
+                minimum = stations[key].evse_range_amperes(applied.evse_id)[0]
+                lowest = applied.lowest_possible_amperes
+                if lowest is not None:
+                    ceiling = min(minimum, lowest)
+                elif any(constraint in over for constraint, _ in paths[key]):
+                    ceiling = 0.0
+                else:
+                    ceiling = minimum
             value = 0.0 if target == 0 else min(target, ceiling)
             retries.append(Step(applied.station_id, applied.evse_id, value, "retry"))
             continue
