@@ -389,7 +389,11 @@ class Balancer:
         accepted = outcome.status == "answered" and (outcome.payload or {}).get("status") == "Accepted"
         label = "accepted" if accepted else "rejected" if outcome.status == "answered" else outcome.status
         self.metrics.profiles.labels(step.kind, label).inc()
-        if not accepted and not self._stopping:
+        station = self._stations.get(step.station_id)
+        record = None if station is None else station.evses.get(step.evse_id)
+        # A TxProfile for a transaction that ended meanwhile is rightly refused (K01.FR.09): not a fault.
+        overtaken = record is None or record.generation != generation
+        if not accepted and not self._stopping and not overtaken:
             status_info = (outcome.payload or {}).get("statusInfo") if outcome.status == "answered" else None
             log.warning(
                 "[%s] %s of %.1f A on EVSE %d: %s%s; counted at its maximum until it accepts one",
