@@ -39,7 +39,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .site import GRID_NODE_ID, NodeLimits, SiteConfig, StationConfig
+from .site import GRID_NODE_ID, AllocationPolicy, NodeLimits, SiteConfig, StationConfig
 
 # Slack for floating-point sums: far below any resolution a station applies (0.1 A).
 EPSILON_AMPERES = 1e-6
@@ -173,15 +173,8 @@ class _Constraints:
         found = self._by_node.get(node_id)
         if found is not None:
             return found
-        per_phase: list[float | None] = [limits.max_current_amperes] * 3
-        power = limits.max_power_watts
-        if extra is not None:
-            if extra.phase_current_amperes is not None:
-                per_phase = [_lower(per_phase[p], extra.phase_current_amperes[p]) for p in range(3)]
-            power = _lower(power, extra.power_watts)
-        capacities = [*per_phase, None if power is None else power / self._site.nominal_voltage_volts]
         indexes: list[int | None] = []
-        for capacity in capacities:
+        for capacity in node_capacities(self._site, limits, extra):
             if capacity is None:
                 indexes.append(None)
             else:
@@ -206,6 +199,20 @@ class _Constraints:
             if power_index is not None:
                 result.append((power_index, float(len(grid_phases))))
         return result
+
+
+def node_capacities(
+    site: SiteConfig, limits: NodeLimits, extra: SiteLimits | None = None
+) -> tuple[float | None, float | None, float | None, float | None]:
+    """A node's capacity on grid phases 0..2 and for power (index 3, as summed phase amperes at the nominal
+    voltage), with ``extra`` (outside limits, for the grid node) folded in; ``None``: no limit of that kind."""
+    per_phase: list[float | None] = [limits.max_current_amperes] * 3
+    power = limits.max_power_watts
+    if extra is not None:
+        if extra.phase_current_amperes is not None:
+            per_phase = [_lower(per_phase[p], extra.phase_current_amperes[p]) for p in range(3)]
+        power = _lower(power, extra.power_watts)
+    return (per_phase[0], per_phase[1], per_phase[2], None if power is None else power / site.nominal_voltage_volts)
 
 
 def _lower(a: float | None, b: float | None) -> float | None:
@@ -289,6 +296,29 @@ def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], 
             fixed=not session.compliant,
         )
     return Allocation(evses=evses, overcommitted=overcommitted, computed_at_s=now_s)
+
+
+def underdraw_since(
+    measured_amperes: float, offered_amperes: float, since_s: float | None, now_s: float, policy: AllocationPolicy
+) -> float | None:
+    """Rule 3's clock, kept by the caller: since when an EV has drawn below what it is offered (``None``: it
+    does not). Below by more than half the headroom counts; once it draws into the headroom the clock
+    stops, and the allocator gives its full share back."""
+    if measured_amperes < offered_amperes - policy.underdraw_headroom_amperes / 2:
+        return since_s if since_s is not None else now_s
+    return None
+
+
+def turn_after(
+    served: bool, served_since_s: float | None, waiting_since_s: float, now_s: float
+) -> tuple[float | None, float]:
+    """Rule 4's clocks, kept by the caller: (served since, waiting since) once an allocation gave a session
+    current (``served``) or none."""
+    if served and served_since_s is None:
+        return now_s, waiting_since_s
+    if not served and served_since_s is not None:
+        return None, now_s
+    return served_since_s, waiting_since_s
 
 
 def _underdrawing(session: Session, now_s: float, grace_s: float) -> bool:

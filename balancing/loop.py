@@ -44,7 +44,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
-from .allocator import Allocation, EvseKey, Session, SiteLimits, allocate
+from .allocator import Allocation, EvseKey, Session, SiteLimits, allocate, turn_after, underdraw_since
 from .observe import Measurement, charging_priority, evse_of, measurement, transaction_facts
 from .rollout import RolloutPolicy, RolloutState, Step, bound_amperes, plan
 from .schedules import ChargingProfile, leading_limit, limit_at
@@ -286,11 +286,7 @@ class Balancer:
             return
         if not isinstance(payload, Mapping) or payload.get("status") != "Accepted" or not isinstance(request, Mapping):
             return
-        station = self._stations.get(station_id)
-        if station is None:
-            station = self._stations[station_id] = _Station(disconnected_at_s=trio.current_time())
-            if self._is_connected is None or self._is_connected(station_id):
-                station.disconnected_at_s = None
+        station = self._station(station_id)
         if action == "SetChargingProfile":
             self._on_csms_profile(station_id, station, request)
         else:
@@ -404,12 +400,12 @@ class Balancer:
                 label,
                 f" ({outcome.detail or status_info})" if outcome.detail or status_info else "",
             )
-        self._settle(step, purpose, generation, accepted, outcome.status)
+        self._settle(step, purpose, record, generation, accepted, outcome.status)
         self.wake()
 
-    def _settle(self, step: Step, purpose: Purpose, generation: int, accepted: bool, status: str) -> None:
-        station = self._stations.get(step.station_id)
-        record = None if station is None else station.evses.get(step.evse_id)
+    def _settle(
+        self, step: Step, purpose: Purpose, record: _Evse | None, generation: int, accepted: bool, status: str
+    ) -> None:
         if record is None or step.key not in self.rollout.evses:
             return  # forgotten meanwhile
         self._dirty.add(step.station_id)
@@ -446,8 +442,17 @@ class Balancer:
         listed = self.site.station(station_id).evses
         return not listed or any(evse.evse_id == evse_id for evse in listed)
 
+    def _station(self, station_id: str) -> _Station:
+        """The record of a station, made on first mention; one not connected then may be forgotten later."""
+        station = self._stations.get(station_id)
+        if station is None:
+            station = self._stations[station_id] = _Station()
+            if not self._connected(station_id, station):
+                station.disconnected_at_s = trio.current_time()
+        return station
+
     def _evse(self, station_id: str, evse_id: int) -> _Evse:
-        station = self._stations.setdefault(station_id, _Station())
+        station = self._station(station_id)
         record = station.evses.get(evse_id)
         if record is None:
             record = station.evses[evse_id] = _Evse(station_id, evse_id, waiting_since_s=trio.current_time())
@@ -463,7 +468,7 @@ class Balancer:
         if facts is None:
             self.metrics.ignored.labels("TransactionEvent").inc()
             return
-        station = self._stations.setdefault(station_id, _Station())
+        station = self._station(station_id)
         known = station.transactions.get(facts.transaction_id)
         evse_id = known if known is not None else facts.evse_id
         if known is not None and facts.evse_id is not None and facts.evse_id != known:
@@ -545,12 +550,9 @@ class Balancer:
         applied = self.rollout.evses.get(record.key)
         if applied is not None and applied.confirmed and applied.accepted_amperes is not None:
             offered = min(offered, applied.accepted_amperes)
-        # Below its offer by more than half the headroom: it does not take its share (allocator rule 3).
-        below = current < offered - self.site.policy.underdraw_headroom_amperes / 2
-        if below and record.underdraw_since_s is None:
-            record.underdraw_since_s = trio.current_time()
-        elif not below and record.underdraw_since_s is not None:
-            record.underdraw_since_s = None
+        was = record.underdraw_since_s
+        record.underdraw_since_s = underdraw_since(current, offered, was, trio.current_time(), self.site.policy)
+        if was is not None and record.underdraw_since_s is None:
             self.wake()  # it ramps up: give its share back now
 
     def _measured_amperes(self, record: _Evse) -> float | None:
@@ -583,12 +585,9 @@ class Balancer:
         for record in self._records():
             if record.transaction_id is None:
                 continue
-            served = self.allocation.current_amperes(*record.key) > 0
-            if served and record.served_since_s is None:
-                record.served_since_s = now_s
-            elif not served and record.served_since_s is not None:
-                record.served_since_s = None
-                record.waiting_since_s = now_s
+            record.served_since_s, record.waiting_since_s = turn_after(
+                self.allocation.current_amperes(*record.key) > 0, record.served_since_s, record.waiting_since_s, now_s
+            )
 
     def _forget_gone(self, now_s: float) -> None:
         hold_s = self.settings.forget_disconnected_after_s
@@ -810,7 +809,7 @@ class Balancer:
                 {
                     "station_id": record.station_id,
                     "evse_id": record.evse_id,
-                    "connected": station.connected,
+                    "connected": self._connected(record.station_id, station),
                     "transaction_id": record.transaction_id,
                     "charging_state": record.charging_state,
                     "priority": record.priority,

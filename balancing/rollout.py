@@ -45,7 +45,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from .allocator import EPSILON_AMPERES, Allocation, EvseKey, Session, SiteLimits
+from .allocator import EPSILON_AMPERES, Allocation, EvseKey, Session, SiteLimits, node_capacities
 from .site import GRID_NODE_ID, SiteConfig, StationConfig
 
 StepKind = Literal["decrease", "retry", "increase"]
@@ -264,17 +264,10 @@ def capacities(site: SiteConfig, limits: SiteLimits) -> dict[ConstraintKey, floa
     nodes = [(GRID_NODE_ID, site.grid)] + [(c.circuit_id, c) for c in site.circuits]
     nodes += [("station:" + s.station_id, s) for s in site.stations]
     for node_id, node in nodes:
-        per_phase: list[float | None] = [node.max_current_amperes] * 3
-        power = node.max_power_watts
-        if node_id == GRID_NODE_ID:
-            if limits.phase_current_amperes is not None:
-                per_phase = [_lower(per_phase[p], limits.phase_current_amperes[p]) for p in range(3)]
-            power = _lower(power, limits.power_watts)
-        for phase, value in enumerate(per_phase):
+        extra = limits if node_id == GRID_NODE_ID else None
+        for index, value in enumerate(node_capacities(site, node, extra)):
             if value is not None:
-                result[(node_id, phase)] = value
-        if power is not None:
-            result[(node_id, 3)] = power / site.nominal_voltage_volts
+                result[(node_id, index)] = value
     return result
 
 
@@ -412,11 +405,3 @@ def plan(
         waiting=tuple(waiting),
         next_due_s=min(next_due, default=None),
     )
-
-
-def _lower(a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return min(a, b)

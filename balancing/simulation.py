@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from .allocator import Allocation, EvseKey, Session, SiteLimits, allocate
+from .allocator import Allocation, EvseKey, Session, SiteLimits, allocate, turn_after, underdraw_since
 from .schedules import ChargingProfile, composite_limit_at
 from .site import SiteConfig
 
@@ -121,10 +121,7 @@ class Simulation:
         session = self._session(event)
         measured = float(event["current_amperes"])
         offered = self.last.current_amperes(session.station_id, session.evse_id)
-        # Below what it was offered by more than half the headroom: the EV does not take its share. Once it
-        # draws into the headroom it is given back (the allocator caps it at measured + headroom).
-        below = measured < offered - self.site.policy.underdraw_headroom_amperes / 2
-        since = (session.underdraw_since_s if session.underdraw_since_s is not None else now_s) if below else None
+        since = underdraw_since(measured, offered, session.underdraw_since_s, now_s, self.site.policy)
         self.sessions[session.key] = dataclasses.replace(
             session, measured_current_amperes=measured, underdraw_since_s=since
         )
@@ -189,10 +186,11 @@ class Simulation:
         limits = self.limits_at(now_s).limits
         allocation = allocate(self.site, limits, self.sessions.values(), now_s)
         for key, session in self.sessions.items():
-            served = allocation.current_amperes(*key) > 0
-            if served and session.served_since_s is None:
-                self.sessions[key] = dataclasses.replace(session, served_since_s=now_s)
-            elif not served and session.served_since_s is not None:
-                self.sessions[key] = dataclasses.replace(session, served_since_s=None, waiting_since_s=now_s)
+            served_since, waiting_since = turn_after(
+                allocation.current_amperes(*key) > 0, session.served_since_s, session.waiting_since_s, now_s
+            )
+            self.sessions[key] = dataclasses.replace(
+                session, served_since_s=served_since, waiting_since_s=waiting_since
+            )
         self.last = allocation
         return allocation
