@@ -10,8 +10,8 @@ Routes (JSON; every one needs ``Authorization: Bearer <[http] token>`` when a to
   age and whether it is stale.
 * ``GET /api/v1/status``: what ``ocpp-lc status`` prints: connected stations, the own identity, the
   limits in force and the upstream (CSMS) state; the document comes from the App.
-* ``GET /api/v1/allocations``: what the balancing loop allocated; until the loop exists, the sessions
-  the wiring hands in (none) with a note saying so.
+* ``GET /api/v1/allocations``: one row per EVSE the balancing loop knows (allocation, installed limit,
+  measured draw); with balancing turned off, none and a note saying so.
 
 A missing or wrong token is answered 401 with ``WWW-Authenticate: Bearer``; the comparison runs in
 constant time. Without a configured token the configuration only lets the HTTP face listen on loopback,
@@ -160,7 +160,7 @@ class EmsApi:
             "allocations": list(self._allocations()) if self._allocations is not None else [],
         }
         if self._allocations is None:
-            document["note"] = "the balancing loop is not running yet: no allocations are made"
+            document["note"] = "balancing is turned off ([balancing] enabled = false): no allocations are made"
         return "ok", JSONResponse(document, headers=_NO_STORE)
 
 

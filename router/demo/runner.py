@@ -249,9 +249,6 @@ class DemoSummary:
         return lines
 
 
-_BALANCING_LOGGER: Final = "ocpp_lc.balancing"
-
-
 class _LogCapture(logging.Handler):
     """Keeps warnings and errors from the run (the router's included) out of the live view's way."""
 
@@ -260,14 +257,8 @@ class _LogCapture(logging.Handler):
         self.count = 0
         self.recent: deque[str] = deque(maxlen=3)
         self._emit_line = emit_line
-        #: Set when the demo begins to stop.
-        self.stopping = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.stopping and record.name.startswith(_BALANCING_LOGGER):
-            # While every station is being closed, the balancing loop hands the departing stations'
-            # current to the others, which are closing too: its "gone" warnings are the shutdown itself.
-            return
         self.count += 1
         text = f"{record.levelname.lower()}: {record.getMessage()}"
         self.recent.append(text)
@@ -475,7 +466,6 @@ async def demo_main(
                             await stop.graceful.wait()
                         output.line("stopping: the controller closes every station connection with 1001")
                         stopping.set()
-                        capture.stopping = True
                         app.request_shutdown()
                         # Stations end once they see the close; give them the appliance's grace and a bit.
                         fleet.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S + 2.0
