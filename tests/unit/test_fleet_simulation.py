@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import trio
 import trio.testing
 
-from balancing.allocator import Allocation, EvseAllocation, EvseKey, Session, SiteLimits, allocate
+from balancing.allocator import Allocation, EvseAllocation, EvseKey, Session, SiteLimits, allocate, turn_after
 from balancing.rollout import RolloutPolicy, RolloutState, Step, plan
 from balancing.site import GRID_NODE_ID, SiteConfig
 
@@ -315,13 +315,14 @@ class Controller:
     def reallocate(self, now_s: float) -> Allocation:
         limits = self.fleet.limits(now_s)
         allocation = allocate(self.site, limits, self.state.allocator_sessions(self.sessions.values()), now_s)
-        # Turn bookkeeping, as balancing.simulation.Simulation.allocate keeps it.
+        # Turn bookkeeping, as the live loop keeps it (allocator rule 4).
         for key, session in self.sessions.items():
-            served = allocation.current_amperes(*key) > 0
-            if served and session.served_since_s is None:
-                self.sessions[key] = dataclasses.replace(session, served_since_s=now_s)
-            elif not served and session.served_since_s is not None:
-                self.sessions[key] = dataclasses.replace(session, served_since_s=None, waiting_since_s=now_s)
+            served_since, waiting_since = turn_after(
+                allocation.current_amperes(*key) > 0, session.served_since_s, session.waiting_since_s, now_s
+            )
+            self.sessions[key] = dataclasses.replace(
+                session, served_since_s=served_since, waiting_since_s=waiting_since
+            )
         self.allocation = allocation
         return allocation
 
