@@ -26,6 +26,9 @@ power constraints with ``I`` times the number of phases it uses.
    keep their turn, then those waiting the longest, then those served for the shortest time (so the one
    served longest is the one that yields). The session carries
    these timestamps, so the function stays pure and the caller's clock decides.
+5. Idle EVSEs (``reserve_amperes``: no EV yet) are given their idle current, whole or not at all, from
+   what the sessions of every level leave, in (station id, EVSE id) order: an EV that plugs in there can
+   start at once, and the site has counted it.
 
 The inputs are sorted by (station id, EVSE id) first and every sum runs in that order, so the result
 does not depend on the order of the input. Amperes are returned unrounded; whoever writes a profile
@@ -105,6 +108,10 @@ class Session:
     #: A cap from outside the site model (the CSMS's own TxProfile/TxDefaultProfile at the station):
     #: the EVSE gets at most this, and its minimum drops to it if it is lower.
     max_current_amperes: float | None = None
+    #: A non-compliant EVSE measured drawing above its maximum is counted at this instead.
+    fixed_amperes: float | None = None
+    #: An idle EVSE (no EV): it is given this much, or 0, from what every session leaves (rule 5).
+    reserve_amperes: float | None = None
 
     @property
     def key(self) -> EvseKey:
@@ -242,7 +249,9 @@ def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], 
             high = max(0.0, min(high, session.max_current_amperes))
             low = min(low, high)
         grid_phases = station.grid_phases(session.phases_used)
-        if session.compliant and _underdrawing(session, now_s, policy.underdraw_grace_s):
+        if session.reserve_amperes is not None and session.compliant:
+            low = high = max(0.0, min(high, session.reserve_amperes))
+        elif session.compliant and _underdrawing(session, now_s, policy.underdraw_grace_s):
             assert session.measured_current_amperes is not None
             high = max(low, min(high, session.measured_current_amperes + policy.underdraw_headroom_amperes))
         demand = _Demand(session, station, grid_phases, low, high)
@@ -253,9 +262,10 @@ def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], 
     overcommitted = False
     for demand in demands:
         if not demand.session.compliant:
-            demand.allocated = demand.high
+            fixed = demand.session.fixed_amperes
+            demand.allocated = demand.high if fixed is None else max(demand.high, fixed)
             for index, weight in demand.constraints:
-                slack[index] -= weight * demand.high
+                slack[index] -= weight * demand.allocated
                 if slack[index] < -EPSILON_AMPERES:
                     overcommitted = True
     if overcommitted:
@@ -264,8 +274,11 @@ def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], 
             slack[index] = max(0.0, value)
 
     levels: dict[int, list[_Demand]] = {}
+    idle: list[_Demand] = []
     for demand in demands:
-        if demand.session.compliant:
+        if demand.session.compliant and demand.session.reserve_amperes is not None:
+            idle.append(demand)
+        elif demand.session.compliant:
             levels.setdefault(demand.session.priority + demand.station.priority, []).append(demand)
     for level in sorted(levels, reverse=True):
         members = sorted(levels[level], key=lambda demand: _turn_key(demand, now_s, policy.rotation_period_s))
@@ -279,6 +292,13 @@ def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], 
                     slack[index] = max(0.0, slack[index] - weight * demand.low)
                 admitted.append(demand)
         _water_fill(admitted, slack)
+    for demand in idle:  # rule 5: whole or nothing, after every session
+        if demand.high > 0 and all(
+            slack[index] + EPSILON_AMPERES >= weight * demand.high for index, weight in demand.constraints
+        ):
+            demand.allocated = demand.high
+            for index, weight in demand.constraints:
+                slack[index] = max(0.0, slack[index] - weight * demand.high)
 
     evses: dict[EvseKey, EvseAllocation] = {}
     for demand in demands:

@@ -4,59 +4,67 @@ Theory of operation. :class:`Balancer` keeps what the allocator needs, fed by th
 observations (it imports nothing of the router: they arrive through its ``station_*`` / ``csms_*``
 methods, and profiles leave through the :class:`Caller` handed in):
 
-* **EVSEs** become known when a station names them (StatusNotification, MeterValues, TransactionEvent).
-  Every known EVSE of a connected station gets one of our profiles: a TxDefaultProfile while it has no
-  transaction (limit 0 while idle, so an arriving EV does not find current the allocation has not given
-  it), a TxProfile for the transaction once one runs (K01.FR.03: TxProfile carries the transactionId).
-  Ids are ``profile_id_base + 2 × evseId`` (TxProfile) and ``+ 1`` (TxDefaultProfile), at the
-  configured stack level, both of which the CSMS's own profiles must not use; never
-  ChargingStationExternalConstraints (K03.FR.08, K14.FR.06).
+* **EVSEs** become known when a station names them (StatusNotification, MeterValues, TransactionEvent),
+  whether or not the site model lists them (one it does not list takes its station's values). Every
+  known EVSE of a connected station gets one of our profiles: a TxDefaultProfile while it has no
+  transaction (the configured idle current where the sessions leave room for it, else 0), a TxProfile
+  for the transaction once one runs (K01.FR.03: TxProfile carries the transactionId). Ids are
+  ``profile_id_base + 2 × evseId`` (TxProfile) and ``+ 1`` (TxDefaultProfile), at the configured stack
+  level, both of which the CSMS's own profiles must not use; never ChargingStationExternalConstraints
+  (K03.FR.08, K14.FR.06). Every profile carries ``validTo`` (``profile_validity_s`` ahead) and is
+  renewed once half of that has passed, so a station whose controller is gone falls back to its own
+  defaults; and ``numberPhases`` where the EVSE is budgeted on fewer than 3 phases (K01.FR.49).
 * **Sessions** run from TransactionEvent Started (or the first event of an unknown transaction) to
   Ended; chargingPriority comes from the CSMS's TransactionEventResponse (K03.FR.04–06), the phase
-  count from numberOfPhasesUsed, the measured draw from meter values (an EV drawing well below what it
-  is offered for a while gives the rest to others, :mod:`balancing.allocator`).
-* **The CSMS's own profiles** for a station (TxProfile, TxDefaultProfile), once the station accepted
-  them, cap our limit for that EVSE: ours sits at a higher stack level and so replaces theirs at the
-  station, and therefore must only ever restrict further. A ClearChargingProfile of the CSMS that may
-  have removed ours makes that EVSE's limit unknown until it accepts ours again.
+  count from numberOfPhasesUsed, the measured draw from meter values: an EV drawing well below what it
+  is offered gives the rest to others (:mod:`balancing.allocator`); one drawing above what it may
+  draw is counted at its draw and not trusted (:mod:`balancing.overdraw`).
+* **The CSMS's own profiles** at stations cap or govern ours (:mod:`balancing.station_profiles`).
+* **Beliefs are never too low.** What an EVSE may draw is the highest limit it could have installed
+  (:mod:`balancing.rollout`); a step is written to the store before it is sent, and after a restart
+  every EVSE counts at its maximum until the station accepts a profile again (:mod:`balancing.records`).
 
 Every wake-up (an event above, a limit change, an answer, the periodic tick, the next scheduled limit
-change) runs :meth:`Balancer.reallocate`: the allocator (pure) computes targets, :func:`rollout.plan`
-decides what may be sent now (decreases first and accepted before any increase goes out; a rejecting
-or silent station counted at its maximum), and each step goes out as SetChargingProfile in its own
-task. ``link.call`` already keeps one call of ours outstanding per station (Part 4 §4.1.1).
+change, a profile due for renewal) runs :meth:`Balancer.reallocate`: the allocator (pure) computes
+targets against the lowest limit of the next ``decrease_lead_s`` (so a scheduled drop is in force at the
+stations when it comes), :func:`rollout.plan` decides what may be sent now (decreases first and accepted
+before any increase goes out), and each step goes out as SetChargingProfile in its own task.
+``link.call`` already keeps one call of ours outstanding per station (Part 4 §4.1.1).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
 import trio
 import trio.lowlevel
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
-from pydantic import ValidationError
+from prometheus_client import CollectorRegistry
 
-from .allocator import Allocation, EvseKey, Session, SiteLimits, allocate, turn_after, underdraw_since
+from . import report
+from .allocator import Allocation, Session, SiteLimits, allocate, turn_after, underdraw_since
+from .clearing import Cleared, clear_station, our_profile_ids
 from .observe import Measurement, charging_priority, evse_of, measurement, transaction_facts
+from .overdraw import OverdrawPolicy, is_overdrawing, overdraw_since
+from .records import EvseRecord, Purpose, StationRecord, decode, encode
 from .rollout import RolloutPolicy, RolloutState, Step, bound_amperes, plan
-from .schedules import ChargingProfile, leading_limit, limit_at
-from .site import GRID_NODE_ID, SiteConfig
+from .site import SiteConfig
+from .station_profiles import CsmsProfiles
 
 log = logging.getLogger("ocpp_lc.balancing")
 
-Purpose = Literal["TxProfile", "TxDefaultProfile"]
 #: Highest EVSE id the profile id scheme leaves room for (the site model's bound too).
 MAX_EVSE_ID = 1000
 #: chargingSchedule ids are a separate number space; ours mirror the profile id.
 PROFILE_ID_SPAN = 2 * MAX_EVSE_ID + 2
+#: Change points looked at ahead of one reallocation (a schedule with more inside the lead is odd).
+MAX_LOOKAHEAD_POINTS = 64
+
+__all__ = ["MAX_EVSE_ID", "Balancer", "BalancerState", "CallOutcome", "Caller", "LoopSettings", "Purpose"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +103,11 @@ class LoopSettings:
     #: A station gone for this long is forgotten (its EVSEs stop counting at their maximum).
     forget_disconnected_after_s: float = 3600.0
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
+    #: Every profile of ours is valid this long from when it is sent, and renewed at half of it.
+    profile_validity_s: float = 3600.0
+    #: Scheduled limit drops are allocated for this long ahead, so decreases are in force when they come.
+    decrease_lead_s: float = 0.0
+    overdraw: OverdrawPolicy = field(default_factory=OverdrawPolicy)
 
     def profile_id(self, evse_id: int, purpose: Purpose) -> int:
         return self.profile_id_base + 2 * evse_id + (1 if purpose == "TxDefaultProfile" else 0)
@@ -103,73 +116,8 @@ class LoopSettings:
         return self.profile_id_base <= profile_id < self.profile_id_base + PROFILE_ID_SPAN
 
 
-@dataclass
-class _Evse:
-    station_id: str
-    evse_id: int
-    default_amperes: float | None = None  # our TxDefaultProfile as the station accepted it (None: unknown)
-    transaction_id: str | None = None
-    started_at: datetime | None = None
-    charging_state: str | None = None
-    priority: int = 0
-    phases_used: int | None = None
-    measured: Measurement | None = None
-    underdraw_since_s: float | None = None
-    served_since_s: float | None = None
-    waiting_since_s: float = 0.0
-    generation: int = 0  # grows when a transaction starts or ends: answers from before are stale
-    tx_profile_accepted: bool = False  # a TxProfile of ours for the current transaction was accepted
-
-    @property
-    def key(self) -> EvseKey:
-        return (self.station_id, self.evse_id)
-
-
-@dataclass
-class _Station:
-    connections: int = 0
-    disconnected_at_s: float | None = None
-    evses: dict[int, _Evse] = field(default_factory=dict)
-    transactions: dict[str, int] = field(default_factory=dict)  # transactionId -> evseId
-    csms_profiles: dict[int, tuple[int, ChargingProfile]] = field(default_factory=dict)  # id -> (evse, profile)
-
-    @property
-    def connected(self) -> bool:
-        return self.connections > 0
-
-
-class BalancingMetrics:
-    """Counters and histograms of the loop; per-station gauges come from :class:`_Collector` per scrape."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.profiles = Counter(
-            "ocpp_lc_balancing_profiles",
-            "Charging profiles of the controller's own sent to stations, by kind (decrease, retry, increase) "
-            "and outcome (sent, accepted, rejected, error, timeout, gone).",
-            ["kind", "outcome"],
-            registry=registry,
-        )
-        self.reallocations = Counter(
-            "ocpp_lc_balancing_reallocations", "Allocations computed by the balancing loop.", registry=registry
-        )
-        self.reallocation_seconds = Histogram(
-            "ocpp_lc_balancing_reallocation_seconds",
-            "Time to compute one allocation and its rollout plan.",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-            registry=registry,
-        )
-        self.csms_conflicts = Counter(
-            "ocpp_lc_balancing_csms_profile_conflicts",
-            "CSMS profiles or clears at a station that touched the controller's reserved profile ids or "
-            "stack level (its profiles there are re-installed).",
-            registry=registry,
-        )
-        self.ignored = Counter(
-            "ocpp_lc_balancing_ignored_messages",
-            "Relayed messages the balancing loop could not read (wrong shape); relayed all the same.",
-            ["action"],
-            registry=registry,
-        )
+def _timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class Balancer:
@@ -194,20 +142,23 @@ class Balancer:
         self._next_limit_change = next_limit_change
         self._caller = caller
         self._wall = wall_clock
-        self._stations: dict[str, _Station] = {}
+        self._stations: dict[str, StationRecord] = {}
         self.rollout = RolloutState()
         self.allocation = Allocation(evses={})
         self.limits = SiteLimits()
         self._wake = trio.Event()
         self._next_due_s: float | None = None
-        self.metrics = BalancingMetrics(registry if registry is not None else CollectorRegistry())
+        self.metrics = report.BalancingMetrics(registry if registry is not None else CollectorRegistry())
         if registry is not None:
-            registry.register(_Collector(self))
+            registry.register(report.BalancingCollector(self))
+        self._csms = CsmsProfiles(self.settings, self.rollout, self.metrics.csms_conflicts, self.metrics.ignored)
         #: Set after every reallocation (tests and benchmarks wait on it).
         self.reallocated = trio.Event()
         self.last_duration_s = 0.0
         self._state = state
         self._stopping = False
+        #: Set by :meth:`release`: the controller's profiles are being (or were) cleared; nothing is sent.
+        self.released = False
         # The router's registry, when there is one: a connect or disconnect event the observer dropped
         # must not leave a station unsent-to (or never forgotten) for good.
         self._is_connected = is_connected
@@ -226,7 +177,9 @@ class Balancer:
         self._stopping = True
 
     def station_connected(self, station_id: str) -> None:
-        station = self._stations.setdefault(station_id, _Station())
+        station = self._stations.get(station_id)
+        if station is None or station.forgotten:
+            station = self._stations[station_id] = StationRecord()
         station.connections += 1
         station.disconnected_at_s = None
         self.wake()
@@ -248,7 +201,7 @@ class Balancer:
             self._on_transaction_event(station_id, payload)
         elif action == "MeterValues":
             evse_id = evse_of(payload)
-            if evse_id is None or not self._evse_plausible(station_id, evse_id):
+            if evse_id is None or not _evse_id_usable(evse_id):
                 return  # evseId 0 is the main meter: not an EVSE's draw
             record = self._evse(station_id, evse_id)
             found = measurement(payload.get("meterValue"))
@@ -256,7 +209,7 @@ class Balancer:
                 self._measured(record, found)
         elif action == "StatusNotification":
             evse_id = evse_of(payload)
-            if evse_id is None or not self._evse_plausible(station_id, evse_id):
+            if evse_id is None or not _evse_id_usable(evse_id):
                 self.metrics.ignored.labels(action).inc()
                 return
             self._evse(station_id, evse_id)
@@ -287,10 +240,13 @@ class Balancer:
         if not isinstance(payload, Mapping) or payload.get("status") != "Accepted" or not isinstance(request, Mapping):
             return
         station = self._station(station_id)
+        self._dirty.add(station_id)  # the CSMS's profiles there are part of what survives a restart
         if action == "SetChargingProfile":
-            self._on_csms_profile(station_id, station, request)
+            if self._csms.on_set(station_id, station, request):
+                self.wake()
         else:
-            self._on_csms_clear(station_id, station, request)
+            self._csms.on_clear(station_id, station, request)
+            self.wake()
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -316,26 +272,60 @@ class Balancer:
         if self._next_due_s is not None:
             deadline = min(deadline, self._next_due_s)
         wall = self._wall()
-        upcoming = self._next_limit_change(wall)
+        upcoming = self._next_wake_for_limits(wall)
         if upcoming is not None:
             deadline = min(deadline, now_s + max(0.0, (upcoming - wall).total_seconds()) + 0.001)
+        renewal = self._next_renewal(wall)
+        if renewal is not None:
+            deadline = min(deadline, now_s + max(0.0, (renewal - wall).total_seconds()) + 0.001)
         return deadline
+
+    def _next_wake_for_limits(self, wall: datetime) -> datetime | None:
+        """When the limit over the lead window changes: a change point entering it, or leaving it."""
+        lead = timedelta(seconds=self.settings.decrease_lead_s)
+        at = wall
+        for _ in range(MAX_LOOKAHEAD_POINTS):
+            upcoming = self._next_limit_change(at)
+            if upcoming is None:
+                return None
+            if upcoming - lead > wall:
+                return upcoming - lead  # it enters the window then (later ones later still)
+            if upcoming > wall:
+                return upcoming  # inside the window already: the limit before it leaves the window then
+            at = upcoming
+        return None
+
+    def _limits_ahead(self, wall: datetime) -> SiteLimits:
+        """The lowest limit from now to ``decrease_lead_s`` ahead (every change point in between sampled)."""
+        limits = self._limits_at(wall)
+        end = wall + timedelta(seconds=self.settings.decrease_lead_s)
+        at = wall
+        for _ in range(MAX_LOOKAHEAD_POINTS):
+            upcoming = self._next_limit_change(at)
+            if upcoming is None or upcoming > end or upcoming <= at:
+                break
+            limits = limits.tighter(self._limits_at(upcoming))
+            at = upcoming
+        return limits
 
     def reallocate(self, nursery: trio.Nursery) -> None:
         """Allocate now and start sending the steps the rollout plan allows."""
-        if self._stopping:
+        if self._stopping or self.released:
             return
         started = time.perf_counter()
         now_s = trio.current_time()
         wall = self._wall()
         self._forget_gone(now_s)
-        self.limits = self._limits_at(wall)
-        governed = self._csms_governed(wall)
-        sessions = [self._session(record, wall) for record in self._records() if record.transaction_id is not None]
+        self._lapse(wall)
+        self.limits = self._limits_ahead(wall)
+        governed = self._csms.governed(self._stations.values(), wall)
+        sessions = [self._session(record, wall) for record in self._records()]
         self.allocation = allocate(self.site, self.limits, self.rollout.allocator_sessions(sessions), now_s)
         self._update_turns(now_s)
-        steps = plan(self.site, self.limits, self.allocation, self.rollout, now_s, self.settings.rollout)
+        renew_due = {record.key for record in self._records() if self._renewal_due(record, wall)}
+        steps = plan(self.site, self.limits, self.allocation, self.rollout, now_s, self.settings.rollout, renew_due)
         self._next_due_s = steps.next_due_s
+        valid_to = wall + timedelta(seconds=self.settings.profile_validity_s)
         for step in steps.steps:
             station = self._stations.get(step.station_id)
             if station is None or not self._connected(step.station_id, station):
@@ -343,11 +333,15 @@ class Balancer:
             if step.key in governed:
                 continue  # a CSMS profile outranks ours there: sending changes nothing
             record = station.evses[step.evse_id]
+            if record.renewing:
+                continue  # one call of ours per EVSE: planned again once the renewal is answered
             purpose: Purpose = "TxProfile" if record.transaction_id is not None else "TxDefaultProfile"
-            payload = self.profile_payload(record, purpose, step.current_amperes)
+            payload = self.profile_payload(record, purpose, step.current_amperes, valid_to, step.phases)
             self.rollout.sent(step, now_s)
+            self._dirty.add(step.station_id)  # written before it goes out: a crash never forgets it
             self.metrics.profiles.labels(step.kind, "sent").inc()
-            nursery.start_soon(self._send, step, purpose, payload, record.generation)
+            nursery.start_soon(self._send, step, purpose, payload, record.generation, valid_to)
+        self._renew_defaults_under_transactions(nursery, wall, valid_to)
         self._flush()
         self.last_duration_s = time.perf_counter() - started
         self.metrics.reallocations.inc()
@@ -355,33 +349,44 @@ class Balancer:
         self.reallocated.set()
         self.reallocated = trio.Event()
 
-    def profile_payload(self, record: _Evse, purpose: Purpose, amperes: float) -> dict[str, Any]:
+    def profile_payload(
+        self,
+        record: EvseRecord,
+        purpose: Purpose,
+        amperes: float,
+        valid_to: datetime | None = None,
+        phases: int | None = None,
+    ) -> dict[str, Any]:
         """The SetChargingProfileRequest that installs ``amperes`` per phase on one EVSE."""
         profile_id = self.settings.profile_id(record.evse_id, purpose)
+        period: dict[str, Any] = {"startPeriod": 0, "limit": amperes}
+        if phases is not None and phases < 3:
+            period["numberPhases"] = phases  # K01.FR.49: without it the station assumes 3
         profile: dict[str, Any] = {
             "id": profile_id,
             "stackLevel": self.settings.stack_level,
             "chargingProfilePurpose": purpose,
             # Relative with one open-ended period: in force from now (or the transaction's start) on.
             "chargingProfileKind": "Relative",
-            "chargingSchedule": [
-                {
-                    "id": profile_id,
-                    "chargingRateUnit": "A",
-                    "chargingSchedulePeriod": [{"startPeriod": 0, "limit": amperes}],
-                }
-            ],
+            "chargingSchedule": [{"id": profile_id, "chargingRateUnit": "A", "chargingSchedulePeriod": [period]}],
         }
+        if valid_to is not None:
+            profile["validTo"] = _timestamp(valid_to)
         if purpose == "TxProfile":
             profile["transactionId"] = record.transaction_id
         return {"evseId": record.evse_id, "chargingProfile": profile}
 
-    async def _send(self, step: Step, purpose: Purpose, payload: dict[str, Any], generation: int) -> None:
+    async def _call(self, station_id: str, action: str, payload: dict[str, Any]) -> CallOutcome:
         try:
-            outcome = await self._caller(step.station_id, "SetChargingProfile", payload)
+            return await self._caller(station_id, action, payload)
         except Exception as error:  # defence in depth: one station's failure must not stop the loop
-            log.exception("[%s] sending a profile failed unexpectedly", step.station_id)
-            outcome = CallOutcome("gone", detail=type(error).__name__)
+            log.exception("[%s] %s failed unexpectedly", station_id, action)
+            return CallOutcome("gone", detail=type(error).__name__)
+
+    async def _send(
+        self, step: Step, purpose: Purpose, payload: dict[str, Any], generation: int, valid_to: datetime
+    ) -> None:
+        outcome = await self._call(step.station_id, "SetChargingProfile", payload)
         accepted = outcome.status == "answered" and (outcome.payload or {}).get("status") == "Accepted"
         label = "accepted" if accepted else "rejected" if outcome.status == "answered" else outcome.status
         self.metrics.profiles.labels(step.kind, label).inc()
@@ -400,22 +405,31 @@ class Balancer:
                 label,
                 f" ({outcome.detail or status_info})" if outcome.detail or status_info else "",
             )
-        self._settle(step, purpose, record, generation, accepted, outcome.status)
+        self._settle(step, purpose, record, generation, accepted, outcome.status, valid_to)
         self.wake()
 
     def _settle(
-        self, step: Step, purpose: Purpose, record: _Evse | None, generation: int, accepted: bool, status: str
+        self,
+        step: Step,
+        purpose: Purpose,
+        record: EvseRecord | None,
+        generation: int,
+        accepted: bool,
+        status: str,
+        valid_to: datetime,
     ) -> None:
         if record is None or step.key not in self.rollout.evses:
             return  # forgotten meanwhile
         self._dirty.add(step.station_id)
         if accepted and purpose == "TxDefaultProfile":
             record.default_amperes = step.current_amperes
+        if accepted:
+            record.valid_until[purpose] = valid_to
         if record.generation != generation:
             # A transaction started or ended while this was under way. No TxProfile of ours exists for
             # the transaction there is now (one would carry the new generation), so our
             # TxDefaultProfile governs the EVSE, idle or not: known if the station accepted one.
-            self.rollout.installed(step.key, record.default_amperes)
+            self.rollout.installed(step.key, self._default_in_force(record))
             return
         if accepted:
             self.rollout.accepted(step)
@@ -426,36 +440,130 @@ class Balancer:
         else:
             self.rollout.unanswered(step)
 
-    def _connected(self, station_id: str, station: _Station) -> bool:
+    def _connected(self, station_id: str, station: StationRecord) -> bool:
         if self._is_connected is not None:
             return self._is_connected(station_id)
         return station.connected
 
+    # --- validity: renewing our profiles before they lapse ------------------------------------------
+
+    def _renewal_at(self, record: EvseRecord, purpose: Purpose) -> datetime | None:
+        valid_until = record.valid_until.get(purpose)
+        if valid_until is None:
+            return None
+        return valid_until - timedelta(seconds=self.settings.profile_validity_s / 2)
+
+    def _renewal_due(self, record: EvseRecord, wall: datetime) -> bool:
+        """Whether the profile that governs this EVSE must be renewed now (half its validity is gone)."""
+        applied = self.rollout.evses.get(record.key)
+        if applied is None or not applied.trusted:
+            return False
+        at = self._renewal_at(record, record.governing)
+        return at is None or at <= wall
+
+    def _next_renewal(self, wall: datetime) -> datetime | None:
+        upcoming = [
+            at
+            for record in self._records()
+            for purpose in record.valid_until
+            if (at := self._renewal_at(record, purpose)) is not None and at > wall
+        ]
+        return min(upcoming, default=None)
+
+    def _renew_defaults_under_transactions(self, nursery: trio.Nursery, wall: datetime, valid_to: datetime) -> None:
+        """Our TxDefaultProfile under a running TxProfile governs again when the transaction ends: keep it."""
+        for station_id, station in self._stations.items():
+            if not self._connected(station_id, station):
+                continue
+            for record in station.evses.values():
+                if record.governing != "TxProfile" or record.renewing or record.default_amperes is None:
+                    continue
+                at = self._renewal_at(record, "TxDefaultProfile")
+                applied = self.rollout.evses.get(record.key)
+                if at is None or at > wall or applied is None or applied.in_flight_amperes is not None:
+                    continue
+                record.renewing = True
+                payload = self.profile_payload(record, "TxDefaultProfile", record.default_amperes, valid_to)
+                self.metrics.profiles.labels("renew", "sent").inc()
+                nursery.start_soon(self._renew_default, record, payload, valid_to)
+
+    async def _renew_default(self, record: EvseRecord, payload: dict[str, Any], valid_to: datetime) -> None:
+        try:
+            outcome = await self._call(record.station_id, "SetChargingProfile", payload)
+        finally:
+            record.renewing = False
+        accepted = outcome.status == "answered" and (outcome.payload or {}).get("status") == "Accepted"
+        self.metrics.profiles.labels("renew", "accepted" if accepted else outcome.status).inc()
+        if accepted:
+            record.valid_until["TxDefaultProfile"] = valid_to
+            self._dirty.add(record.station_id)
+        self.wake()
+
+    def _default_in_force(self, record: EvseRecord) -> float | None:
+        """Our TxDefaultProfile's limit at the station if it is still valid there (else unknown)."""
+        valid_until = record.valid_until.get("TxDefaultProfile")
+        if record.default_amperes is None or valid_until is None or valid_until <= self._wall():
+            return None
+        return record.default_amperes
+
+    def _lapse(self, wall: datetime) -> None:
+        """A profile of ours that lapsed (never renewed) no longer holds the EVSE: its limit is unknown."""
+        for record in self._records():
+            default_until = record.valid_until.get("TxDefaultProfile")
+            if default_until is not None and default_until <= wall:
+                del record.valid_until["TxDefaultProfile"]
+                record.default_amperes = None
+                self._dirty.add(record.station_id)
+            until = record.valid_until.get(record.governing)
+            applied = self.rollout.evses.get(record.key)
+            if until is not None and until <= wall and applied is not None and applied.confirmed:
+                log.warning("[%s] the profile on EVSE %d lapsed before it was renewed", *record.key)
+                del record.valid_until[record.governing]
+                self.rollout.installed(record.key, None)
+                self._dirty.add(record.station_id)
+
+    # --- releasing the site --------------------------------------------------------------------------
+
+    async def release(self) -> list[Cleared]:
+        """Stop balancing and clear every profile of ours on every connected station (before the controller
+        is removed from the site); stations not connected keep theirs until their validity ends."""
+        self.released = True
+        results: list[Cleared] = []
+        async with trio.open_nursery() as nursery:
+            for station_id, station in sorted(self._stations.items()):
+                if station.evses and self._connected(station_id, station):
+                    nursery.start_soon(self._release_station, station_id, sorted(station.evses), results)
+        return sorted(results, key=lambda result: result.station_id)
+
+    async def _release_station(self, station_id: str, evse_ids: list[int], results: list[Cleared]) -> None:
+        result = await clear_station(self._call, station_id, our_profile_ids(self.settings.profile_id_base, evse_ids))
+        results.append(result)
+        if result.complete and self._state is not None:
+            self._stations.pop(station_id, None)
+            self.rollout.forget_station(station_id)
+            self._state.delete(station_id)
+
     # --- bookkeeping -------------------------------------------------------------------------------
 
-    def _records(self) -> Iterator[_Evse]:
+    def _records(self) -> Iterator[EvseRecord]:
         for station in self._stations.values():
-            yield from station.evses.values()
+            if not station.forgotten:
+                yield from station.evses.values()
 
-    def _evse_plausible(self, station_id: str, evse_id: int) -> bool:
-        """False for an EVSE id the site model lists the station without (it would count at maximum)."""
-        listed = self.site.station(station_id).evses
-        return not listed or any(evse.evse_id == evse_id for evse in listed)
-
-    def _station(self, station_id: str) -> _Station:
+    def _station(self, station_id: str) -> StationRecord:
         """The record of a station, made on first mention; one not connected then may be forgotten later."""
         station = self._stations.get(station_id)
-        if station is None:
-            station = self._stations[station_id] = _Station()
+        if station is None or station.forgotten:
+            station = self._stations[station_id] = StationRecord()
             if not self._connected(station_id, station):
                 station.disconnected_at_s = trio.current_time()
         return station
 
-    def _evse(self, station_id: str, evse_id: int) -> _Evse:
+    def _evse(self, station_id: str, evse_id: int) -> EvseRecord:
         station = self._station(station_id)
         record = station.evses.get(evse_id)
         if record is None:
-            record = station.evses[evse_id] = _Evse(station_id, evse_id, waiting_since_s=trio.current_time())
+            record = station.evses[evse_id] = EvseRecord(station_id, evse_id, waiting_since_s=trio.current_time())
             # Whatever it has installed is unknown until it accepts one of ours: counted at its maximum.
             self.rollout.add_evse(station_id, evse_id, accepted_amperes=None)
             log.info("[%s] EVSE %d joins the balancing", station_id, evse_id)
@@ -477,7 +585,7 @@ class Balancer:
             if old is not None and old.transaction_id == facts.transaction_id:
                 self._end_session(old)
             evse_id = facts.evse_id
-        if evse_id is not None and not self._evse_plausible(station_id, evse_id):
+        if evse_id is not None and not _evse_id_usable(evse_id):
             evse_id = None
         if evse_id is None:
             self.metrics.ignored.labels("TransactionEvent").inc()
@@ -500,9 +608,10 @@ class Balancer:
             record.served_since_s = None
             record.generation += 1
             record.tx_profile_accepted = False
+            record.valid_until.pop("TxProfile", None)
             # Our TxDefaultProfile governs the new transaction until our TxProfile replaces it.
             self.rollout.session_started(record.key, facts.phases_used)
-            self.rollout.installed(record.key, record.default_amperes)
+            self.rollout.installed(record.key, self._default_in_force(record), self._default_phases(record))
             log.info("[%s] transaction %s on EVSE %d joins the balancing", station_id, facts.transaction_id, evse_id)
             self._dirty.add(station_id)
             self.wake()
@@ -515,13 +624,14 @@ class Balancer:
         if facts.measurement is not None:
             self._measured(record, facts.measurement)
 
-    def _end_session(self, record: _Evse) -> None:
+    def _default_phases(self, record: EvseRecord) -> int | None:
+        phases = self.site.station(record.station_id).phases
+        return None if phases >= 3 else phases
+
+    def _end_session(self, record: EvseRecord) -> None:
         station = self._stations[record.station_id]
         record.tx_profile_accepted = False
-        for profile_id, (_, profile) in list(station.csms_profiles.items()):
-            # A TxProfile ends with its transaction (K01): the CSMS's too.
-            if profile.charging_profile_purpose == "TxProfile" and profile.transaction_id == record.transaction_id:
-                del station.csms_profiles[profile_id]
+        self._csms.transaction_ended(station, record.transaction_id)
         if record.transaction_id is not None:
             station.transactions.pop(record.transaction_id, None)
         record.transaction_id = None
@@ -531,31 +641,62 @@ class Balancer:
         record.phases_used = None
         record.measured = None
         record.underdraw_since_s = None
+        record.overdraw_since_s = None
         record.served_since_s = None
         record.generation += 1
+        record.valid_until.pop("TxProfile", None)
         self._dirty.add(record.station_id)
         self.rollout.session_ended(record.key)
+        self.rollout.overdraw(record.key, None)
         # The TxProfile ended with the transaction; our TxDefaultProfile governs the EVSE again.
-        self.rollout.installed(record.key, record.default_amperes)
+        self.rollout.installed(record.key, self._default_in_force(record), self._default_phases(record))
         self.wake()
 
-    def _measured(self, record: _Evse, found: Measurement) -> None:
+    def _measured(self, record: EvseRecord, found: Measurement) -> None:
         record.measured = found
         if record.transaction_id is None:
             return
         current = self._measured_amperes(record)
-        if current is None:
-            return
-        offered = self.allocation.current_amperes(*record.key)
         applied = self.rollout.evses.get(record.key)
-        if applied is not None and applied.confirmed and applied.accepted_amperes is not None:
+        if current is None or applied is None:
+            return
+        now_s = trio.current_time()
+        self._check_overdraw(record, current, now_s)
+        offered = self.allocation.current_amperes(*record.key)
+        if applied.trusted and applied.accepted_amperes is not None:
             offered = min(offered, applied.accepted_amperes)
         was = record.underdraw_since_s
-        record.underdraw_since_s = underdraw_since(current, offered, was, trio.current_time(), self.site.policy)
+        record.underdraw_since_s = underdraw_since(current, offered, was, now_s, self.site.policy)
         if was is not None and record.underdraw_since_s is None:
             self.wake()  # it ramps up: give its share back now
 
-    def _measured_amperes(self, record: _Evse) -> float | None:
+    def _check_overdraw(self, record: EvseRecord, current: float, now_s: float) -> None:
+        applied = self.rollout.evses[record.key]
+        policy = self.settings.overdraw
+        # What it may draw under what it accepted (its bound), leaving any overdraw already counted aside.
+        bound = bound_amperes(self.site.station(record.station_id), replace(applied, overdraw_amperes=None))
+        record.overdraw_since_s = overdraw_since(current, bound, record.overdraw_since_s, now_s, policy)
+        if is_overdrawing(record.overdraw_since_s, now_s, policy):
+            if applied.overdraw_amperes is None:
+                self.metrics.overdraws.inc()
+                log.warning(
+                    "[%s] EVSE %d draws %.1f A, above the %.1f A it may draw, for %.0f s: counted at its draw, "
+                    "the others are reduced",
+                    record.station_id,
+                    record.evse_id,
+                    current,
+                    bound,
+                    now_s - (record.overdraw_since_s or now_s),
+                )
+            if applied.overdraw_amperes != current:
+                self.rollout.overdraw(record.key, current)
+                self.wake()
+        elif record.overdraw_since_s is None and applied.overdraw_amperes is not None:
+            log.info("[%s] EVSE %d draws within its limit again (%.1f A)", record.station_id, record.evse_id, current)
+            self.rollout.overdraw(record.key, None)
+            self.wake()
+
+    def _measured_amperes(self, record: EvseRecord) -> float | None:
         found = record.measured
         if found is None:
             return None
@@ -567,7 +708,17 @@ class Balancer:
         phases = len(station.grid_phases(record.phases_used))
         return found.power_watts / (self.site.nominal_voltage_volts * phases)
 
-    def _session(self, record: _Evse, wall: datetime) -> Session:
+    def _session(self, record: EvseRecord, wall: datetime) -> Session:
+        station = self._stations[record.station_id]
+        cap = self._csms.cap(station, record, wall, self.site.nominal_voltage_volts)
+        if record.transaction_id is None:
+            idle = self.settings.rollout.idle_current_amperes
+            return Session(
+                station_id=record.station_id,
+                evse_id=record.evse_id,
+                reserve_amperes=idle if cap is None else min(idle, cap),
+                max_current_amperes=cap,
+            )
         return Session(
             station_id=record.station_id,
             evse_id=record.evse_id,
@@ -578,7 +729,7 @@ class Balancer:
             underdraw_since_s=record.underdraw_since_s,
             served_since_s=record.served_since_s,
             waiting_since_s=record.waiting_since_s,
-            max_current_amperes=self._csms_cap(record, wall),
+            max_current_amperes=cap,
         )
 
     def _update_turns(self, now_s: float) -> None:
@@ -592,6 +743,8 @@ class Balancer:
     def _forget_gone(self, now_s: float) -> None:
         hold_s = self.settings.forget_disconnected_after_s
         for station_id, station in list(self._stations.items()):
+            if station.forgotten:
+                continue
             if self._is_connected is not None and self._is_connected(station_id):
                 station.disconnected_at_s = None
             # A station with a transaction open may charge offline under what it accepted: never forgotten.
@@ -599,7 +752,9 @@ class Balancer:
             if not busy and station.disconnected_at_s is not None and now_s - station.disconnected_at_s >= hold_s:
                 gone_s = now_s - station.disconnected_at_s
                 log.info("[%s] disconnected for %.0f s: no longer balanced", station_id, gone_s)
-                del self._stations[station_id]
+                # Kept in the store as forgotten: should balancing be switched off, its profiles are
+                # still cleared when it comes back (balancing.clearing).
+                station.forgotten = True
                 self.rollout.forget_station(station_id)
                 self._dirty.add(station_id)
 
@@ -615,361 +770,75 @@ class Balancer:
             if station is None:
                 self._state.delete(station_id)
                 continue
-            evses = {}
+            ceilings: dict[int, tuple[float | None, int | None]] = {}
             for evse_id, record in station.evses.items():
                 applied = self.rollout.evses.get(record.key)
-                installed = None
-                if applied is not None and applied.confirmed and applied.in_flight_amperes is None:
-                    installed = applied.accepted_amperes
-                evses[str(evse_id)] = {
-                    "default": record.default_amperes,
-                    "tx": record.transaction_id,
-                    "started": None if record.started_at is None else record.started_at.isoformat(),
-                    "priority": record.priority,
-                    "phases": record.phases_used,
-                    "installed": installed,
-                }
-            items[station_id] = {"evses": evses}
+                if applied is None or applied.accepted_amperes is None:
+                    continue
+                # The most it may have installed: a step in flight may already be in force there.
+                ceiling = max(applied.accepted_amperes, applied.in_flight_amperes or 0.0)
+                phases = applied.accepted_phases
+                if applied.in_flight_amperes is not None and phases is not None:
+                    phases = None if applied.in_flight_phases is None else max(phases, applied.in_flight_phases)
+                ceilings[evse_id] = (ceiling, phases)
+            items[station_id] = encode(station, ceilings)
         self._dirty.clear()
         if items:
             self._state.put_many(items)
 
     def _restore(self, state: BalancerState) -> None:
-        """Take back what was known before a restart: the EVSEs, their transactions and installed limits."""
+        """Take back what was known before a restart. Every EVSE counts at its maximum until its station
+        accepts a profile again (it is retried at once), never above what it may have installed."""
         for station_id, stored in sorted(state.items().items()):
             try:
-                station = _Station()
-                for key, item in stored["evses"].items():
-                    evse_id = int(key)
-                    started = item.get("started")
-                    started_at = datetime.fromisoformat(started) if isinstance(started, str) else None
-                    if started_at is not None and started_at.tzinfo is None:
-                        raise ValueError("a transaction start without a time zone")
-                    record = _Evse(
-                        station_id,
-                        evse_id,
-                        default_amperes=_optional_float(item.get("default")),
-                        transaction_id=item.get("tx") if isinstance(item.get("tx"), str) else None,
-                        started_at=started_at,
-                        priority=int(item.get("priority") or 0),
-                        phases_used=item.get("phases") if item.get("phases") in (1, 2, 3) else None,
-                    )
-                    station.evses[evse_id] = record
-                    if record.transaction_id is not None:
-                        station.transactions[record.transaction_id] = evse_id
-                    self.rollout.add_evse(station_id, evse_id, _optional_float(item.get("installed")))
-                    if record.transaction_id is not None:
-                        self.rollout.session_started(record.key, record.phases_used)
+                station, evses = decode(station_id, stored)
             except (KeyError, TypeError, ValueError, AttributeError) as error:
                 log.error("[%s] balancing state in the store is unreadable (%s): learned again", station_id, error)
-                self.rollout.forget_station(station_id)
                 continue
             self._stations[station_id] = station
-
-    # --- the CSMS's own profiles at stations -----------------------------------------------------
-
-    def _on_csms_profile(self, station_id: str, station: _Station, request: Mapping[str, Any]) -> None:
-        evse_id = request.get("evseId")
-        try:
-            profile = ChargingProfile.model_validate(request.get("chargingProfile"))
-        except ValidationError:
-            self.metrics.ignored.labels("SetChargingProfile").inc()
-            return
-        if not isinstance(evse_id, int) or isinstance(evse_id, bool):
-            return
-        if self.settings.is_ours(profile.id) or profile.stack_level == self.settings.stack_level:
-            self._conflict(station_id, station, evse_id, f"SetChargingProfile id {profile.id}")
-        elif profile.stack_level > self.settings.stack_level:
-            self.metrics.csms_conflicts.inc()
-            log.warning(
-                "[%s] the CSMS's %s at stack level %d outranks the controller's (%d): that EVSE counts at the "
-                "CSMS's limit or its maximum and is not steered",
-                station_id,
-                profile.charging_profile_purpose,
-                profile.stack_level,
-                self.settings.stack_level,
-            )
-        if profile.charging_profile_purpose in ("TxProfile", "TxDefaultProfile"):
-            station.csms_profiles[profile.id] = (evse_id, profile)
-            self.wake()
-
-    def _on_csms_clear(self, station_id: str, station: _Station, request: Mapping[str, Any]) -> None:
-        profile_id = request.get("chargingProfileId")
-        criteria = request.get("chargingProfileCriteria")
-        criteria = criteria if isinstance(criteria, Mapping) else {}
-        evse_id = criteria.get("evseId")
-        purpose = criteria.get("chargingProfilePurpose")
-        stack_level = criteria.get("stackLevel")
-        if isinstance(profile_id, int):
-            station.csms_profiles.pop(profile_id, None)
-            may_touch_ours = self.settings.is_ours(profile_id)
-        else:
-            for known_id, (known_evse, profile) in list(station.csms_profiles.items()):
-                if (
-                    (evse_id is None or evse_id == known_evse)
-                    and (purpose is None or purpose == profile.charging_profile_purpose)
-                    and (stack_level is None or stack_level == profile.stack_level)
-                ):
-                    del station.csms_profiles[known_id]
-            may_touch_ours = purpose in (None, "TxProfile", "TxDefaultProfile") and stack_level in (
-                None,
-                self.settings.stack_level,
-            )
-        if may_touch_ours:
-            self._conflict(station_id, station, evse_id if isinstance(evse_id, int) else None, "ClearChargingProfile")
-        self.wake()
-
-    def _conflict(self, station_id: str, station: _Station, evse_id: int | None, what: str) -> None:
-        """The CSMS may have replaced or removed our profiles: they are unknown until accepted again."""
-        self.metrics.csms_conflicts.inc()
-        log.warning(
-            "[%s] the CSMS's %s touches the controller's profiles (ids from %d, stack level %d): re-installing them",
-            station_id,
-            what,
-            self.settings.profile_id_base,
-            self.settings.stack_level,
-        )
-        self._dirty.add(station_id)
-        for record in station.evses.values():
-            if evse_id in (None, 0, record.evse_id):
-                record.default_amperes = None
-                self.rollout.installed(record.key, None)
-
-    def _csms_cap(self, record: _Evse, wall: datetime) -> float | None:
-        station = self._stations.get(record.station_id)
-        if station is None or not station.csms_profiles:
-            return None
-        tx = [
-            profile
-            for _, profile in station.csms_profiles.values()
-            if profile.charging_profile_purpose == "TxProfile" and profile.transaction_id == record.transaction_id
-        ]
-        found = leading_limit(tx, wall, record.started_at)
-        if found is None:
-            # One pool: an EVSE's own TxDefaultProfile and one for every EVSE (0) compete by stack level.
-            defaults = [
-                profile
-                for evse, profile in station.csms_profiles.values()
-                if evse in (record.evse_id, 0) and profile.charging_profile_purpose == "TxDefaultProfile"
-            ]
-            found = leading_limit(defaults, wall, record.started_at)
-        if found is None:
-            return None
-        # As the station converts it (K01.FR.50: W over numberPhases, 3 when absent).
-        return found.amperes(self.site.nominal_voltage_volts)
-
-    def _csms_governed(self, wall: datetime) -> set[EvseKey]:
-        """EVSEs where a CSMS profile, not ours, sets the limit: counted at it (or their maximum), not sent to.
-
-        A CSMS TxProfile for the transaction outranks any TxDefaultProfile, so it governs until a TxProfile
-        of ours is accepted, and for good if its stack level is above ours (K01.FR.17); a CSMS
-        TxDefaultProfile above our stack level governs an EVSE without a TxProfile of ours.
-        """
-        result: set[EvseKey] = set()
-        ours = self.settings.stack_level
-        for station in self._stations.values():
-            if not station.csms_profiles:
+            if station.forgotten:
                 continue
-            for record in station.evses.values():
-                for evse, profile in station.csms_profiles.values():
-                    purpose = profile.charging_profile_purpose
-                    if purpose == "TxProfile":
-                        mine = record.transaction_id is not None and profile.transaction_id == record.transaction_id
-                        governs = mine and (profile.stack_level > ours or not record.tx_profile_accepted)
-                    else:
-                        governs = (
-                            evse in (0, record.evse_id)
-                            and profile.stack_level > ours
-                            and not record.tx_profile_accepted
-                        )
-                    if governs and limit_at(profile, wall, record.started_at) is not None:
-                        result.add(record.key)
-                        applied = self.rollout.evses.get(record.key)
-                        if applied is not None and (applied.confirmed or applied.in_flight_amperes is not None):
-                            self.rollout.installed(record.key, None)
-                        break
-        return result
+            for item in evses:
+                record = item.record
+                self.rollout.restore(station_id, record.evse_id, item.ceiling_amperes, item.phases)
+                if record.transaction_id is not None:
+                    self.rollout.session_started(record.key, record.phases_used)
+                    record.tx_profile_accepted = "TxProfile" in record.valid_until
 
     # --- reading -----------------------------------------------------------------------------------
 
     def evse_rows(self) -> list[dict[str, Any]]:
         """One row per known EVSE: session, allocation, installed limit and measured draw."""
-        rows = []
-        for record in sorted(self._records(), key=lambda r: r.key):
-            station = self._stations[record.station_id]
-            applied = self.rollout.evses.get(record.key)
-            allocated = self.allocation.evses.get(record.key)
-            installed = None
-            trusted = False
-            if applied is not None:
-                trusted = applied.confirmed and applied.accepted_amperes is not None
-                installed = applied.accepted_amperes if trusted else None
-            measured = self._measured_amperes(record)
-            rows.append(
-                {
-                    "station_id": record.station_id,
-                    "evse_id": record.evse_id,
-                    "connected": self._connected(record.station_id, station),
-                    "transaction_id": record.transaction_id,
-                    "charging_state": record.charging_state,
-                    "priority": record.priority,
-                    "phases_used": record.phases_used,
-                    "allocated_amperes": None if allocated is None else round(allocated.current_amperes, 3),
-                    "installed_amperes": installed,
-                    "profile_in_flight": applied is not None and applied.in_flight_amperes is not None,
-                    "compliant": trusted,
-                    "measured_current_amperes": None if measured is None else round(measured, 3),
-                    "measured_power_watts": None if record.measured is None else record.measured.power_watts,
-                }
-            )
-        return rows
-
-    def phase_bounds_amperes(self) -> tuple[float, float, float]:
-        """The most the site may draw per grid phase now, from what every EVSE may draw (its bound)."""
-        totals = [0.0, 0.0, 0.0]
-        for _, applied in sorted(self.rollout.evses.items()):
-            station = self.site.station(applied.station_id)
-            bound = bound_amperes(station, applied)
-            phases = station.grid_phases(applied.phases_used if applied.in_session else None)
-            for phase in phases:
-                totals[phase] += bound
-        return (totals[0], totals[1], totals[2])
-
-    def measured_phase_amperes(self) -> tuple[float, float, float]:
-        """The measured draw per grid phase, summed over the sessions (highest phase current each)."""
-        totals = [0.0, 0.0, 0.0]
-        for record in self._records():
-            measured = self._measured_amperes(record)
-            if measured is None or record.transaction_id is None:
-                continue
-            for phase in self.site.station(record.station_id).grid_phases(record.phases_used):
-                totals[phase] += measured
-        return (totals[0], totals[1], totals[2])
-
-    def grid_limit_amperes(self) -> tuple[float | None, float | None, float | None]:
-        """The per-phase limit on the grid node now: configuration and outside limits together."""
-        configured = self.site.node_limits(GRID_NODE_ID).max_current_amperes
-        outside = self.limits.phase_current_amperes
-        result: list[float | None] = []
-        for phase in range(3):
-            values = [v for v in (configured, None if outside is None else outside[phase]) if v is not None]
-            value = min(values) if values else None
-            result.append(None if value is None or math.isinf(value) else value)
-        return (result[0], result[1], result[2])
+        return report.evse_rows(self)
 
     def status(self) -> dict[str, Any]:
         """The balancing part of ``GET /api/v1/status`` and of ``GET /api/v1/allocations``."""
-        limit = self.grid_limit_amperes()
-        bounds = self.phase_bounds_amperes()
-        measured = self.measured_phase_amperes()
-        phases = {}
-        for index, name in enumerate(("L1", "L2", "L3")):
-            value = limit[index]
-            phases[name] = {
-                "limit_amperes": value,
-                "committed_amperes": round(bounds[index], 3),
-                "measured_amperes": round(measured[index], 3),
-                "headroom_amperes": None if value is None else round(value - bounds[index], 3),
-            }
-        rows = self.evse_rows()
-        return {
-            "phases": phases,
-            "overcommitted": self.allocation.overcommitted,
-            "sessions": sum(1 for row in rows if row["transaction_id"] is not None),
-            "evses": rows,
-            "reallocation_seconds": round(self.last_duration_s, 6),
-        }
+        return report.status(self)
+
+    def phase_bounds_amperes(self) -> tuple[float, float, float]:
+        """The most the site may draw per grid phase now, from what every EVSE may draw (its bound)."""
+        return report.phase_bounds_amperes(self)
+
+    def measured_phase_amperes(self) -> tuple[float, float, float]:
+        """The measured draw per grid phase, summed over the sessions (highest phase current each)."""
+        return report.measured_phase_amperes(self)
+
+    def grid_limit_amperes(self) -> tuple[float | None, float | None, float | None]:
+        """The per-phase limit on the grid node now: configuration and outside limits together."""
+        return report.grid_limit_amperes(self)
+
+    def records(self) -> Iterator[EvseRecord]:
+        """Every EVSE the loop balances (for reading only)."""
+        return self._records()
+
+    def connected(self, station_id: str) -> bool:
+        station = self._stations.get(station_id)
+        return station is not None and self._connected(station_id, station)
+
+    def measured_amperes(self, record: EvseRecord) -> float | None:
+        return self._measured_amperes(record)
 
 
-def _optional_float(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-class _Collector(Collector):
-    """Per-scrape gauges: per-EVSE allocation, installed limit and draw; per-phase limit, commitment, headroom."""
-
-    def __init__(self, balancer: Balancer) -> None:
-        self._balancer = balancer
-
-    def describe(self) -> list[GaugeMetricFamily]:
-        return []
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        balancer = self._balancer
-        allocated = GaugeMetricFamily(
-            "ocpp_lc_balancing_allocated_amperes",
-            "Per-phase current the allocator gives each EVSE with a session.",
-            labels=["station", "evse"],
-        )
-        installed = GaugeMetricFamily(
-            "ocpp_lc_balancing_installed_amperes",
-            "Per-phase limit of the controller's profile the EVSE last accepted (absent while unknown).",
-            labels=["station", "evse"],
-        )
-        measured = GaugeMetricFamily(
-            "ocpp_lc_balancing_measured_current_amperes",
-            "Highest per-phase current measured at each EVSE with a session (from meter values).",
-            labels=["station", "evse"],
-        )
-        noncompliant = GaugeMetricFamily(
-            "ocpp_lc_balancing_noncompliant_evses",
-            "EVSEs whose limit is unknown or rejected, counted at their maximum.",
-        )
-        sessions = GaugeMetricFamily("ocpp_lc_balancing_sessions", "Transactions the loop balances.")
-        count_noncompliant = 0
-        count_sessions = 0
-        for row in balancer.evse_rows():
-            labels = [row["station_id"], str(row["evse_id"])]
-            if not row["compliant"]:
-                count_noncompliant += 1
-            if row["installed_amperes"] is not None:
-                installed.add_metric(labels, row["installed_amperes"])
-            if row["transaction_id"] is None:
-                continue
-            count_sessions += 1
-            if row["allocated_amperes"] is not None:
-                allocated.add_metric(labels, row["allocated_amperes"])
-            if row["measured_current_amperes"] is not None:
-                measured.add_metric(labels, row["measured_current_amperes"])
-        noncompliant.add_metric([], count_noncompliant)
-        sessions.add_metric([], count_sessions)
-        limit = GaugeMetricFamily(
-            "ocpp_lc_balancing_grid_limit_amperes",
-            "Per-phase limit on the grid connection in force (configuration, CSMS and EMS together).",
-            labels=["phase"],
-        )
-        committed = GaugeMetricFamily(
-            "ocpp_lc_balancing_committed_amperes",
-            "Per grid phase, the most the stations may draw now under the limits they accepted (unknown or "
-            "rejecting EVSEs at their maximum).",
-            labels=["phase"],
-        )
-        draw = GaugeMetricFamily(
-            "ocpp_lc_balancing_measured_draw_amperes",
-            "Per grid phase, the measured draw of the sessions summed.",
-            labels=["phase"],
-        )
-        headroom = GaugeMetricFamily(
-            "ocpp_lc_balancing_headroom_amperes",
-            "Per grid phase, the limit in force minus what is committed (negative: over the limit).",
-            labels=["phase"],
-        )
-        bounds = balancer.phase_bounds_amperes()
-        measured_phases = balancer.measured_phase_amperes()
-        limits = balancer.grid_limit_amperes()
-        for index, name in enumerate(("L1", "L2", "L3")):
-            committed.add_metric([name], bounds[index])
-            draw.add_metric([name], measured_phases[index])
-            value = limits[index]
-            if value is not None:
-                limit.add_metric([name], value)
-                headroom.add_metric([name], value - bounds[index])
-        overcommitted = GaugeMetricFamily(
-            "ocpp_lc_balancing_overcommitted",
-            "1 while stations the controller cannot steer alone exceed a limit.",
-        )
-        overcommitted.add_metric([], 1.0 if balancer.allocation.overcommitted else 0.0)
-        yield from (allocated, installed, measured, noncompliant, sessions, limit, committed, draw, headroom)
-        yield overcommitted
+def _evse_id_usable(evse_id: int) -> bool:
+    """EVSE ids the profile id scheme has room for (0 is the station as a whole, never an EVSE's)."""
+    return 1 <= evse_id <= MAX_EVSE_ID

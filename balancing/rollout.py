@@ -41,14 +41,14 @@ phase). Everything here is pure: time is the ``now_s`` the caller passes; the ca
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from .allocator import EPSILON_AMPERES, Allocation, EvseKey, Session, SiteLimits, node_capacities
 from .site import GRID_NODE_ID, SiteConfig, StationConfig
 
-StepKind = Literal["decrease", "retry", "increase"]
+StepKind = Literal["decrease", "retry", "increase", "renew"]
 ConstraintKey = tuple[str, int]  # (node id, 0..2 for a grid phase, 3 for power as summed phase amperes)
 
 
@@ -59,6 +59,8 @@ class RolloutPolicy:
     hysteresis_amperes: float = 1.0
     min_interval_s: float = 30.0  # per station, between profile changes other than decreases
     resolution_amperes: float = 0.1
+    # What an idle EVSE is offered by its TxDefaultProfile where the sessions leave room (0: nothing).
+    idle_current_amperes: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,18 @@ class EvseApplied:
     in_session: bool = False
     # While the limit is unknown after unanswered steps: the lowest it may have installed (None: no idea).
     lowest_possible_amperes: float | None = None
+    # How many phases the installed profile lets the EV use (its numberPhases; None: unknown, all).
+    accepted_phases: int | None = None
+    in_flight_phases: int | None = None
+    # Measured above what it may draw: counted at the larger of this and its maximum, and not trusted.
+    overdraw_amperes: float | None = None
+    # Taken back from the store after a restart and not confirmed by the station since (a stale belief).
+    restored: bool = False
+
+    @property
+    def trusted(self) -> bool:
+        """Known, confirmed and obeyed: the EVSE draws at most what it accepted."""
+        return self.confirmed and self.accepted_amperes is not None and self.overdraw_amperes is None
 
     @property
     def key(self) -> EvseKey:
@@ -83,12 +97,14 @@ class EvseApplied:
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One SetChargingProfile to send: ``current_amperes`` per phase for one EVSE."""
+    """One SetChargingProfile to send: ``current_amperes`` per phase on ``phases`` phases for one EVSE
+    (``phases`` is the profile's numberPhases; ``None``: the station's own count)."""
 
     station_id: str
     evse_id: int
     current_amperes: float
     kind: StepKind
+    phases: int | None = None
 
     @property
     def key(self) -> EvseKey:
@@ -102,13 +118,14 @@ class Plan:
     decreases: tuple[Step, ...] = ()
     retries: tuple[Step, ...] = ()
     increases: tuple[Step, ...] = ()
+    renewals: tuple[Step, ...] = ()
     waiting: tuple[EvseKey, ...] = ()
     next_due_s: float | None = None
 
     @property
     def steps(self) -> tuple[Step, ...]:
         """Everything to send now, decreases first."""
-        return self.decreases + self.retries + self.increases
+        return self.decreases + self.retries + self.increases + self.renewals
 
 
 @dataclass
@@ -123,7 +140,7 @@ class RolloutState:
     last_change_s: dict[str, float] = field(default_factory=dict)
     # (station id, phases used or None, which constraints exist) -> that EVSE's weights; bounded by the
     # stations times 4 phase counts times the few shapes the limits take.
-    _paths: dict[tuple[str, int | None, frozenset[ConstraintKey]], list[tuple[ConstraintKey, float]]] = field(
+    _paths: dict[tuple[str, int, frozenset[ConstraintKey]], list[tuple[ConstraintKey, float]]] = field(
         default_factory=dict, repr=False
     )
 
@@ -135,10 +152,10 @@ class RolloutState:
         shape: frozenset[ConstraintKey],
     ) -> list[tuple[ConstraintKey, float]]:
         """The weights of one EVSE's bound on the constraints, as :func:`path_weights` (cached)."""
-        cache_key = (applied.station_id, applied.phases_used if applied.in_session else None, shape)
+        station = site.station(applied.station_id)
+        cache_key = (applied.station_id, counted_phases(station, applied), shape)
         found = self._paths.get(cache_key)
         if found is None:
-            station = site.station(applied.station_id)
             found = self._paths[cache_key] = path_weights(site, station, grid_phases_of(station, applied), capacity)
         return found
 
@@ -155,23 +172,32 @@ class RolloutState:
         self.evses[key] = replace(self.evses[key], in_session=False, phases_used=None)
 
     def sent(self, step: Step, now_s: float) -> None:
-        """A step was sent: an increase counts from now on; the station's rate-limit clock restarts."""
-        self.evses[step.key] = replace(self.evses[step.key], in_flight_amperes=step.current_amperes)
-        self.last_change_s[step.station_id] = now_s
+        """A step was sent: an increase counts from now on; the station's rate-limit clock restarts
+        (a renewal changes nothing the station draws, so it does not restart it)."""
+        self.evses[step.key] = replace(
+            self.evses[step.key], in_flight_amperes=step.current_amperes, in_flight_phases=step.phases
+        )
+        if step.kind != "renew":
+            self.last_change_s[step.station_id] = now_s
 
     def accepted(self, step: Step) -> None:
-        """The station accepted the step: it is installed and the EVSE is trusted again."""
+        """The station accepted the step: it is installed and the EVSE is confirmed again."""
         self.evses[step.key] = replace(
             self.evses[step.key],
             accepted_amperes=step.current_amperes,
             in_flight_amperes=None,
+            accepted_phases=step.phases,
+            in_flight_phases=None,
             confirmed=True,
             lowest_possible_amperes=None,
+            restored=False,
         )
 
     def rejected(self, step: Step) -> None:
         """The station rejected it: it keeps what it had, but is treated as drawing its maximum."""
-        self.evses[step.key] = replace(self.evses[step.key], in_flight_amperes=None, confirmed=False)
+        self.evses[step.key] = replace(
+            self.evses[step.key], in_flight_amperes=None, in_flight_phases=None, confirmed=False
+        )
 
     def unanswered(self, step: Step) -> None:
         """No answer (timeout, link lost): whether it was applied is unknown, so the limit is unknown."""
@@ -187,11 +213,14 @@ class RolloutState:
             applied,
             accepted_amperes=None,
             in_flight_amperes=None,
+            # Either profile may be in force: the one allowing more phases counts.
+            accepted_phases=_more_phases(applied.accepted_phases, step.phases),
+            in_flight_phases=None,
             confirmed=False,
             lowest_possible_amperes=min(candidates) if candidates else None,
         )
 
-    def installed(self, key: EvseKey, accepted_amperes: float | None) -> None:
+    def installed(self, key: EvseKey, accepted_amperes: float | None, accepted_phases: int | None = None) -> None:
         """What the EVSE has installed changed without a step of ours (a transaction began or ended, the
         CSMS touched our profile): ``accepted_amperes``, or unknown (``None``: counted at its maximum)."""
         applied = self.evses[key]
@@ -199,9 +228,28 @@ class RolloutState:
             applied,
             accepted_amperes=accepted_amperes,
             in_flight_amperes=None,
+            accepted_phases=accepted_phases if accepted_amperes is not None else None,
+            in_flight_phases=None,
             confirmed=accepted_amperes is not None,
             lowest_possible_amperes=None,
         )
+
+    def restore(self, station_id: str, evse_id: int, ceiling_amperes: float | None, phases: int | None) -> None:
+        """Know an EVSE taken back from the store after a restart: what it may have installed is at most
+        ``ceiling_amperes`` (so a retry never offers more), but it counts at its maximum until the station
+        accepts a profile again (a stale belief: the controller may have died with a step in flight)."""
+        self.evses[(station_id, evse_id)] = EvseApplied(
+            station_id,
+            evse_id,
+            accepted_amperes=ceiling_amperes,
+            accepted_phases=phases,
+            confirmed=False,
+            restored=True,
+        )
+
+    def overdraw(self, key: EvseKey, amperes: float | None) -> None:
+        """The EVSE is measured drawing ``amperes``, above what it may (``None``: it complies again)."""
+        self.evses[key] = replace(self.evses[key], overdraw_amperes=amperes)
 
     def forget_station(self, station_id: str) -> None:
         """Drop a station's EVSEs (it has been gone long enough)."""
@@ -225,12 +273,15 @@ class RolloutState:
         seen: set[EvseKey] = set()
         for session in sessions:
             applied = self.evses.get(session.key)
-            trusted = applied is not None and applied.confirmed and applied.accepted_amperes is not None
-            result.append(replace(session, compliant=trusted))
+            trusted = applied is not None and applied.trusted
+            drawing = None if applied is None else applied.overdraw_amperes
+            result.append(replace(session, compliant=trusted, fixed_amperes=drawing))
             seen.add(session.key)
         for key, applied in sorted(self.evses.items()):
-            if key not in seen and not (applied.confirmed and applied.accepted_amperes is not None):
-                result.append(Session(station_id=key[0], evse_id=key[1], compliant=False))
+            if key not in seen and not applied.trusted:
+                result.append(
+                    Session(station_id=key[0], evse_id=key[1], compliant=False, fixed_amperes=applied.overdraw_amperes)
+                )
         return result
 
 
@@ -243,19 +294,42 @@ def round_down(amperes: float, resolution_amperes: float) -> float:
     return min(amperes, round(steps * resolution_amperes, 9))
 
 
+def _more_phases(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else max(a, b)
+
+
+def counted_phases(station: StationConfig, applied: EvseApplied) -> int:
+    """How many phases an EVSE may load: the most of what its EV uses (all while idle or unknown), what
+    its installed profile allows (numberPhases; all while unknown) and what a profile in flight allows."""
+    used = applied.phases_used if applied.in_session and applied.phases_used is not None else station.phases
+    allowed = station.phases if applied.accepted_phases is None else applied.accepted_phases
+    flight = applied.in_flight_phases if applied.in_flight_amperes is not None else None
+    return max(1, min(station.phases, max(used, allowed, flight or 0)))
+
+
 def grid_phases_of(station: StationConfig, applied: EvseApplied) -> tuple[int, ...]:
-    """Grid phases an EVSE may load: its session's, or every phase of its station while idle."""
-    return station.grid_phases(applied.phases_used if applied.in_session else None)
+    """Grid phases an EVSE may load (see :func:`counted_phases`)."""
+    return station.grid_phases(counted_phases(station, applied))
 
 
 def bound_amperes(station: StationConfig, applied: EvseApplied) -> float:
     """The most an EVSE may draw per phase right now (see the module docstring)."""
     maximum = station.evse_range_amperes(applied.evse_id)[1]
+    if applied.overdraw_amperes is not None:
+        return max(maximum, applied.overdraw_amperes)
     if not applied.confirmed or applied.accepted_amperes is None:
         return maximum
     if applied.in_flight_amperes is not None:
         return max(applied.accepted_amperes, applied.in_flight_amperes)
     return applied.accepted_amperes
+
+
+def target_phases(station: StationConfig, allocation: Allocation, key: EvseKey, in_session: bool) -> int | None:
+    """The numberPhases a profile for this EVSE carries: the phases its allocation budgets (K01.FR.49: a
+    station assumes 3 without it), ``None`` where that is every phase of a 3-phase station."""
+    found = allocation.evses.get(key) if in_session else None
+    count = station.phases if found is None else found.phase_count
+    return None if count >= 3 else count
 
 
 def capacities(site: SiteConfig, limits: SiteLimits) -> dict[ConstraintKey, float]:
@@ -293,10 +367,14 @@ def plan(
     state: RolloutState,
     now_s: float,
     policy: RolloutPolicy | None = None,
+    renew_due: Collection[EvseKey] = (),
 ) -> Plan:
     """What to send now to move the installed limits toward ``allocation``; see the module docstring.
 
-    An EVSE without a session (in ``state``) has target 0 whatever the allocation says.
+    An EVSE without a session gets what the allocation reserves for it (its idle current, or 0); one
+    whose limit is unknown is retried with at most ``policy.idle_current_amperes``. EVSEs in
+    ``renew_due`` whose profile must be renewed before it lapses get it again, unchanged, when nothing
+    else is under way for them.
     """
     policy = policy or RolloutPolicy()
     capacity = capacities(site, limits)
@@ -304,15 +382,23 @@ def plan(
     shape = frozenset(capacity)
     paths: dict[EvseKey, list[tuple[ConstraintKey, float]]] = {}
     targets: dict[EvseKey, float] = {}
+    phases: dict[EvseKey, int | None] = {}
     stations: dict[EvseKey, StationConfig] = {}
     for key in sorted(state.evses):
         applied = state.evses[key]
         station = stations[key] = site.station(applied.station_id)
         paths[key] = state.path(site, applied, capacity, shape)
-        # An EVSE without a session gets 0 whatever the allocation says: the next EV must not find current.
-        targets[key] = (
-            round_down(allocation.current_amperes(*key), policy.resolution_amperes) if applied.in_session else 0.0
-        )
+        idle_amperes = min(policy.idle_current_amperes, station.evse_range_amperes(applied.evse_id)[1])
+        if applied.in_session:
+            target = allocation.current_amperes(*key)
+        elif applied.trusted:
+            # Idle: what the allocation reserves for it, never more than the idle current.
+            target = min(allocation.current_amperes(*key), idle_amperes)
+        else:
+            # Unknown and idle: the allocation counts it as a fixed load, not a share; offer the idle current.
+            target = idle_amperes
+        targets[key] = round_down(target, policy.resolution_amperes)
+        phases[key] = target_phases(station, allocation, key, applied.in_session)
         bound = bound_amperes(station, applied)
         for constraint, weight in paths[key]:
             load[constraint] += weight * bound
@@ -322,6 +408,11 @@ def plan(
         last = state.last_change_s.get(station_id)
         return -math.inf if last is None else last + policy.min_interval_s
 
+    def narrower(key: EvseKey, a: int | None, b: int | None) -> bool:
+        """Whether numberPhases ``a`` allows fewer phases than ``b`` at this EVSE's station."""
+        count = stations[key].phases
+        return (count if a is None else a) < (count if b is None else b)
+
     decreases: list[Step] = []
     retries: list[Step] = []
     next_due: list[float] = []
@@ -329,11 +420,18 @@ def plan(
     for key, applied in sorted(state.evses.items()):
         if applied.in_flight_amperes is not None:
             accepted = applied.accepted_amperes
-            if applied.confirmed and accepted is not None and applied.in_flight_amperes < accepted:
+            if (
+                applied.confirmed
+                and accepted is not None
+                and (
+                    applied.in_flight_amperes < accepted
+                    or narrower(key, applied.in_flight_phases, applied.accepted_phases)
+                )
+            ):
                 decrease_in_flight = True
             continue
         target = targets[key]
-        if not applied.confirmed or applied.accepted_amperes is None:
+        if not applied.trusted:
             if due_at(applied.station_id) > now_s:
                 next_due.append(due_at(applied.station_id))
                 continue
@@ -353,13 +451,24 @@ def plan(
                 else:
                     ceiling = minimum
             value = 0.0 if target == 0 else min(target, ceiling)
-            retries.append(Step(applied.station_id, applied.evse_id, value, "retry"))
+            retries.append(Step(applied.station_id, applied.evse_id, value, "retry", phases[key]))
             continue
-        if target < applied.accepted_amperes - EPSILON_AMPERES:
-            small = applied.accepted_amperes - target < policy.hysteresis_amperes
-            if small and target > 0 and not any(constraint in over for constraint, _ in paths[key]):
+        accepted = applied.accepted_amperes
+        assert accepted is not None  # trusted
+        fewer_phases = narrower(key, phases[key], applied.accepted_phases)
+        if target < accepted - EPSILON_AMPERES:
+            small = accepted - target < policy.hysteresis_amperes
+            if (
+                small
+                and target > 0
+                and not fewer_phases
+                and not any(constraint in over for constraint, _ in paths[key])
+            ):
                 continue
-            decreases.append(Step(applied.station_id, applied.evse_id, target, "decrease"))
+            decreases.append(Step(applied.station_id, applied.evse_id, target, "decrease", phases[key]))
+        elif fewer_phases:
+            # Same current on fewer phases (the EV went from 3 to 1): enforce it (K01.FR.49).
+            decreases.append(Step(applied.station_id, applied.evse_id, accepted, "decrease", phases[key]))
 
     increases: list[Step] = []
     waiting: list[EvseKey] = []
@@ -367,10 +476,12 @@ def plan(
         for key in sorted(state.evses):
             applied = state.evses[key]
             accepted = applied.accepted_amperes
-            if applied.in_flight_amperes is not None or not applied.confirmed or accepted is None:
+            if applied.in_flight_amperes is not None or not applied.trusted or accepted is None:
                 continue
             target = targets[key]
-            if target - accepted < policy.hysteresis_amperes:
+            # More phases than installed (the EV went from 1 to 3): already counted on them (counted_phases).
+            wider = narrower(key, applied.accepted_phases, phases[key])
+            if target - accepted < policy.hysteresis_amperes and not wider:
                 continue
             # A session's first current (from 0) is not a change that can flap: it is not held back.
             if accepted > 0 and due_at(applied.station_id) > now_s:
@@ -384,24 +495,37 @@ def plan(
             value = round_down(min(target, accepted + max(0.0, room)), policy.resolution_amperes)
             minimum = stations[key].evse_range_amperes(applied.evse_id)[0]
             if value - accepted < policy.hysteresis_amperes or (accepted == 0 and value < minimum):
-                waiting.append(key)
-                continue
+                if not wider:
+                    waiting.append(key)
+                    continue
+                value = accepted
             for constraint, weight in paths[key]:
                 load[constraint] += weight * (value - accepted)
-            increases.append(Step(applied.station_id, applied.evse_id, value, "increase"))
+            increases.append(Step(applied.station_id, applied.evse_id, value, "increase", phases[key]))
     else:
         waiting = [
             key
             for key, applied in sorted(state.evses.items())
-            if applied.confirmed
+            if applied.trusted
             and applied.accepted_amperes is not None
             and applied.in_flight_amperes is None
             and targets[key] - applied.accepted_amperes >= policy.hysteresis_amperes
         ]
+    busy = {step.key for step in (*decreases, *retries, *increases)}
+    renewals = tuple(
+        Step(key[0], key[1], held.accepted_amperes, "renew", held.accepted_phases)
+        for key in sorted(renew_due)
+        if key not in busy
+        and (held := state.evses.get(key)) is not None
+        and held.trusted
+        and held.accepted_amperes is not None
+        and held.in_flight_amperes is None
+    )
     return Plan(
         decreases=tuple(decreases),
         retries=tuple(retries),
         increases=tuple(increases),
+        renewals=renewals,
         waiting=tuple(waiting),
         next_due_s=min(next_due, default=None),
     )

@@ -93,8 +93,13 @@ async def test_a_restarted_controller_takes_back_sessions_and_installed_limits(
     assert after["A"]["transaction_id"] == "tx-A"
     assert after["B"]["transaction_id"] == "tx-B"
     assert after["A"]["installed_amperes"] == after["B"]["installed_amperes"] == 20.0
-    # Nothing to correct: no session was cut back to its minimum and ramped up again.
-    assert stations.sent == []
+    # Issue 11.2: each EVSE was counted at its maximum until its station confirmed, by accepting the
+    # limit it had before once more; no session was cut back to its minimum and ramped up again.
+    assert sorted((station_id, limit_of(payload)) for station_id, payload in stations.sent) == [
+        ("A", 20.0),
+        ("B", 20.0),
+    ]
+    assert after["A"]["unconfirmed_since_restart"] is after["B"]["unconfirmed_since_restart"] is False
 
 
 async def test_an_unreadable_stored_station_is_learned_again_not_fatal(autojump_clock: Any, tmp_path: Any) -> None:
@@ -104,4 +109,5 @@ async def test_an_unreadable_stored_station_is_learned_again_not_fatal(autojump_
         balancer = Balancer(SITE, limits, Stations(), SETTINGS, state=store.namespace("balancing"))
 
     rows = balancer.evse_rows()
-    assert [(row["station_id"], row["evse_id"], row["installed_amperes"]) for row in rows] == [("B", 1, 0.0)]
+    # B is taken back, unconfirmed until its station accepts a profile again (issue 11.2).
+    assert [(row["station_id"], row["evse_id"], row["unconfirmed_since_restart"]) for row in rows] == [("B", 1, True)]
