@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,11 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from balancing.allocator import SiteLimits
+from balancing.clearing import LeftoverProfiles
 from balancing.csms_limits import CsmsLimitBook, limit_steps
 from balancing.limits import LimitBounds, LimitSources
 from balancing.loop import Balancer, BalancerState, Caller, CallOutcome, LoopSettings
+from balancing.overdraw import OverdrawPolicy
 from balancing.rollout import RolloutPolicy
 from balancing.schedules import PeriodLimit
 from balancing.upstream import EmsReporter
@@ -76,6 +78,8 @@ class App:
     firmware: FirmwareCache | None = None
     #: The balancing loop; None when ``[balancing] enabled`` is false.
     balancer: Balancer | None = None
+    #: With balancing off: the profiles an earlier run left on stations, cleared as they connect.
+    leftover_profiles: LeftoverProfiles | None = None
     #: Reports EMS limits to the CSMS (K14); needs the own identity.
     ems_reporter: EmsReporter | None = None
     station_port: int = 0
@@ -251,6 +255,13 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         app.balancer = build_balancer(settings, limits, links, registry, store.namespace(BALANCING_NAMESPACE))
         listeners.append(app.balancer.wake)
         csms_book.on_change(app.balancer.wake)
+    else:
+        # Balancing switched off: what an earlier run installed is taken off the stations as they connect.
+        leftovers = LeftoverProfiles(
+            store.namespace(BALANCING_NAMESPACE), link_caller(links), settings.balancing.profile_id_base
+        )
+        if leftovers.pending:
+            app.leftover_profiles = leftovers
     if settings.controller.connect:
         app.own = OwnIdentity(
             own_settings,
@@ -306,7 +317,11 @@ def build_balancer(
             hysteresis_amperes=config.hysteresis_amperes,
             min_interval_s=config.min_interval_s,
             resolution_amperes=config.resolution_amperes,
+            idle_current_amperes=config.idle_current_amperes,
         ),
+        profile_validity_s=config.profile_validity_s,
+        decrease_lead_s=config.decrease_lead_s,
+        overdraw=OverdrawPolicy(margin_amperes=config.overdraw_margin_amperes, grace_s=config.overdraw_grace_s),
     )
     return Balancer(
         settings.site,
@@ -319,6 +334,26 @@ def build_balancer(
         state=state,
         is_connected=lambda station_id: links.get(station_id) is not None,
     )
+
+
+def release_document(balancer: Balancer) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """``POST /api/v1/balancing/release``: stop balancing and clear the controller's profiles everywhere."""
+
+    async def release() -> dict[str, Any]:
+        results = await balancer.release()
+        return {
+            "released": True,
+            "stations": [
+                {
+                    "station_id": result.station_id,
+                    "cleared_profile_ids": list(result.cleared),
+                    "failed": [{"profile_id": profile_id, "reason": why} for profile_id, why in result.failed],
+                }
+                for result in results
+            ],
+        }
+
+    return release
 
 
 def link_caller(links: LinkRegistry) -> Caller:
@@ -364,6 +399,20 @@ async def feed_balancer(
                     balancer.station_connected(item.station_id)
                 else:
                     balancer.station_disconnected(item.station_id)
+
+
+async def clear_leftovers(
+    hub: ObserverHub, leftovers: LeftoverProfiles, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """With balancing off: clear the profiles an earlier run left on each station when it connects."""
+    with hub.subscribe("balancing-leftovers", 1000) as observations:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async for item in observations:
+                if isinstance(item, LinkEvent) and item.kind == "connected":
+                    leftovers.connected(item.station_id, nursery)
+                if not leftovers.pending:
+                    return
 
 
 #: Store namespace of the EMS limits in force.
@@ -460,6 +509,8 @@ async def _serve(app: App, task_status: trio.TaskStatus[App]) -> None:
             if app.balancer is not None:
                 await nursery.start(feed_balancer, app.hub, app.balancer, settings.balancing.observer_queue)
                 await nursery.start(app.balancer.run)
+            elif app.leftover_profiles is not None:
+                await nursery.start(clear_leftovers, app.hub, app.leftover_profiles)
             stations = settings.stations.address
             app.station_port = await nursery.start(app.server.serve, stations.host, stations.port)
             http = settings.http.address
@@ -474,6 +525,7 @@ async def _serve(app: App, task_status: trio.TaskStatus[App]) -> None:
                 token=settings.http.token_value(),
                 status=app.status,
                 allocations=None if app.balancer is None else app.balancer.evse_rows,
+                release_balancing=None if app.balancer is None else release_document(app.balancer),
             )
             routes = ems_api.routes()
             trace_api = TraceApi(

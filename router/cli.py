@@ -48,6 +48,8 @@ EXIT_STATE = 3
 EXIT_REFUSED = 3
 #: Commands talking to a running controller: the bearer token is wrong or missing.
 EXIT_UNAUTHORIZED = 4
+#: ``balancing release``: some station's profiles could not be cleared.
+EXIT_INCOMPLETE = 5
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 stopped on request; 1 failed while running (e.g. a port in use); "
@@ -416,6 +418,36 @@ def limit_clear(
     if response.status_code != 200:
         _refused(response, base)
     typer.echo(f"limit {source} cleared")
+
+
+balancing_cli = typer.Typer(help="Act on a running controller's balancing.", no_args_is_help=True)
+cli.add_typer(balancing_cli, name="balancing")
+
+
+@balancing_cli.command("release", epilog=CLIENT_EXIT_CODES_HELP + " 5 some station's profiles are not cleared.")
+def balancing_release(config: ConfigOption = None, url: UrlOption = None, token: TokenOption = None) -> None:
+    """Before removing the controller from a site: stop balancing and clear every charging profile of the
+    controller's on every connected station (POST /api/v1/balancing/release), so each falls back to its own
+    defaults. Stations not connected now drop them when their validity ends ([balancing] profile_validity_s).
+    Balancing stays stopped until the controller restarts."""
+    base, token = _endpoint(config, url, token)
+    response = _request("POST", base, token, "/api/v1/balancing/release")
+    document = _document(response, base)
+    if response.status_code != 200:
+        _refused(response, base)
+    incomplete = 0
+    for station in document.get("stations", []):
+        failed = station.get("failed") or []
+        if failed:
+            incomplete += 1
+            reasons = ", ".join(f"{item['profile_id']}: {item['reason']}" for item in failed)
+            typer.echo(f"{station['station_id']}: NOT cleared ({reasons})")
+        else:
+            typer.echo(f"{station['station_id']}: cleared {len(station.get('cleared_profile_ids', []))} profile ids")
+    stations = len(document.get("stations", []))
+    typer.echo(f"balancing released; {stations - incomplete} of {stations} connected stations cleared")
+    if incomplete:
+        raise typer.Exit(EXIT_INCOMPLETE)
 
 
 TRACE_EXIT_CODES_HELP = (

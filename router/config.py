@@ -452,6 +452,36 @@ class BalancingSettings(BaseModel):
     forget_disconnected_after_s: float = Field(
         default=3600.0, ge=0, le=604_800, description="a station gone this long stops counting at its maximum (s)"
     )
+    idle_current_amperes: float = Field(
+        default=6.0,
+        ge=0,
+        le=80,
+        description="what an idle EVSE's TxDefaultProfile offers where the sessions leave room, so an EV that "
+        "plugs in can start at once; counted against the limits (A per phase; 0: nothing until its session)",
+    )
+    profile_validity_s: float = Field(
+        default=3600.0,
+        ge=120,
+        le=604_800,
+        description="validity (validTo) of every profile of the controller's, renewed at half of it: how long a "
+        "station keeps the controller's limit once the controller is gone (s)",
+    )
+    decrease_lead_s: float = Field(
+        default=15.0,
+        ge=0,
+        le=600,
+        description="a scheduled limit drop (CSMS or EMS schedule) is allocated for this long ahead, so the "
+        "stations have accepted their decreases when it comes (s)",
+    )
+    overdraw_margin_amperes: float = Field(
+        default=2.0, ge=0.5, le=32, description="measured draw above an EVSE's limit by more than this is overdraw (A)"
+    )
+    overdraw_grace_s: float = Field(
+        default=60.0,
+        ge=5,
+        le=3600,
+        description="overdraw lasting this long makes the EVSE count at its draw, not trusted (s)",
+    )
     observer_queue: int = Field(
         default=10_000, ge=100, le=1_000_000, description="relayed messages buffered for the loop (count)"
     )

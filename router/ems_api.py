@@ -62,15 +62,17 @@ class EmsApi:
         token: str | None,
         allocations: Callable[[], Sequence[dict[str, Any]]] | None = None,
         status: Callable[[], dict[str, Any]] | None = None,
+        release_balancing: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self._limits = limits
         self._token = None if token is None else token.encode()
         self._allocations = allocations
         self._status = status
+        self._release_balancing = release_balancing
         self.requests = Counter(
             "ocpp_lc_ems_api_requests",
             "EMS API requests by operation (set, release, read_limits, read_allocations, "
-            "read_status) and outcome (ok, invalid, unauthorized, not_found).",
+            "read_status, release_balancing) and outcome (ok, invalid, unauthorized, not_found).",
             ["operation", "outcome"],
             registry=registry,
         )
@@ -91,6 +93,11 @@ class EmsApi:
                 f"{API_PREFIX}/allocations", self._guard("read_allocations", self._read_allocations), methods=["GET"]
             ),
             Route(f"{API_PREFIX}/status", self._guard("read_status", self._read_status), methods=["GET"]),
+            Route(
+                f"{API_PREFIX}/balancing/release",
+                self._guard("release_balancing", self._release_all),
+                methods=["POST"],
+            ),
         ]
 
     def _guard(self, operation: str, handler: Callable[[Request], Awaitable[tuple[str, Response]]]) -> Handler:
@@ -144,6 +151,17 @@ class EmsApi:
             )
         log.info("EMS limit for %r released", source)
         return "ok", JSONResponse({"released": source}, headers=_NO_STORE)
+
+    async def _release_all(self, request: Request) -> tuple[str, Response]:
+        if self._release_balancing is None:
+            return "not_found", JSONResponse(
+                {"error": "balancing is turned off ([balancing] enabled = false): nothing to release"},
+                status_code=HTTPStatus.NOT_FOUND,
+                headers=_NO_STORE,
+            )
+        log.warning("balancing released on request: the controller's profiles are cleared on every station")
+        document = await self._release_balancing()
+        return "ok", JSONResponse(document, headers=_NO_STORE)
 
     async def _read_limits(self, request: Request) -> tuple[str, Response]:
         return "ok", JSONResponse(self._limits.status(), headers=_NO_STORE)
