@@ -290,8 +290,14 @@ def round_down(amperes: float, resolution_amperes: float) -> float:
     if amperes <= 0:
         return 0.0
     steps = math.floor(amperes / resolution_amperes + 1e-9)
-    # round() drops the binary noise of steps x 0.1 (3 x 0.1 = 0.30000000000000004) that would add current.
-    return min(amperes, round(steps * resolution_amperes, 9))
+    # round() drops the binary noise of steps x 0.1 (3 x 0.1 = 0.30000000000000004) that would add current;
+    # should the result still be a hair above the input, the step below is taken (never the raw input,
+    # which may carry any number of decimals).
+    value = round(steps * resolution_amperes, 9)
+    while value > amperes and steps > 0:
+        steps -= 1
+        value = round(steps * resolution_amperes, 9)
+    return max(0.0, value)
 
 
 def _more_phases(a: int | None, b: int | None) -> int | None:

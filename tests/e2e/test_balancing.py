@@ -63,6 +63,8 @@ BALANCING = {
     "stack_level": STACK_LEVEL,
     "profile_id_base": PROFILE_ID_BASE,
     "resolution_amperes": RESOLUTION_AMPERES,
+    # This scenario checks the idle default of 0 A; the idle current has its own tests.
+    "idle_current_amperes": 0,
 }
 CALL, CALLRESULT = 2, 3
 
