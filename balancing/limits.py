@@ -22,8 +22,9 @@ a power cut (see ``router/store.py``), and a write that fails leaves the limit i
 
 Changes: :attr:`LimitSources.version` grows by one on every set and release (the balancing loop
 compares it with the version it last allocated for), ``on_change`` is called after each, and
-:meth:`LimitSources.next_change_after` says when the limit changes by itself (the next period of a
-schedule, a validity running out), so the loop can sleep until then rather than poll.
+:meth:`LimitSources.next_change_after` says when the limit changes by itself (the next period of an
+EMS schedule, a validity running out, a change point of the CSMS's site profiles), so the loop can
+sleep until then rather than poll.
 
 Nothing here does I/O beyond the store handed in, and nothing imports trio: time comes from the
 caller (``now``) or from the injected wall clock.
@@ -308,6 +309,7 @@ class LimitSources:
         *,
         config_limits: SiteLimits = NO_LIMITS,
         csms_limits: Callable[[datetime], SiteLimits | None] = lambda now: None,
+        csms_next_change: Callable[[datetime], datetime | None] = lambda now: None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_change: Callable[[], None] | None = None,
     ) -> None:
@@ -315,6 +317,7 @@ class LimitSources:
         self.bounds = bounds
         self._config_limits = config_limits
         self._csms_limits = csms_limits
+        self._csms_next_change = csms_next_change
         self._clock = clock
         self._on_change = on_change
         #: Grows by one on every accepted set and release.
@@ -416,7 +419,12 @@ class LimitSources:
         )
 
     def next_change_after(self, now: datetime) -> datetime | None:
-        """The next instant after ``now`` when an EMS limit changes by itself (period or validity)."""
+        """The first instant strictly after ``now`` at which the effective limit may change by itself.
+
+        That is the earliest of every source's own change points: an EMS schedule's next period or its
+        validity running out, and the CSMS site profiles' (``csms_next_change``: validity bounds,
+        periods, durations, recurrences). Exact and cheap: the balancing loop asks on every pass.
+        """
         upcoming: list[datetime] = []
         for limit in self._limits.values():
             if limit.valid_until > now:
@@ -425,6 +433,9 @@ class LimitSources:
                 instant = limit.start + timedelta(seconds=offset_s)
                 if now < instant < limit.valid_until:
                     upcoming.append(instant)
+        csms = self._csms_next_change(now)
+        if csms is not None and csms > now:
+            upcoming.append(csms)
         return min(upcoming, default=None)
 
     def status(self, now: datetime | None = None) -> dict[str, Any]:

@@ -243,6 +243,7 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         limit_bounds(settings),
         config_limits=SiteLimits.uniform(grid.max_current_amperes, grid.max_power_watts),
         csms_limits=csms_book.site_limits_at,
+        csms_next_change=csms_book.next_change_after,
         on_change=limits_changed,
     )
     csms_book.other_limits = limit_steps(limits.effective, limits.next_change_after)

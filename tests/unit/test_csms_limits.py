@@ -239,6 +239,35 @@ def test_recurring_weekly_weekend_limit() -> None:
     assert amperes(book, monday + timedelta(days=20)) == 200.0  # the Saturday two weeks on
 
 
+def test_next_change_after_covers_every_profile_and_every_kind_of_change_point() -> None:
+    """#11.5: the balancing loop wakes at the book's change points. Across profiles, the earliest one
+    strictly after ``now``: period starts, a duration's end, validFrom/validTo, a Weekly recurrence days
+    ahead; None once no profile can change any more."""
+    book = new_book()
+    monday = datetime(2026, 11, 23, tzinfo=UTC)
+    accept(book, site_profile(1, kind="Recurring", recurrencyKind="Weekly", start=monday, periods=[(0, 60.0)]))
+    assert book.next_change_after(monday + timedelta(days=1)) == monday + timedelta(days=7)
+    accept(
+        book,
+        site_profile(
+            2,
+            stack_level=1,
+            start=monday + timedelta(days=2),
+            periods=[(0, 40.0), (600, 30.0)],
+            schedule={"duration": 3600},
+            validTo=stamp(monday + timedelta(days=3)),
+        ),
+    )
+    after = book.next_change_after
+    assert after(monday + timedelta(days=1)) == monday + timedelta(days=2)  # profile 2 starts
+    assert after(monday + timedelta(days=2)) == monday + timedelta(days=2, seconds=600)  # its next period
+    assert after(monday + timedelta(days=2, seconds=600)) == monday + timedelta(days=2, seconds=3600)  # duration
+    assert after(monday + timedelta(days=2, hours=1)) == monday + timedelta(days=3)  # validTo
+    assert after(monday + timedelta(days=3)) == monday + timedelta(days=7)  # back to the weekly one
+    _clear(book, {"chargingProfileId": 1})
+    assert after(monday + timedelta(days=3)) is None
+
+
 # -- ClearChargingProfile (K10) ------------------------------------------------------------------
 
 

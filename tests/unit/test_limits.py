@@ -101,6 +101,27 @@ def test_a_schedule_changes_the_limit_at_its_period_starts() -> None:
     assert limits.next_change_after(clock.now) == EPOCH + timedelta(seconds=3600)
 
 
+def test_the_next_change_is_the_earliest_of_the_ems_and_the_csms_change_points() -> None:
+    """#11.5: ``next_change_after`` (what the balancing loop sleeps until) knows every limit source: the
+    CSMS's site profile changing at +60 s comes before the EMS's next period at +600 s."""
+    clock = Clock()
+    csms_points = [EPOCH + timedelta(seconds=60), EPOCH + timedelta(seconds=1200)]
+
+    def csms_next_change(now: datetime) -> datetime | None:
+        return min((point for point in csms_points if point > now), default=None)
+
+    limits = sources(clock, csms_next_change=csms_next_change)
+    periods = [{"start_offset_s": 0, "limit": 100}, {"start_offset_s": 600, "limit": 40}]
+    limits.set("dso", body(unit="A", periods=periods, valid_for_s=3600))
+
+    after = limits.next_change_after
+    assert after(EPOCH) == EPOCH + timedelta(seconds=60)
+    assert after(EPOCH + timedelta(seconds=60)) == EPOCH + timedelta(seconds=600)  # strictly after now
+    assert after(EPOCH + timedelta(seconds=600)) == EPOCH + timedelta(seconds=1200)
+    assert after(EPOCH + timedelta(seconds=1200)) == EPOCH + timedelta(seconds=3600)
+    assert after(EPOCH + timedelta(seconds=3600)) is None
+
+
 def test_a_schedule_that_starts_later_imposes_nothing_before_its_start() -> None:
     clock = Clock()
     limits = sources(clock)
