@@ -1,8 +1,9 @@
 """The limit sources as the appliance wires them (router/app.py ``build_app``), without running anything.
 
 What is checked here is what the pieces cannot show alone: that the limits the balancing loop and the
-K08 composite read know when the CSMS's ChargingStationMaxProfile changes (#11.5, #11.7), and that a
-limit resolution the OCPP schedules cannot carry is refused by check-config (#11.9).
+K08 composite read know when the CSMS's ChargingStationMaxProfile changes (#11.5, #11.7), that a
+damaged stored EMS limit is counted where /metrics looks (#11.10), and that a limit resolution the
+OCPP schedules cannot carry is refused by check-config (#11.9).
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ def test_composite_reports_a_csms_limit_that_rises_inside_the_window(tmp_path: P
         validate_result("GetCompositeSchedule", answer)
         periods = [(p["startPeriod"], p["limit"]) for p in answer["schedule"]["chargingSchedulePeriod"]]
         assert periods == [(0, 10.0), (60, 30.0)]
+
+
+def test_a_damaged_stored_ems_limit_is_counted_on_the_apps_metrics(tmp_path: Path) -> None:
+    """#11.10: the counter of damaged EMS limits is on the registry /metrics serves."""
+    with Store.open(tmp_path) as store:
+        store.namespace("ems_limits").put("dso", {"unit": "A", "periods": "garbled"})
+        app = app_with_grid(store)
+        assert app.registry.get_sample_value("ocpp_lc_ems_limits_damaged_total") == 1.0
+        assert app.limits.effective().phase_sources == ("failsafe:dso",) * 3
 
 
 @pytest.mark.parametrize("resolution", [0.01, 0.05, 0.25])
