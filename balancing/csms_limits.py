@@ -50,6 +50,7 @@ from balancing.schedules import (
     composite_schedule,
     leading_limit,
     next_change_point,
+    round_limit_down,
 )
 
 log = logging.getLogger("ocpp_lc.balancing.csms_limits")
@@ -160,11 +161,6 @@ def _parse(model: type[M], payload: Mapping[str, Any]) -> M:
 def _rejected(reason_code: str, detail: str) -> dict[str, Any]:
     # additionalInfo is at most 512 characters (StatusInfoType).
     return {"status": "Rejected", "statusInfo": {"reasonCode": reason_code, "additionalInfo": detail[:512]}}
-
-
-def _round_down(limit: float) -> float:
-    """A limit with at most one decimal (the schema's wording), never above the exact one."""
-    return math.floor(limit * 10 + 1e-9) / 10
 
 
 def _overlap(a: ChargingProfile, b: ChargingProfile) -> bool:
@@ -405,7 +401,7 @@ class CsmsLimitBook:
             start_period = math.ceil(period.start_s)
             if start_period >= request.duration:
                 continue
-            entry: dict[str, Any] = {"startPeriod": start_period, "limit": _round_down(period.limit.limit)}
+            entry: dict[str, Any] = {"startPeriod": start_period, "limit": round_limit_down(period.limit.limit)}
             if period.limit.number_phases is not None:
                 entry["numberPhases"] = period.limit.number_phases
             if schedule_periods and schedule_periods[-1]["startPeriod"] == start_period:

@@ -105,6 +105,13 @@ class PeriodLimit:
         return to_watts(self.limit, self.unit, self.number_phases, voltage_volts)
 
 
+def round_limit_down(limit: float) -> float:
+    """A limit as OCPP carries it, with at most one decimal (ChargingSchedulePeriodType ``limit``), rounded
+    down so that what the controller writes never allows more than the exact value (the 1e-9 absorbs
+    binary noise such as 8.1 * 10 = 80.99999999999999)."""
+    return math.floor(limit * 10 + 1e-9) / 10
+
+
 def to_amperes(limit: float, unit: RateUnit, number_phases: int | None, voltage_volts: float) -> float:
     """A limit as per-phase amperes: W ÷ (voltage × phases) (K01.FR.50); A is already per phase."""
     if unit == "A":

@@ -397,6 +397,22 @@ def test_composite_in_watts_and_with_other_sources() -> None:
     assert _periods(watts) == [(0, 69_000.0), (60, 27_600.0), (120, 69_000.0)]  # × 230 V × 3 phases
 
 
+def test_composite_limits_are_rounded_down_to_one_decimal() -> None:
+    """#11.9: every limit in the answer has at most one decimal (ChargingSchedulePeriodType) and is
+    rounded down, never up: 11 kW on three phases is 15.94 A → 15.9; an EMS's 16.66 A → 16.6."""
+
+    def ems(start: datetime, duration_s: int) -> list[CompositePeriod]:
+        return [CompositePeriod(0, None), CompositePeriod(60, PeriodLimit(16.66, "A"))]
+
+    book = new_book(other_limits=ems)
+    accept(book, site_profile(unit="W", periods=[(0, 11_000.0), (120, 12_345.67)]))
+    amps = _composite(book, {"evseId": 0, "duration": 300, "chargingRateUnit": "A"})
+    assert _periods(amps) == [(0, 15.9), (120, 16.6)]  # 15.94 and 16.66 are both 15.9 at 60 s, once rounded
+    watts = _composite(book, {"evseId": 0, "duration": 300, "chargingRateUnit": "W"})
+    # 16.66 A × 230 V × 3 = 11 495.4 W, below the profile's 12 345.67 W from 120 s.
+    assert _periods(watts) == [(0, 11_000.0), (120, 11_495.4)]
+
+
 @pytest.mark.parametrize(
     ("request_payload", "reason", "options"),
     [
