@@ -21,7 +21,8 @@ requests of the K use cases that concern them, each as a plain function of the r
   for the requested duration (K08.FR.02/03): the lowest, at every instant, of the CSMS's profiles,
   of the other limit sources handed in (the EMS, configuration) and of the grid connection.
 
-For the limit engine, :meth:`CsmsLimitBook.limit_at` gives the CSMS's limit in force at an instant.
+For the limit engine, :meth:`CsmsLimitBook.limit_at` gives the CSMS's limit in force at an instant
+and :meth:`CsmsLimitBook.next_change_after` the next instant at which it may change by itself.
 
 The book survives a restart (K01.FR.27): the accepted profiles are kept, as received, in one key of
 the :class:`KeyValue` handed in, so each change is a single durable write.
@@ -48,6 +49,8 @@ from balancing.schedules import (
     RateUnit,
     composite_schedule,
     leading_limit,
+    next_change_point,
+    round_limit_down,
 )
 
 log = logging.getLogger("ocpp_lc.balancing.csms_limits")
@@ -160,11 +163,6 @@ def _rejected(reason_code: str, detail: str) -> dict[str, Any]:
     return {"status": "Rejected", "statusInfo": {"reasonCode": reason_code, "additionalInfo": detail[:512]}}
 
 
-def _round_down(limit: float) -> float:
-    """A limit with at most one decimal (the schema's wording), never above the exact one."""
-    return math.floor(limit * 10 + 1e-9) / 10
-
-
 def _overlap(a: ChargingProfile, b: ChargingProfile) -> bool:
     """Whether the validity periods [validFrom, validTo) of two profiles overlap (open ends unbounded)."""
     a_from = a.valid_from or datetime.min.replace(tzinfo=UTC)
@@ -224,6 +222,16 @@ class CsmsLimitBook:
     def limit_at(self, now: datetime) -> PeriodLimit | None:
         """The CSMS's site limit in force at ``now`` (per-phase A, or W with numberPhases); None: no limit."""
         return leading_limit(self._profiles.values(), now)
+
+    def next_change_after(self, now: datetime) -> datetime | None:
+        """The first instant strictly after ``now`` at which a profile's limit may change; None: never.
+
+        Validity bounds, period starts, duration ends and recurrences, of every profile (see
+        :func:`balancing.schedules.next_change_point`): exact, with no horizon, and cheap enough for the
+        balancing loop to ask on every pass.
+        """
+        upcoming = [instant for profile in self._profiles.values() if (instant := next_change_point(profile, now))]
+        return min(upcoming, default=None)
 
     def site_limits_at(self, now: datetime) -> SiteLimits | None:
         """:meth:`limit_at` as the limit engine's SiteLimits: A on every phase (K01.FR.51), or total W."""
@@ -393,7 +401,7 @@ class CsmsLimitBook:
             start_period = math.ceil(period.start_s)
             if start_period >= request.duration:
                 continue
-            entry: dict[str, Any] = {"startPeriod": start_period, "limit": _round_down(period.limit.limit)}
+            entry: dict[str, Any] = {"startPeriod": start_period, "limit": round_limit_down(period.limit.limit)}
             if period.limit.number_phases is not None:
                 entry["numberPhases"] = period.limit.number_phases
             if schedule_periods and schedule_periods[-1]["startPeriod"] == start_period:

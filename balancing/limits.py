@@ -16,14 +16,20 @@ source; each value remembers where it came from (``config``, ``csms``, ``ems:<na
 ``failsafe:<name>``), so operators can see who is holding the site back. Ties keep the earlier one in
 that order, so the answer does not depend on the order sources were set.
 
+A source whose stored limit cannot be read back at start (a damaged store entry) is not dropped: the
+EMS meant to limit the site and nobody knows how far any more, so it is *damaged* and stale, holding
+the failsafe current, until the EMS sets or releases it again (logged, counted in
+``ocpp_lc_ems_limits_damaged_total``, ``"damaged": true`` in ``GET /api/v1/limits``).
+
 Durability: :meth:`LimitSources.set` and :meth:`LimitSources.release` write the store first and change
 memory only once the write has returned; an HTTP 200 therefore means the limit survives a restart and
 a power cut (see ``router/store.py``), and a write that fails leaves the limit in force unchanged.
 
 Changes: :attr:`LimitSources.version` grows by one on every set and release (the balancing loop
 compares it with the version it last allocated for), ``on_change`` is called after each, and
-:meth:`LimitSources.next_change_after` says when the limit changes by itself (the next period of a
-schedule, a validity running out), so the loop can sleep until then rather than poll.
+:meth:`LimitSources.next_change_after` says when the limit changes by itself (the next period of an
+EMS schedule, a validity running out, a change point of the CSMS's site profiles), so the loop can
+sleep until then rather than poll.
 
 Nothing here does I/O beyond the store handed in, and nothing imports trio: time comes from the
 caller (``now``) or from the injected wall clock.
@@ -31,6 +37,7 @@ caller (``now``) or from the injected wall clock.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -39,6 +46,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, Protocol
 
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from .allocator import SiteLimits
@@ -136,6 +144,8 @@ class EmsLimit:
     start: datetime
     received_at: datetime
     valid_until: datetime
+    #: Found unreadable in the store: no schedule, stale from the moment it was found (``valid_until``).
+    damaged: bool = False
 
     def is_stale(self, now: datetime) -> bool:
         """True once the validity has run out (the failsafe applies instead)."""
@@ -175,14 +185,21 @@ class EmsLimit:
         periods = tuple((float(offset_s), float(limit)) for offset_s, limit in stored["periods"])
         if not periods:
             raise ValueError("no periods")
-        return EmsLimit(
-            source=source,
-            unit=unit,
-            periods=periods,
-            start=datetime.fromisoformat(stored["start"]),
-            received_at=datetime.fromisoformat(stored["received_at"]),
-            valid_until=datetime.fromisoformat(stored["valid_until"]),
-        )
+        # What parse_limit_request guarantees, checked again: a NaN or a naive time would poison every
+        # comparison the limit engine makes later, far from here.
+        if not all(math.isfinite(offset_s) and math.isfinite(limit) and limit >= 0 for offset_s, limit in periods):
+            raise ValueError("a period is negative or not finite")
+        if any(b[0] <= a[0] for a, b in itertools.pairwise(periods)):
+            raise ValueError("periods out of order")
+        times = [datetime.fromisoformat(stored[key]) for key in ("start", "received_at", "valid_until")]
+        if any(moment.tzinfo is None for moment in times):
+            raise ValueError("a time without a time zone")
+        return EmsLimit(source, unit, periods, start=times[0], received_at=times[1], valid_until=times[2])
+
+    @staticmethod
+    def damaged_at(source: str, found_at: datetime) -> EmsLimit:
+        """The stand-in for a source whose stored limit is unreadable: stale (the failsafe) from ``found_at``."""
+        return EmsLimit(source, "A", (), start=found_at, received_at=found_at, valid_until=found_at, damaged=True)
 
 
 def _field_name(loc: Iterable[int | str]) -> str:
@@ -308,26 +325,41 @@ class LimitSources:
         *,
         config_limits: SiteLimits = NO_LIMITS,
         csms_limits: Callable[[datetime], SiteLimits | None] = lambda now: None,
+        csms_next_change: Callable[[datetime], datetime | None] = lambda now: None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_change: Callable[[], None] | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self._store = store
         self.bounds = bounds
         self._config_limits = config_limits
         self._csms_limits = csms_limits
+        self._csms_next_change = csms_next_change
         self._clock = clock
         self._on_change = on_change
         #: Grows by one on every accepted set and release.
         self.version = 0
         self._limits: dict[str, EmsLimit] = {}
+        self.damaged = Counter(
+            "ocpp_lc_ems_limits_damaged",
+            "EMS limits found unreadable in the store at start; each holds the site at the failsafe current "
+            "until the EMS sets or releases it.",
+            registry=CollectorRegistry() if registry is None else registry,
+        )
+        found_at = clock()
         for source, stored in sorted(store.items().items()):
             try:
                 self._limits[source] = EmsLimit.from_stored(source, stored)
-            except (KeyError, TypeError, ValueError) as error:
-                # Not silently: an EMS limit that is lost must be visible to the operator.
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                # The EMS meant to limit the site and we no longer know how far: fail safe, visibly.
                 log.error(
-                    "EMS limit %r in the store is unreadable (%s): ignored until the EMS sets it again", source, error
+                    "EMS limit %r in the store is unreadable (%s): the failsafe current holds for it until the EMS "
+                    "sets or releases it",
+                    source,
+                    error,
                 )
+                self._limits[source] = EmsLimit.damaged_at(source, found_at)
+                self.damaged.inc()
 
     def now(self) -> datetime:
         """The injected wall clock."""
@@ -416,7 +448,12 @@ class LimitSources:
         )
 
     def next_change_after(self, now: datetime) -> datetime | None:
-        """The next instant after ``now`` when an EMS limit changes by itself (period or validity)."""
+        """The first instant strictly after ``now`` at which the effective limit may change by itself.
+
+        That is the earliest of every source's own change points: an EMS schedule's next period or its
+        validity running out, and the CSMS site profiles' (``csms_next_change``: validity bounds,
+        periods, durations, recurrences). Exact and cheap: the balancing loop asks on every pass.
+        """
         upcoming: list[datetime] = []
         for limit in self._limits.values():
             if limit.valid_until > now:
@@ -425,6 +462,9 @@ class LimitSources:
                 instant = limit.start + timedelta(seconds=offset_s)
                 if now < instant < limit.valid_until:
                     upcoming.append(instant)
+        csms = self._csms_next_change(now)
+        if csms is not None and csms > now:
+            upcoming.append(csms)
         return min(upcoming, default=None)
 
     def status(self, now: datetime | None = None) -> dict[str, Any]:
@@ -448,16 +488,17 @@ class LimitSources:
 
 
 def describe(limit: EmsLimit, at: datetime) -> dict[str, Any]:
-    """One source as the API shows it."""
+    """One source as the API shows it (a damaged one: no schedule, stale since it was found)."""
     stale = limit.is_stale(at)
     return {
         "source": limit.source,
         "unit": limit.unit,
         "limit_now": None if stale else limit.scheduled_at(at),
         "periods": [{"start_offset_s": offset_s, "limit": value} for offset_s, value in limit.periods],
-        "start_schedule": limit.start.isoformat(),
-        "received_at": limit.received_at.isoformat(),
+        "start_schedule": None if limit.damaged else limit.start.isoformat(),
+        "received_at": None if limit.damaged else limit.received_at.isoformat(),
         "valid_until": limit.valid_until.isoformat(),
         "age_s": limit.age_s(at),
         "stale": stale,
+        "damaged": limit.damaged,
     }

@@ -105,6 +105,13 @@ class PeriodLimit:
         return to_watts(self.limit, self.unit, self.number_phases, voltage_volts)
 
 
+def round_limit_down(limit: float) -> float:
+    """A limit as OCPP carries it, with at most one decimal (ChargingSchedulePeriodType ``limit``), rounded
+    down so that what the controller writes never allows more than the exact value (the 1e-9 absorbs
+    binary noise such as 8.1 * 10 = 80.99999999999999)."""
+    return math.floor(limit * 10 + 1e-9) / 10
+
+
 def to_amperes(limit: float, unit: RateUnit, number_phases: int | None, voltage_volts: float) -> float:
     """A limit as per-phase amperes: W ÷ (voltage × phases) (K01.FR.50); A is already per phase."""
     if unit == "A":
@@ -232,6 +239,41 @@ def _change_points(
     for origin in origins:
         points.update(origin + timedelta(seconds=offset) for offset in offsets)
     return {point for point in points if start < point < end}
+
+
+def next_change_point(
+    profile: ChargingProfile, now: datetime, relative_start: datetime | None = None
+) -> datetime | None:
+    """The first instant strictly after ``now`` at which ``profile``'s limit may change; None: never again.
+
+    The candidates are those of :func:`_change_points` that lie within the validity (its bounds
+    included): validFrom and validTo, period starts, the end of ``duration``, and for a Recurring profile
+    the occurrence in progress and the next one (every later occurrence starts after that one). No
+    horizon is needed, and the cost is one pass over the periods.
+    """
+    if profile.valid_to is not None and now >= profile.valid_to:
+        return None
+    if profile.valid_from is not None and now < profile.valid_from:
+        return profile.valid_from  # nothing is imposed before it, so nothing changes before it
+    schedule = profile.schedule
+    offsets = sorted({period.start_period for period in schedule.charging_schedule_period} | {schedule.duration or 0})
+    if profile.charging_profile_kind == "Relative":
+        origins = [] if relative_start is None else [relative_start]
+    elif profile.charging_profile_kind == "Absolute":
+        assert schedule.start_schedule is not None
+        origins = [schedule.start_schedule]
+    else:
+        assert schedule.start_schedule is not None
+        period_s = _RECURRENCE_S[profile.recurrency_kind or "Daily"]
+        cycle = max(0, math.floor((now - schedule.start_schedule).total_seconds() / period_s))
+        origins = [schedule.start_schedule + timedelta(seconds=(cycle + extra) * period_s) for extra in (0, 1)]
+    candidates = [] if profile.valid_to is None else [profile.valid_to]
+    for origin in origins:
+        later = (point for offset in offsets if (point := origin + timedelta(seconds=offset)) > now)
+        first = next(later, None)
+        if first is not None:
+            candidates.append(first)
+    return min(candidates, default=None)
 
 
 @dataclass(frozen=True, slots=True)

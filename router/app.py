@@ -247,7 +247,9 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         limit_bounds(settings),
         config_limits=SiteLimits.uniform(grid.max_current_amperes, grid.max_power_watts),
         csms_limits=csms_book.site_limits_at,
+        csms_next_change=csms_book.next_change_after,
         on_change=limits_changed,
+        registry=registry,
     )
     csms_book.other_limits = limit_steps(limits.effective, limits.next_change_after)
     app = App(settings, registry, metrics, hub, links, server, store, limits, csms_book)

@@ -123,6 +123,18 @@ def _check_ping_interval(interval_s: float) -> float:
     return interval_s
 
 
+def _check_resolution(resolution_amperes: float) -> float:
+    # A charging schedule's limit carries at most one decimal (Part 2, ChargingSchedulePeriodType), so
+    # the limits the controller rounds to must be whole tenths of an ampere (#11.9).
+    tenths = resolution_amperes * 10
+    if not 1 <= tenths <= 10 or abs(tenths - round(tenths)) > 1e-9:
+        raise ValueError(
+            "must be from 0.1 to 1 A with at most one decimal (0.1, 0.5, 1 ...: OCPP charging schedule "
+            f"limits carry at most one decimal), got {_show(resolution_amperes)}"
+        )
+    return resolution_amperes
+
+
 def _check_station_path(path: str) -> str:
     if not path.startswith("/") or path.endswith("/") or any(char in path for char in "?# \t"):
         raise ValueError(
@@ -448,7 +460,9 @@ class BalancingSettings(BaseModel):
         le=3600,
         description="per station, from its last profile change to an increase (decreases never wait) (s)",
     )
-    resolution_amperes: float = Field(default=0.1, ge=0.01, le=1, description="limits are rounded down to this (A)")
+    resolution_amperes: Annotated[float, AfterValidator(_check_resolution)] = Field(
+        default=0.1, description="limits are rounded down to this (A; 0.1 to 1, one decimal)"
+    )
     forget_disconnected_after_s: float = Field(
         default=3600.0, ge=0, le=604_800, description="a station gone this long stops counting at its maximum (s)"
     )

@@ -239,6 +239,35 @@ def test_recurring_weekly_weekend_limit() -> None:
     assert amperes(book, monday + timedelta(days=20)) == 200.0  # the Saturday two weeks on
 
 
+def test_next_change_after_covers_every_profile_and_every_kind_of_change_point() -> None:
+    """#11.5: the balancing loop wakes at the book's change points. Across profiles, the earliest one
+    strictly after ``now``: period starts, a duration's end, validFrom/validTo, a Weekly recurrence days
+    ahead; None once no profile can change any more."""
+    book = new_book()
+    monday = datetime(2026, 11, 23, tzinfo=UTC)
+    accept(book, site_profile(1, kind="Recurring", recurrencyKind="Weekly", start=monday, periods=[(0, 60.0)]))
+    assert book.next_change_after(monday + timedelta(days=1)) == monday + timedelta(days=7)
+    accept(
+        book,
+        site_profile(
+            2,
+            stack_level=1,
+            start=monday + timedelta(days=2),
+            periods=[(0, 40.0), (600, 30.0)],
+            schedule={"duration": 3600},
+            validTo=stamp(monday + timedelta(days=3)),
+        ),
+    )
+    after = book.next_change_after
+    assert after(monday + timedelta(days=1)) == monday + timedelta(days=2)  # profile 2 starts
+    assert after(monday + timedelta(days=2)) == monday + timedelta(days=2, seconds=600)  # its next period
+    assert after(monday + timedelta(days=2, seconds=600)) == monday + timedelta(days=2, seconds=3600)  # duration
+    assert after(monday + timedelta(days=2, hours=1)) == monday + timedelta(days=3)  # validTo
+    assert after(monday + timedelta(days=3)) == monday + timedelta(days=7)  # back to the weekly one
+    _clear(book, {"chargingProfileId": 1})
+    assert after(monday + timedelta(days=3)) is None
+
+
 # -- ClearChargingProfile (K10) ------------------------------------------------------------------
 
 
@@ -366,6 +395,22 @@ def test_composite_in_watts_and_with_other_sources() -> None:
     assert _periods(amps) == [(0, 100.0), (60, 40.0), (120, 100.0)]
     watts = _composite(book, {"evseId": 0, "duration": 300, "chargingRateUnit": "W"})
     assert _periods(watts) == [(0, 69_000.0), (60, 27_600.0), (120, 69_000.0)]  # × 230 V × 3 phases
+
+
+def test_composite_limits_are_rounded_down_to_one_decimal() -> None:
+    """#11.9: every limit in the answer has at most one decimal (ChargingSchedulePeriodType) and is
+    rounded down, never up: 11 kW on three phases is 15.94 A → 15.9; an EMS's 16.66 A → 16.6."""
+
+    def ems(start: datetime, duration_s: int) -> list[CompositePeriod]:
+        return [CompositePeriod(0, None), CompositePeriod(60, PeriodLimit(16.66, "A"))]
+
+    book = new_book(other_limits=ems)
+    accept(book, site_profile(unit="W", periods=[(0, 11_000.0), (120, 12_345.67)]))
+    amps = _composite(book, {"evseId": 0, "duration": 300, "chargingRateUnit": "A"})
+    assert _periods(amps) == [(0, 15.9), (120, 16.6)]  # 15.94 and 16.66 are both 15.9 at 60 s, once rounded
+    watts = _composite(book, {"evseId": 0, "duration": 300, "chargingRateUnit": "W"})
+    # 16.66 A × 230 V × 3 = 11 495.4 W, below the profile's 12 345.67 W from 120 s.
+    assert _periods(watts) == [(0, 11_000.0), (120, 11_495.4)]
 
 
 @pytest.mark.parametrize(

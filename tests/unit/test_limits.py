@@ -11,12 +11,20 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from prometheus_client import CollectorRegistry
 
 from balancing.allocator import SiteLimits
 from balancing.limits import LimitBounds, LimitInvalid, LimitSources
 from router.store import Store
 
 EPOCH = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+STORED_OK = {
+    "unit": "A",
+    "periods": [[0, 20.0]],
+    "start": EPOCH.isoformat(),
+    "received_at": EPOCH.isoformat(),
+    "valid_until": (EPOCH + timedelta(hours=1)).isoformat(),
+}
 
 
 class Clock:
@@ -99,6 +107,27 @@ def test_a_schedule_changes_the_limit_at_its_period_starts() -> None:
     clock.advance(600)
     assert limits.effective().phase_current_amperes[0] == 40.0
     assert limits.next_change_after(clock.now) == EPOCH + timedelta(seconds=3600)
+
+
+def test_the_next_change_is_the_earliest_of_the_ems_and_the_csms_change_points() -> None:
+    """#11.5: ``next_change_after`` (what the balancing loop sleeps until) knows every limit source: the
+    CSMS's site profile changing at +60 s comes before the EMS's next period at +600 s."""
+    clock = Clock()
+    csms_points = [EPOCH + timedelta(seconds=60), EPOCH + timedelta(seconds=1200)]
+
+    def csms_next_change(now: datetime) -> datetime | None:
+        return min((point for point in csms_points if point > now), default=None)
+
+    limits = sources(clock, csms_next_change=csms_next_change)
+    periods = [{"start_offset_s": 0, "limit": 100}, {"start_offset_s": 600, "limit": 40}]
+    limits.set("dso", body(unit="A", periods=periods, valid_for_s=3600))
+
+    after = limits.next_change_after
+    assert after(EPOCH) == EPOCH + timedelta(seconds=60)
+    assert after(EPOCH + timedelta(seconds=60)) == EPOCH + timedelta(seconds=600)  # strictly after now
+    assert after(EPOCH + timedelta(seconds=600)) == EPOCH + timedelta(seconds=1200)
+    assert after(EPOCH + timedelta(seconds=1200)) == EPOCH + timedelta(seconds=3600)
+    assert after(EPOCH + timedelta(seconds=3600)) is None
 
 
 def test_a_schedule_that_starts_later_imposes_nothing_before_its_start() -> None:
@@ -263,13 +292,66 @@ def test_limits_survive_reopening_the_store(tmp_path: Path) -> None:
         assert again.effective().phase_current_amperes == (40.0, 40.0, 40.0)
 
 
-def test_an_unreadable_stored_limit_is_reported_and_skipped(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"unit": "furlongs"},
+        "not a table",
+        {**STORED_OK, "periods": [[0, float("nan")]]},
+        {**STORED_OK, "start": "2026-01-01T12:00:00"},  # no time zone
+        {**STORED_OK, "periods": [[600, 10.0], [0, 20.0]]},
+    ],
+)
+def test_a_damaged_stored_limit_holds_the_failsafe_until_the_ems_speaks(
+    caplog: pytest.LogCaptureFixture, damage: Any
+) -> None:
+    """#11.10: an EMS limit the store cannot give back is not dropped (the site would then run on the grid
+    limit alone): it is stale, holding the failsafe current, until the EMS sets or releases it; the
+    operator sees it in the log, in a counter and as ``damaged`` in GET /api/v1/limits."""
     store = MemoryStore()
-    store.data["broken"] = {"unit": "furlongs"}
+    store.data["broken"] = damage
     store.data["pv"] = sources(Clock()).set("pv", body(unit="A", limit=80)).to_stored()
+    registry = CollectorRegistry()
+    clock = Clock()
 
     with caplog.at_level(logging.ERROR, logger="ocpp_lc.balancing.limits"):
-        limits = sources(Clock(), store=store)
+        limits = sources(clock, store=store, registry=registry)
 
-    assert [limit.source for limit in limits.sources()] == ["pv"]
-    assert "'broken'" in caplog.text
+    assert "'broken'" in caplog.text and "failsafe" in caplog.text
+    assert registry.get_sample_value("ocpp_lc_ems_limits_damaged_total") == 1.0
+    effective = limits.effective()
+    assert effective.phase_current_amperes == (16.0, 16.0, 16.0)  # the failsafe, below pv's 80 A
+    assert effective.phase_sources == ("failsafe:broken",) * 3
+    status = limits.status()
+    assert status["failsafe_active"] is True
+    broken = next(source for source in status["sources"] if source["source"] == "broken")
+    assert broken | {"age_s": 0.0} == {
+        "source": "broken",
+        "unit": "A",
+        "limit_now": None,
+        "periods": [],
+        "start_schedule": None,
+        "received_at": None,
+        "valid_until": EPOCH.isoformat(),
+        "age_s": 0.0,
+        "stale": True,
+        "damaged": True,
+    }
+    assert limits.next_change_after(clock.now) is not None  # pv's validity; the damaged one never ends alone
+    clock.advance(60)
+    assert limits.effective().phase_sources == ("failsafe:broken",) * 3  # still, a minute on
+
+    limits.set("broken", body(unit="A", limit=50))  # the EMS speaks again
+    assert limits.effective().phase_current_amperes == (50.0, 50.0, 50.0)
+    assert limits.status()["sources"][0]["damaged"] is False
+    again = sources(clock, store=store)  # and it is healthy after a restart
+    assert again.effective().phase_sources == ("ems:broken",) * 3
+
+
+def test_a_damaged_stored_limit_can_be_released() -> None:
+    store = MemoryStore()
+    store.data["broken"] = {"unit": "A"}
+    limits = sources(Clock(), store=store)
+    assert limits.release("broken") is True
+    assert limits.effective().phase_current_amperes == (None, None, None)
+    assert store.data == {}

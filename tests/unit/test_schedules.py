@@ -13,9 +13,11 @@ from pydantic import ValidationError
 from balancing.schedules import (
     ChargingProfile,
     PeriodLimit,
+    _change_points,
     composite_limit_at,
     composite_schedule,
     limit_at,
+    next_change_point,
     to_amperes,
     to_watts,
 )
@@ -317,3 +319,73 @@ def test_composite_never_exceeds_the_leading_profile(specs: list[tuple[int, floa
     else:
         leader = max(active, key=lambda p: p.stack_level)
         assert found is not None and found.limit == leader.schedule.charging_schedule_period[0].limit
+
+
+# -- the next change point (what the balancing loop sleeps until, #11.5) ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("subject", "now", "expected"),
+    [
+        (DAILY, "2013-01-01T00:00:00", "2013-01-01T08:00:00"),  # the next period start
+        (DAILY, "2013-01-01T21:00:00", "2013-01-02T00:00:00"),  # the next occurrence (and the duration's end)
+        (DAILY, "2012-12-31T12:00:00", "2013-01-01T00:00:00"),  # before startSchedule: its start
+        (PEAK, "2020-01-09T18:00:00", "2020-01-09T20:00:00"),  # the end of duration (K01.FR.11)
+        (PEAK, "2020-01-09T20:00:00", "2020-01-10T17:00:00"),  # strictly after now
+        (SUNDAYS, "2020-01-07T10:00:00", "2020-01-12T00:00:00"),  # Weekly: five days ahead
+        (CHRISTMAS, "2019-06-01T00:00:00", "2020-01-01T00:00:00"),  # validFrom
+        (CHRISTMAS, "2020-06-01T00:00:00", "2020-12-25T00:00:00"),
+        (CHRISTMAS, "2020-12-26T00:00:00", "2021-01-01T00:00:00"),  # validTo
+        (CHRISTMAS, "2021-01-01T00:00:00", None),  # never again
+    ],
+)
+def test_next_change_point(subject: ChargingProfile, now: str, expected: str | None) -> None:
+    assert next_change_point(subject, at(now)) == (None if expected is None else at(expected))
+
+
+_PROFILE_SPECS = st.fixed_dictionaries(
+    {
+        "kind": st.sampled_from(["Absolute", "Daily", "Weekly"]),
+        "starts": st.lists(st.integers(1, 90_000), max_size=4, unique=True),
+        "duration": st.none() | st.integers(0, 200_000),
+        "valid_from": st.none() | st.integers(-200_000, 800_000),
+        "valid_for": st.none() | st.integers(1, 800_000),
+    }
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_PROFILE_SPECS, st.integers(-300_000, 1_500_000))
+def test_next_change_point_is_the_first_instant_the_limit_can_change(spec: dict[str, Any], offset_s: int) -> None:
+    """Property: the limit is the same from ``now`` up to the answer (checked at every instant where it could
+    change, per _change_points), and differs or could differ at the answer; None only if it never changes."""
+    origin = at("2024-01-01T00:00:00")
+    periods = [{"startPeriod": start, "limit": index + 1} for index, start in enumerate([0, *sorted(spec["starts"])])]
+    fields: dict[str, Any] = {
+        "id": 1,
+        "stackLevel": 0,
+        "chargingProfilePurpose": "ChargingStationMaxProfile",
+        "chargingProfileKind": "Absolute" if spec["kind"] == "Absolute" else "Recurring",
+        "chargingSchedule": [
+            {"id": 1, "startSchedule": origin.isoformat(), "chargingRateUnit": "A", "chargingSchedulePeriod": periods}
+        ],
+    }
+    if spec["kind"] != "Absolute":
+        fields["recurrencyKind"] = spec["kind"]
+    if spec["duration"] is not None:
+        fields["chargingSchedule"][0]["duration"] = spec["duration"]
+    if spec["valid_from"] is not None:
+        fields["validFrom"] = (origin + timedelta(seconds=spec["valid_from"])).isoformat()
+        if spec["valid_for"] is not None:
+            fields["validTo"] = (origin + timedelta(seconds=spec["valid_from"] + spec["valid_for"])).isoformat()
+    subject = profile(**fields)
+    now = origin + timedelta(seconds=offset_s)
+    horizon = now + timedelta(days=15)
+    found = next_change_point(subject, now)
+    candidates = sorted(_change_points(subject, now, horizon, None))
+    before = candidates if found is None else [point for point in candidates if point < found]
+    held = limit_at(subject, now)
+    assert all(limit_at(subject, point) == held for point in before)
+    if found is not None:
+        assert found > now
+        assert found in candidates or found >= horizon
