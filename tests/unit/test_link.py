@@ -220,3 +220,111 @@ async def test_an_unanswered_csms_call_frees_the_slot_after_the_hold_time(autoju
         assert trio.current_time() - started == pytest.approx(20)
         await pair.station.send_text(json.dumps([3, lc_call[1], {"status": "Accepted"}]))
     assert pair.registry.get_sample_value("ocpp_lc_unanswered_calls_total") == 1
+
+
+# -- #13.5: an answer to the controller's call is recognised by its id alone ------------------------
+
+
+@pytest.mark.parametrize(
+    "malformed",
+    [
+        '[4, "{id}", "FormatViolation", "four elements"]',
+        '[4, "{id}", "GenericError", "no details", null]',
+        '[3, "{id}", null]',
+        '[3, "{id}"]',
+    ],
+    ids=["callerror-4-elements", "callerror-null-details", "callresult-null-payload", "two-elements"],
+)
+async def test_a_malformed_answer_to_a_controller_call_stays_local_and_ends_the_call(
+    autojump_clock: trio.abc.Clock, malformed: str
+) -> None:
+    # §6.4: answers to the controller's own calls are never relayed to the CSMS, whatever their shape.
+    async with relayed_pair(
+        LinkTimings(lc_call_timeout_s=30, station_ping_interval_s=0, csms_ping_interval_s=0)
+    ) as pair:
+        async with trio.open_nursery() as nursery:
+            failures: list[tuple[BaseException, float]] = []
+
+            async def call() -> None:
+                started = trio.current_time()
+                try:
+                    await pair.link.call("ClearChargingProfile", {"chargingProfileId": 900})
+                except CallRejected as exc:
+                    failures.append((exc, trio.current_time() - started))
+
+            nursery.start_soon(call)
+            message_id = json.loads(await pair.station.receive_text())[1]
+            await pair.station.send_text(malformed.replace("{id}", message_id))
+        # The call ended as a failure at once, not after its 30 s timeout.
+        assert len(failures) == 1
+        assert failures[0][1] < 1
+        await pair.station.send_text(json.dumps([2, "m9", "Heartbeat", {}]))
+        assert json.loads(await pair.csms.receive_text())[1] == "m9"  # the malformed answer never went up
+    assert pair.registry.get_sample_value(
+        "ocpp_lc_lc_calls_total", {"action": "ClearChargingProfile", "outcome": "error"}
+    )
+
+
+# -- #13.7: the call slot covers malformed CSMS calls; our ids are tracked exactly -------------------
+
+
+async def test_a_csms_answer_whose_id_looks_like_ours_is_relayed(autojump_clock: trio.abc.Clock) -> None:
+    async with relayed_pair() as pair:
+        await pair.csms.send_text(json.dumps([2, "lc~4711", "GetVariables", {"getVariableData": []}]))
+        assert json.loads(await pair.station.receive_text())[1] == "lc~4711"
+        answer = json.dumps([3, "lc~4711", {"getVariableResult": []}])
+        await pair.station.send_text(answer)
+        with trio.fail_after(5):
+            assert await pair.csms.receive_text() == answer
+
+
+async def test_a_malformed_csms_call_waits_for_the_slot_like_any_other(autojump_clock: trio.abc.Clock) -> None:
+    # Part 4 §4.1.1: a frame meant as a call is a call to the station, even if it does not parse.
+    async with relayed_pair() as pair, trio.open_nursery() as nursery:
+
+        async def call() -> None:
+            await pair.link.call("ClearChargingProfile", {"chargingProfileId": 1})
+
+        nursery.start_soon(call)
+        lc_call = json.loads(await pair.station.receive_text())
+        await pair.csms.send_text('[2, "c1", "GetVariables", null]')
+        with trio.move_on_after(10) as waited:
+            await pair.station.receive_text()
+        assert waited.cancelled_caught, "the malformed CSMS call overtook the controller's call"
+        await pair.station.send_text(json.dumps([3, lc_call[1], {"status": "Accepted"}]))
+        assert await pair.station.receive_text() == '[2, "c1", "GetVariables", null]'  # byte-for-byte
+        # The station's error answer to it reaches the CSMS and frees the slot for the next call.
+        error = json.dumps([4, "c1", "FormatViolation", "payload must be an object", {}])
+        await pair.station.send_text(error)
+        assert await pair.csms.receive_text() == error
+
+
+# -- #13.6: a held CSMS call never stalls the rest of the CSMS leg ----------------------------------
+
+
+async def test_answers_from_the_csms_flow_while_its_calls_wait_for_the_slot(autojump_clock: trio.abc.Clock) -> None:
+    async with relayed_pair() as pair, trio.open_nursery() as nursery:
+
+        async def call() -> None:
+            await pair.link.call("ClearChargingProfile", {"chargingProfileId": 1})
+
+        nursery.start_soon(call)
+        lc_call = json.loads(await pair.station.receive_text())
+        # Two CSMS calls wait behind the controller's (the CSMS gave up on the first and sent another).
+        await pair.csms.send_text(json.dumps([2, "c1", "GetVariables", {"getVariableData": []}]))
+        await pair.csms.send_text(json.dumps([2, "c2", "GetVariables", {"getVariableData": []}]))
+        await pair.station.send_text(json.dumps([2, "h1", "Heartbeat", {}]))
+        assert json.loads(await pair.csms.receive_text())[1] == "h1"
+        await trio.sleep(2)
+        sent_at = trio.current_time()
+        await pair.csms.send_text(json.dumps([3, "h1", {"currentTime": "2026-11-25T10:00:00Z"}]))
+        assert json.loads(await pair.station.receive_text())[1] == "h1"
+        assert trio.current_time() - sent_at < 0.5  # not queued behind the held calls
+        await pair.station.send_text(json.dumps([3, lc_call[1], {"status": "Accepted"}]))
+        assert json.loads(await pair.station.receive_text())[1] == "c1"
+
+
+def test_the_default_call_hold_ends_before_a_csms_gives_up() -> None:
+    # A CSMS typically times its calls out after 30 s; a hold at least that long would keep its next
+    # call waiting behind one it has already abandoned.
+    assert LinkTimings().csms_call_hold_s < 30
