@@ -47,6 +47,8 @@ from wsproto.events import (
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from .deflate import deflate
+
 log = logging.getLogger("ocpp_lc.transport")
 
 RECEIVE_CHUNK_BYTES: Final = 16_384
@@ -93,20 +95,6 @@ class HandshakeFailed(TransportError):
         self.status = status
         self.body = body
         self.kind = kind
-
-
-def _deflate(*, server: bool, keep_context: bool) -> PerMessageDeflate:
-    """permessage-deflate as we offer (client) or accept (server) it.
-
-    ``keep_context`` decides whether *our* compressor keeps its LZ77 window between messages. Kept,
-    repetitive OCPP messages shrink several times better, at ~200 KiB of zlib state per connection;
-    dropped after every message, an idle connection costs only the peer's inflate window. The
-    peer's own choice about its compressor is always honoured.
-    """
-    if server:
-        # RFC 7692 §7.1.1.1: a server may declare server_no_context_takeover unasked.
-        return PerMessageDeflate(server_no_context_takeover=not keep_context)
-    return PerMessageDeflate(client_no_context_takeover=not keep_context)
 
 
 class ByteCounter(Protocol):
@@ -276,7 +264,10 @@ class WebSocket:
             await self._close_stream()
         else:
             # wsproto reports a frame it could not parse as a close event with the code to use.
-            await self._fail(event.code, event.reason or "protocol error")
+            reason = event.reason or "protocol error"
+            if event.code == MESSAGE_TOO_BIG:
+                reason = f"message over {self._max_message_bytes} bytes"  # found while inflating it
+            await self._fail(event.code, reason)
 
     async def _fail(self, code: int, reason: str) -> None:
         """Close because of something the peer sent; the reader then raises ConnectionClosed."""
@@ -350,9 +341,12 @@ class IncomingHandshake:
     async def accept(self, subprotocol: str | None, *, keep_compression_context: bool = False) -> WebSocket:
         """Complete the handshake with ``subprotocol`` (None: no Sec-WebSocket-Protocol header).
 
-        permessage-deflate is accepted whenever offered; see :func:`_deflate` for the context choice.
+        permessage-deflate is accepted whenever offered; see :func:`router.deflate.deflate` for the
+        context choice and the inflation bound.
         """
-        extensions: list[Extension] = [_deflate(server=True, keep_context=keep_compression_context)]
+        extensions: list[Extension] = [
+            deflate(server=True, keep_context=keep_compression_context, max_message_bytes=self.max_message_bytes)
+        ]
         data = self.connection.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
         negotiated = [ext for ext in extensions if ext.enabled()]
         websocket = WebSocket(
@@ -536,7 +530,11 @@ async def client_handshake(
 ) -> WebSocket:
     """Run the client side of the opening handshake on an open ``stream`` (see :func:`connect`)."""
     connection = WSConnection(ConnectionType.CLIENT)
-    offered = [_deflate(server=False, keep_context=keep_compression_context)] if compress else []
+    offered = (
+        [deflate(server=False, keep_context=keep_compression_context, max_message_bytes=max_message_bytes)]
+        if compress
+        else []
+    )
     request = Request(
         host=host if port in (80, 443) else f"{host}:{port}",
         target=target,
