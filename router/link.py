@@ -30,6 +30,7 @@ from typing import Any, Final
 import trio
 
 from . import ocppj
+from .liveness import probe
 from .metrics import RouterMetrics
 from .observers import LinkEvent, ObservedMessage, ObserverHub, RawFrame, Source
 from .ocppj import Envelope, FrameError, MessageType
@@ -405,7 +406,11 @@ class StationLink:
         self._cancel_scope.cancel()
 
     async def _keepalive(self, websocket: WebSocket, leg: str, interval_s: float, timeout_s: float) -> None:
-        """Ping at ``interval_s``; a pong missing for ``timeout_s`` means the peer is gone (Part 4 §5.2)."""
+        """Ping at ``interval_s``; nothing from the peer for ``timeout_s`` after it means it is gone.
+
+        Any byte counts, not only the pong, and time spent queued behind a draining message of ours
+        does not (:func:`router.liveness.probe`): a slow but healthy peer is not closed (Part 4 §5.2).
+        """
         if interval_s <= 0:
             return
         sequence = 0
@@ -413,12 +418,13 @@ class StationLink:
             await trio.sleep(interval_s)
             sequence += 1
             try:
-                with trio.move_on_after(timeout_s) as scope:
-                    await websocket.ping(sequence.to_bytes(8, "big"))
-            except ConnectionClosed:
-                return  # the pump reading this leg reports the close
-            if scope.cancelled_caught:
-                log.warning("[%s] %s leg did not answer a ping within %g s", self.station_id, leg, timeout_s)
+                alive = await probe(websocket, sequence.to_bytes(8, "big"), timeout_s)
+            except ConnectionClosed as closed:
+                # Seen here first when the pump reading this leg is away sending on the other one.
+                self._end(decide_close(leg, closed))
+                return
+            if not alive:
+                log.warning("[%s] nothing came from the %s leg within %g s of a ping", self.station_id, leg, timeout_s)
                 if leg == "station":
                     self._end(
                         CloseDecision(
