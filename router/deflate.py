@@ -18,7 +18,7 @@ from __future__ import annotations
 import zlib
 
 from wsproto.extensions import PerMessageDeflate
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
 #: The four bytes a sender strips from the end of every compressed message (RFC 7692 §7.2.2).
 _TAIL = b"\x00\x00\xff\xff"
@@ -45,6 +45,18 @@ class BoundedDeflate(PerMessageDeflate):
             return CloseReason.MESSAGE_TOO_BIG
         return out
 
+    def frame_inbound_header(
+        self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, payload_length: int
+    ) -> CloseReason | RsvBits:
+        if opcode.iscontrol():
+            # Control frames are never compressed (RFC 7692 §6.1) and, arriving between messages or
+            # between the fragments of one, must not touch the state of the data messages.
+            if rsv.rsv1:
+                return CloseReason.PROTOCOL_ERROR
+            self._inbound_is_compressible = False
+            return RsvBits(True, False, False)
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
+
     def frame_inbound_payload_data(self, proto: FrameDecoder | FrameProtocol, data: bytes) -> bytes | CloseReason:
         if not self._inbound_compressed or not self._inbound_is_compressible:
             return data
@@ -52,8 +64,7 @@ class BoundedDeflate(PerMessageDeflate):
 
     def frame_inbound_complete(self, proto: FrameDecoder | FrameProtocol, fin: bool) -> bytes | CloseReason | None:
         if not self._inbound_is_compressible:
-            # A control frame between the fragments of a message leaves that message's state alone.
-            return None
+            return None  # a control frame (see frame_inbound_header)
         if not fin:
             return None
         compressed = self._inbound_compressed

@@ -161,3 +161,25 @@ def test_a_deflate_bomb_never_raises_resident_memory_past_the_bound() -> None:
     # The bound, the copies of one inflated chunk, and allocator slack; a 100 MiB bomb inflated
     # before the size check would add at least 16 MiB (one 16 KiB read's worth).
     assert rise_bytes < bound + 6 * MIB, f"resident memory rose by {rise_bytes / MIB:.1f} MiB"
+
+
+def _compressed(text: str) -> bytes:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return (compressor.compress(text.encode()) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+async def test_pings_between_and_inside_compressed_messages_leave_them_intact() -> None:
+    # RFC 6455 §5.4: control frames may come between messages and between the fragments of one.
+    ping = b"\x89\x82\x00\x00\x00\x00hi"  # masked client ping, payload "hi"
+    with trio.fail_after(10):
+        client_stream, server = await open_compressed(65_536)
+        first, second = _compressed('[2,"a","Heartbeat",{}]'), _compressed('[2,"b","Heartbeat",{}]')
+        await client_stream.send_all(
+            client_frame(first)
+            + ping
+            + client_frame(second[:5], fin=False)
+            + ping
+            + client_frame(second[5:], first=False)
+        )
+        assert await server.receive_text() == '[2,"a","Heartbeat",{}]'
+        assert await server.receive_text() == '[2,"b","Heartbeat",{}]'
