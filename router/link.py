@@ -419,10 +419,8 @@ class StationLink:
             sequence += 1
             try:
                 alive = await probe(websocket, sequence.to_bytes(8, "big"), timeout_s)
-            except ConnectionClosed as closed:
-                # Seen here first when the pump reading this leg is away sending on the other one.
-                self._end(decide_close(leg, closed))
-                return
+            except ConnectionClosed:
+                return  # the pump reading this leg reports the close, after relaying what came before it
             if not alive:
                 log.warning("[%s] nothing came from the %s leg within %g s of a ping", self.station_id, leg, timeout_s)
                 if leg == "station":
