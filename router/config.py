@@ -317,7 +317,14 @@ class RoutingSettings(BaseModel):
 
     model_config = _MODEL
     lc_call_timeout_s: float = Field(default=30.0, ge=1, le=600, description="LC call waits for answer (seconds)")
-    csms_call_hold_s: float = Field(default=60.0, ge=1, le=3600, description="relayed call outstanding (seconds)")
+    # Shorter than the ~30 s after which CSMSs commonly give up on a call: a CSMS call the station
+    # leaves unanswered must not keep the CSMS's next call (or ours) waiting once the CSMS moved on.
+    csms_call_hold_s: float = Field(
+        default=25.0,
+        ge=1,
+        le=3600,
+        description="relayed call outstanding (seconds); below the CSMS's own call timeout, commonly 30 s",
+    )
     observer_queue: int = Field(default=1000, ge=1, le=1_000_000, description="events buffered per observer (count)")
     shutdown_grace_s: float = Field(default=5.0, ge=0, le=120, description="closing time on stop (seconds)")
     tracked_calls_max: int = Field(default=64, ge=1, le=10_000, description="calls tracked per station (count)")

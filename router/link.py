@@ -9,7 +9,12 @@ only its own station. The pumps parse envelopes on the side, to
 * keep at most one call *from our side* outstanding at the station (§4.1.1): relayed CSMS calls
   and the controller's own calls (:meth:`StationLink.call`) share one :class:`CallSlot`;
 * take the station's answers to the controller's calls out of the stream: they never go upstream
-  (§6.4). Those calls carry ids of a reserved form (:func:`router.ocppj.new_lc_message_id`).
+  (§6.4). Those calls carry fresh ids of a reserved form (:func:`router.ocppj.new_lc_message_id`);
+  an answer is recognised by its id alone, compared exactly with the ids the link issued, so a
+  malformed answer to our call stays local too and a CSMS id that merely looks like ours is relayed.
+
+The CSMS leg's reader never waits for the call slot: CSMS calls queue (boundedly) for a sender task,
+while answers to the station's own calls, pings and pongs keep flowing.
 
 When either socket ends, the other is closed with a deliberate code and reason (§6.3) and the link
 is done. Nothing about a station outlives its link.
@@ -25,6 +30,7 @@ from typing import Any, Final
 import trio
 
 from . import ocppj
+from .liveness import probe
 from .metrics import RouterMetrics
 from .observers import LinkEvent, ObservedMessage, ObserverHub, RawFrame, Source
 from .ocppj import Envelope, FrameError, MessageType
@@ -74,6 +80,13 @@ class CallRejected(LinkError):
         self.details = details
 
 
+class MalformedReply(CallRejected):
+    """The station answered with a frame that is not valid OCPP-J (reported like a CALLERROR)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("FormatViolation", f"malformed answer: {reason}", None)
+
+
 class UnsupportedVersion(LinkError):
     """The link speaks an OCPP version the controller does not write (it only relays it)."""
 
@@ -83,7 +96,7 @@ class LinkTimings:
     """Per-link timing policy, from the configuration."""
 
     lc_call_timeout_s: float = 30.0
-    csms_call_hold_s: float = 60.0
+    csms_call_hold_s: float = 25.0
     station_ping_interval_s: float = 60.0
     station_ping_timeout_s: float = 30.0
     csms_ping_interval_s: float = 60.0
@@ -152,6 +165,13 @@ class _PendingLcCall:
     action: str
     done: trio.Event
     reply: Envelope | None = None
+    malformed: FrameError | None = None
+
+
+#: CSMS calls that may wait for the call slot while the CSMS leg keeps being read. A CSMS keeps one
+#: call outstanding per station (§4.1.1), so more than one waits only after the CSMS gave up on an
+#: earlier one; past this many the reader waits too (backpressure: memory stays bounded).
+CSMS_CALLS_QUEUED_MAX: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +236,9 @@ class StationLink:
         self._slot = CallSlot(metrics)
         self._lc_lock = trio.Lock()
         self._lc_pending: _PendingLcCall | None = None
+        # The ids of the controller's recent calls to this station, exactly (bounded, oldest first):
+        # the station's answers to these, however malformed, are ours (§6.4), even late ones.
+        self._lc_ids: dict[str, None] = {}
         # Calls in flight, by id, to match answers: those the station sent (answered by the CSMS) and
         # those sent to the station (by the CSMS). Bounded: a peer that never answers cannot grow them.
         self._station_calls: dict[str, _Tracked] = {}
@@ -245,6 +268,9 @@ class StationLink:
             raise LinkClosed(f"{self.station_id} is not connected")
         limit_s = self._timings.lc_call_timeout_s if timeout_s is None else timeout_s
         message_id = ocppj.new_lc_message_id()
+        if len(self._lc_ids) >= self._timings.tracked_calls_max:
+            self._lc_ids.pop(next(iter(self._lc_ids)))
+        self._lc_ids[message_id] = None
         frame = ocppj.encode_call(message_id, action, payload)
         label = ocppj.action_label(action)
         pending = _PendingLcCall(message_id, action, trio.Event())
@@ -272,7 +298,11 @@ class StationLink:
             self._slot.release(message_id)
             if pending.reply is not None:
                 outcome = "result" if pending.reply.message_type is MessageType.CALLRESULT else "error"
+            elif pending.malformed is not None:
+                outcome = "error"
             self._metrics.lc_calls.labels(label, outcome).inc()
+        if pending.malformed is not None:
+            raise MalformedReply(pending.malformed.reason)
         reply = pending.reply
         assert reply is not None
         if reply.message_type is MessageType.CALLERROR:
@@ -291,7 +321,7 @@ class StationLink:
             nursery.start_soon(on_done)
             await pending.done.wait()
             nursery.cancel_scope.cancel()
-        if pending.reply is None:
+        if pending.reply is None and pending.malformed is None:
             raise LinkClosed(f"{self.station_id} disconnected before answering {pending.action}")
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -376,7 +406,11 @@ class StationLink:
         self._cancel_scope.cancel()
 
     async def _keepalive(self, websocket: WebSocket, leg: str, interval_s: float, timeout_s: float) -> None:
-        """Ping at ``interval_s``; a pong missing for ``timeout_s`` means the peer is gone (Part 4 §5.2)."""
+        """Ping at ``interval_s``; nothing from the peer for ``timeout_s`` after it means it is gone.
+
+        Any byte counts, not only the pong, and time spent queued behind a draining message of ours
+        does not (:func:`router.liveness.probe`): a slow but healthy peer is not closed (Part 4 §5.2).
+        """
         if interval_s <= 0:
             return
         sequence = 0
@@ -384,12 +418,11 @@ class StationLink:
             await trio.sleep(interval_s)
             sequence += 1
             try:
-                with trio.move_on_after(timeout_s) as scope:
-                    await websocket.ping(sequence.to_bytes(8, "big"))
+                alive = await probe(websocket, sequence.to_bytes(8, "big"), timeout_s)
             except ConnectionClosed:
-                return  # the pump reading this leg reports the close
-            if scope.cancelled_caught:
-                log.warning("[%s] %s leg did not answer a ping within %g s", self.station_id, leg, timeout_s)
+                return  # the pump reading this leg reports the close, after relaying what came before it
+            if not alive:
+                log.warning("[%s] nothing came from the %s leg within %g s of a ping", self.station_id, leg, timeout_s)
                 if leg == "station":
                     self._end(
                         CloseDecision(
@@ -411,14 +444,15 @@ class StationLink:
     def _count(self, direction: str, label: str, text: str) -> None:
         self._metrics.count_frame(direction, label, len(text) if text.isascii() else len(text.encode()))
 
-    def _parse(self, text: str, direction: str) -> Envelope | None:
+    def _parse(self, text: str, direction: str) -> tuple[Envelope | None, FrameError | None]:
         try:
-            return ocppj.parse_frame(text)
+            return ocppj.parse_frame(text), None
         except FrameError as exc:
-            # Relayed unchanged all the same: the far end owns validation (and answers it).
+            # Relayed unchanged all the same (unless it answers our own call): the far end owns
+            # validation (and answers it).
             self._metrics.invalid_frames.labels(direction, exc.kind).inc()
-            log.info("[%s] %s frame is not valid OCPP-J (%s); relayed as is", self.station_id, direction, exc.reason)
-            return None
+            log.info("[%s] %s frame is not valid OCPP-J (%s)", self.station_id, direction, exc.reason)
+            return None, exc
 
     def _observe(
         self,
@@ -450,12 +484,17 @@ class StationLink:
             except ConnectionClosed as closed:
                 self._end(decide_close("station", closed))
                 return
-            envelope = self._parse(text, direction)
-            if envelope is not None and envelope.message_type is not MessageType.CALL:
-                if ocppj.is_lc_message_id(envelope.message_id):
-                    self._answer_lc_call(envelope, text)
-                    continue  # §6.4: never relayed upstream
+            envelope, malformed = self._parse(text, direction)
+            message_id = envelope.message_id if envelope is not None else malformed.message_id if malformed else None
+            is_call = envelope is not None and envelope.message_type is MessageType.CALL
+            if message_id is not None and not is_call and message_id in self._lc_ids:
+                # Decided by the id alone, whatever the rest of the frame: §6.4, never relayed upstream.
+                self._answer_lc_call(message_id, envelope, malformed, text)
+                continue
+            if envelope is not None and not is_call:
                 self._slot.release(envelope.message_id)
+            elif envelope is None and message_id is not None and malformed and malformed.message_type != 2:
+                self._slot.release(message_id)  # a malformed answer still ends the call it answers
             if self._hub.wants_raw:
                 self._hub.publish(RawFrame(self.station_id, direction, text, trio.current_time()))
             try:
@@ -466,10 +505,12 @@ class StationLink:
             self._after_relay(envelope, text, direction, "station")
 
     async def _pump_csms_to_station(self) -> None:
-        # CALLs go through a sender task that waits for the call slot; everything else (answers to
-        # the station's calls, and the pings/pongs read along the way) keeps flowing meanwhile.
+        # CALLs go through a sender task that waits for the call slot, queued so that the reader
+        # never waits for the slot: everything else (answers to the station's calls, and the
+        # pings/pongs read along the way) keeps flowing meanwhile.
         direction = "csms_to_station"
-        calls_send, calls_receive = trio.open_memory_channel[tuple[str, Envelope]](0)
+        calls_send, calls_receive = trio.open_memory_channel[tuple[str, Envelope | None, str]](CSMS_CALLS_QUEUED_MAX)
+        unreadable = 0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_csms_calls, calls_receive)
             async with calls_send:
@@ -479,16 +520,22 @@ class StationLink:
                     except ConnectionClosed as closed:
                         self._end(decide_close("csms", closed))
                         return
-                    envelope = self._parse(text, direction)
+                    envelope, malformed = self._parse(text, direction)
                     if envelope is not None and envelope.message_type is MessageType.CALL:
-                        await calls_send.send((text, envelope))
+                        await calls_send.send((text, envelope, envelope.message_id))
+                    elif malformed is not None and malformed.message_type == MessageType.CALL:
+                        # Meant as a call: the station may well act on it, so it takes the slot like
+                        # any other. An id we cannot read gets a key no answer matches (the hold frees it).
+                        unreadable += 1
+                        slot_id = malformed.message_id or f"\x00unreadable-{unreadable}"
+                        await calls_send.send((text, None, slot_id))
                     elif not await self._to_station(text, envelope):
                         return
 
-    async def _send_csms_calls(self, calls: trio.MemoryReceiveChannel[tuple[str, Envelope]]) -> None:
+    async def _send_csms_calls(self, calls: trio.MemoryReceiveChannel[tuple[str, Envelope | None, str]]) -> None:
         async with calls:
-            async for text, envelope in calls:
-                if await self._slot.acquire(envelope.message_id, self._timings.csms_call_hold_s):
+            async for text, envelope, slot_id in calls:
+                if await self._slot.acquire(slot_id, self._timings.csms_call_hold_s):
                     self._metrics.held_calls.inc()
                 if not await self._to_station(text, envelope):
                     return
@@ -532,17 +579,30 @@ class StationLink:
             tracked.payload if tracked else None,
         )
 
-    def _answer_lc_call(self, envelope: Envelope, text: str) -> None:
+    def _answer_lc_call(
+        self, message_id: str, envelope: Envelope | None, malformed: FrameError | None, text: str
+    ) -> None:
         pending = self._lc_pending
-        if pending is None or pending.message_id != envelope.message_id:
+        if pending is None or pending.message_id != message_id:
             self._metrics.late_replies.inc()
             self._count("station_to_lc", "other", text)
-            log.info("[%s] late answer to controller call %s dropped", self.station_id, envelope.message_id)
+            log.info("[%s] late answer to controller call %s dropped", self.station_id, message_id)
             return
         self._count("station_to_lc", ocppj.action_label(pending.action), text)
         if self._hub.wants_raw:
             self._hub.publish(RawFrame(self.station_id, "station_to_lc", text, trio.current_time()))
+        self._slot.release(message_id)
+        if envelope is None:
+            # Ends the call at once as failed rather than leaving it to its timeout.
+            log.warning(
+                "[%s] malformed answer to controller call %s (%s)",
+                self.station_id,
+                pending.action,
+                malformed.reason if malformed else "",
+            )
+            pending.malformed = malformed
+            pending.done.set()
+            return
         pending.reply = envelope
-        self._slot.release(envelope.message_id)
         pending.done.set()
         self._observe("station", envelope.message_type, envelope.message_id, pending.action, envelope.payload, None)

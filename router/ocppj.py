@@ -74,7 +74,9 @@ MAX_ERROR_DESCRIPTION_CHARS: Final = 255
 #: Ids of calls the controller originates toward a station start with this prefix, followed by 32
 #: hex digits of a random UUID: 35 characters in all, within the 36 allowed (§4.1.4). A CSMS's ids
 #: are its own business, but a tilde is not something UUID, counter or timestamp schemes produce, so
-#: the two id spaces do not collide (§6.4, point 1).
+#: the two id spaces do not collide (§6.4, point 1). The prefix only makes our ids recognisable (in
+#: traces, the demo); the router matches answers to its calls by the exact ids it issued, so a CSMS id
+#: that happens to start with it is still relayed.
 LC_ID_PREFIX: Final = "lc~"
 
 
@@ -97,15 +99,17 @@ class FrameError(ValueError):
     """The frame is not a valid OCPP-J message.
 
     ``message_id`` is the id when it could still be read (so an answer can name it), else None.
-    ``kind`` is a short, bounded label for metrics: ``json``, ``shape``, ``message_type``, ``id``,
-    ``action``, ``payload``.
+    ``message_type`` is the first element when the frame is a JSON array starting with an integer
+    (2 for something meant as a CALL), else None. ``kind`` is a short, bounded label for metrics:
+    ``json``, ``shape``, ``message_type``, ``id``, ``action``, ``payload``.
     """
 
-    def __init__(self, kind: str, reason: str, message_id: str | None = None) -> None:
+    def __init__(self, kind: str, reason: str, message_id: str | None = None, message_type: int | None = None) -> None:
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
         self.message_id = message_id
+        self.message_type = message_type
 
 
 def parse_frame(text: str) -> Envelope:
@@ -114,36 +118,44 @@ def parse_frame(text: str) -> Envelope:
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise FrameError("json", f"not valid JSON: {exc}") from None
-    if not isinstance(data, list) or len(data) < 3:
+    if not isinstance(data, list) or len(data) < 2:
         raise FrameError("shape", "an OCPP-J message is a JSON array of 3 to 5 elements")
+    # Type and id are read before anything else is checked, so that even a malformed frame can be
+    # matched to the call it answers (or recognised as a call) by whoever relays it.
     message_id = data[1] if isinstance(data[1], str) else None
-    kind_number = data[0]
-    if not isinstance(kind_number, int) or isinstance(kind_number, bool):
+    kind_number = data[0] if isinstance(data[0], int) and not isinstance(data[0], bool) else None
+    if len(data) < 3:
+        raise FrameError("shape", "an OCPP-J message is a JSON array of 3 to 5 elements", message_id, kind_number)
+    if kind_number is None:
         raise FrameError("message_type", "the message type must be the number 2, 3 or 4", message_id)
     if kind_number not in (2, 3, 4):
-        raise FrameError("message_type", f"unknown message type {kind_number}", message_id)
+        raise FrameError("message_type", f"unknown message type {kind_number}", message_id, kind_number)
     if message_id is None or not message_id or len(message_id) > MAX_MESSAGE_ID_CHARS:
-        raise FrameError("id", "the message id must be a string of 1 to 36 characters", None)
+        raise FrameError("id", "the message id must be a string of 1 to 36 characters", None, kind_number)
+
+    def invalid(kind: str, reason: str) -> FrameError:
+        return FrameError(kind, reason, message_id, kind_number)
+
     if kind_number == MessageType.CALL:
         if len(data) != 4:
-            raise FrameError("shape", "a CALL has exactly 4 elements", message_id)
+            raise invalid("shape", "a CALL has exactly 4 elements")
         action, payload = data[2], data[3]
         if not isinstance(action, str) or not action:
-            raise FrameError("action", "the action must be a non-empty string", message_id)
+            raise invalid("action", "the action must be a non-empty string")
         if not isinstance(payload, dict):
-            raise FrameError("payload", "the payload must be a JSON object", message_id)
+            raise invalid("payload", "the payload must be a JSON object")
         return Envelope(MessageType.CALL, message_id, action, payload)
     if kind_number == MessageType.CALLRESULT:
         if len(data) != 3:
-            raise FrameError("shape", "a CALLRESULT has exactly 3 elements", message_id)
+            raise invalid("shape", "a CALLRESULT has exactly 3 elements")
         if not isinstance(data[2], dict):
-            raise FrameError("payload", "the payload must be a JSON object", message_id)
+            raise invalid("payload", "the payload must be a JSON object")
         return Envelope(MessageType.CALLRESULT, message_id, None, data[2])
     if len(data) != 5:
-        raise FrameError("shape", "a CALLERROR has exactly 5 elements", message_id)
+        raise invalid("shape", "a CALLERROR has exactly 5 elements")
     code, description, details = data[2], data[3], data[4]
     if not isinstance(code, str) or not isinstance(description, str) or not isinstance(details, dict):
-        raise FrameError("payload", "a CALLERROR carries code, description and a details object", message_id)
+        raise invalid("payload", "a CALLERROR carries code, description and a details object")
     return Envelope(MessageType.CALLERROR, message_id, None, details, code, description)
 
 
@@ -190,7 +202,7 @@ def new_lc_message_id() -> str:
 
 
 def is_lc_message_id(message_id: str) -> bool:
-    """Whether an id has the controller's reserved form."""
+    """Whether an id has the controller's reserved form (for display: routing matches exact ids)."""
     return message_id.startswith(LC_ID_PREFIX)
 
 

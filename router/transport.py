@@ -14,8 +14,10 @@ Why our own shell over wsproto rather than trio-websocket (which wraps the same 
 
 Theory of operation: one task at a time calls :meth:`WebSocket.receive_text` (the pump reading
 that leg); any task may send, serialised by a lock, because wsproto's ``send`` only produces bytes.
-Control frames are handled inside ``receive_text``: pings are answered, pongs wake a waiting
+Control frames are handled by whoever reads: pings are answered, pongs wake a waiting
 :meth:`WebSocket.ping`, and a close frame is answered and surfaces as :class:`ConnectionClosed`.
+While the pump is away (blocked sending on the other leg), :func:`router.liveness.probe` reads in
+its place, boundedly, so a pong is seen even then (reads are serialised by a second lock).
 Shutting a connection down (:meth:`WebSocket.aclose`) sends a close frame, drains the socket for a
 short while so the peer sees it, then closes the stream; call it only once its reader has stopped.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import ssl
 from collections import deque
 from collections.abc import Sequence
@@ -47,9 +50,13 @@ from wsproto.events import (
 from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from .deflate import deflate
+
 log = logging.getLogger("ocpp_lc.transport")
 
 RECEIVE_CHUNK_BYTES: Final = 16_384
+#: What we send goes to the stream in pieces this big, so a slow uplink shows its progress.
+WRITE_PIECE_BYTES: Final = 16_384
 #: How long a closing side keeps reading for the peer's close frame before dropping the stream.
 CLOSE_DRAIN_S: Final = 2.0
 MAX_REJECT_BODY_BYTES: Final = 4096
@@ -95,20 +102,6 @@ class HandshakeFailed(TransportError):
         self.kind = kind
 
 
-def _deflate(*, server: bool, keep_context: bool) -> PerMessageDeflate:
-    """permessage-deflate as we offer (client) or accept (server) it.
-
-    ``keep_context`` decides whether *our* compressor keeps its LZ77 window between messages. Kept,
-    repetitive OCPP messages shrink several times better, at ~200 KiB of zlib state per connection;
-    dropped after every message, an idle connection costs only the peer's inflate window. The
-    peer's own choice about its compressor is always honoured.
-    """
-    if server:
-        # RFC 7692 §7.1.1.1: a server may declare server_no_context_takeover unasked.
-        return PerMessageDeflate(server_no_context_takeover=not keep_context)
-    return PerMessageDeflate(client_no_context_takeover=not keep_context)
-
-
 class ByteCounter(Protocol):
     """Anything that counts bytes (a Prometheus counter child, in the appliance)."""
 
@@ -133,9 +126,15 @@ class WebSocket:
         self.compressed = any(isinstance(ext, PerMessageDeflate) for ext in extensions)
         self._max_message_bytes = max_message_bytes
         self._send_lock = trio.StrictFIFOLock()
+        self._read_lock = trio.Lock()
         self._parts: list[str] = []
         self._part_bytes = 0
         self._ready: deque[str] = deque()
+        self._ready_bytes = 0
+        now = trio.current_time()
+        self.received_at_s = now  # when bytes last arrived from the peer
+        self.drained_at_s = now  # when the stream last took a piece of what we send
+        self._activity = trio.Event()
         self._pong_waiters: dict[bytes, trio.Event] = {}
         self._closed: ConnectionClosed | None = None
         self._stream_closed = False
@@ -154,12 +153,26 @@ class WebSocket:
         """Why the connection closed, or None while it is open."""
         return self._closed
 
+    def _pulse(self) -> None:
+        """Wake whoever waits in :meth:`wait_activity`."""
+        self._activity.set()
+        self._activity = trio.Event()
+
+    async def wait_activity(self) -> None:
+        """Return once bytes arrive, a piece of ours is sent, a pong comes or a reader stops."""
+        await self._activity.wait()
+
     async def _write(self, data: bytes) -> None:
         if not data:
             return
         async with self._send_lock:
+            view = memoryview(data)
             try:
-                await self._stream.send_all(data)
+                # In pieces, so that a large message draining slowly still shows progress.
+                for start in range(0, len(view), WRITE_PIECE_BYTES):
+                    await self._stream.send_all(view[start : start + WRITE_PIECE_BYTES])
+                    self.drained_at_s = trio.current_time()
+                    self._pulse()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._mark_closed(ABNORMAL, "connection lost while sending", by_peer=True)
                 raise self._closed_error() from exc
@@ -189,18 +202,32 @@ class WebSocket:
         """Send a ping and return when its pong arrives (the caller bounds the wait).
 
         Pongs are noticed by whichever task is reading; a ping therefore only completes while the
-        connection is being read, which is always the case for a relayed leg.
+        connection is being read (see :func:`router.liveness.probe` for a leg whose pump may be away).
         """
-        if self._closed is not None:
-            raise self._closed_error()
-        waiter = self._pong_waiters.setdefault(payload, trio.Event())
+        waiter = self.expect_pong(payload)
         try:
-            await self._write(self._ws.send(Ping(payload=payload)))
+            await self.send_ping(payload)
             await waiter.wait()
         finally:
             self._pong_waiters.pop(payload, None)
         if self._closed is not None:
             raise self._closed_error()
+
+    def expect_pong(self, payload: bytes) -> trio.Event:
+        """An event set when the pong to ``payload`` arrives (or the connection closes)."""
+        if self._closed is not None:
+            raise self._closed_error()
+        return self._pong_waiters.setdefault(payload, trio.Event())
+
+    def forget_pong(self, payload: bytes) -> None:
+        """Stop expecting the pong to ``payload``."""
+        self._pong_waiters.pop(payload, None)
+
+    async def send_ping(self, payload: bytes) -> None:
+        """Send a ping frame (its pong sets what :meth:`expect_pong` returned)."""
+        if self._closed is not None:
+            raise self._closed_error()
+        await self._write(self._ws.send(Ping(payload=payload)))
 
     async def receive_text(self) -> str:
         """Return the next complete text message.
@@ -211,27 +238,60 @@ class WebSocket:
         while not self._ready:
             if self._closed is not None:
                 raise self._closed_error()
-            await self._process_events()
-            if self._ready:
-                break
-            if self._closed is not None:
-                raise self._closed_error()
+            async with self._read_lock:
+                if not self._ready and self._closed is None:
+                    await self._read_some(None)
+            self._pulse()  # the stream is free for another reader
+        message = self._ready.popleft()
+        self._ready_bytes -= len(message)
+        return message
+
+    @property
+    def reading(self) -> bool:
+        """Whether a task is reading the stream right now."""
+        return self._read_lock.locked()
+
+    @property
+    def read_held_back(self) -> bool:
+        """Whether nobody may read now: a reader is at it, or a message waits for the pump."""
+        return self.reading or self._ready_bytes + self._part_bytes >= self._max_message_bytes
+
+    async def read_for_liveness(self, deadline_s: float) -> None:
+        """Read once in the pump's place, unless :attr:`read_held_back`; give up at ``deadline_s``.
+
+        Control frames are handled as the pump would; messages wait for the pump, at most about
+        one message's worth (what is read beyond stays unread: backpressure).
+        """
+        if self.read_held_back or self._closed is not None:
+            return
+        async with self._read_lock:
+            await self._read_some(deadline_s)
+        self._pulse()
+
+    async def _read_some(self, deadline_s: float | None) -> None:
+        """Read one chunk (the caller holds the read lock) and act on what it completes."""
+        data: bytes | None = None
+        with trio.move_on_at(math.inf if deadline_s is None else deadline_s):
             try:
-                data = await self._stream.receive_some(RECEIVE_CHUNK_BYTES)
+                data = bytes(await self._stream.receive_some(RECEIVE_CHUNK_BYTES))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
-            if not data:
-                self._mark_closed(ABNORMAL, "connection lost", by_peer=True)
-                await self._close_stream()
-                raise self._closed_error()
-            self.bytes_received += len(data)
-            if self._received_counter is not None:
-                self._received_counter.inc(len(data))
-            try:
-                self._ws.receive_data(bytes(data))
-            except (RemoteProtocolError, LocalProtocolError) as exc:
-                await self._fail(PROTOCOL_ERROR, str(exc))
-        return self._ready.popleft()
+        if data is None:
+            return  # the deadline passed with nothing read
+        if not data:
+            self._mark_closed(ABNORMAL, "connection lost", by_peer=True)
+            await self._close_stream()
+            return
+        self.received_at_s = trio.current_time()
+        self.bytes_received += len(data)
+        if self._received_counter is not None:
+            self._received_counter.inc(len(data))
+        try:
+            self._ws.receive_data(data)
+        except (RemoteProtocolError, LocalProtocolError) as exc:
+            await self._fail(PROTOCOL_ERROR, str(exc))
+            return
+        await self._process_events()
 
     async def _process_events(self) -> None:
         for event in self._ws.events():
@@ -247,6 +307,7 @@ class WebSocket:
                     self._parts.clear()
                     self._part_bytes = 0
                     self._ready.append(message)
+                    self._ready_bytes += len(message)
             elif isinstance(event, BytesMessage):
                 # OCPP-J messages are JSON text (Part 4 §4.1.2).
                 await self._fail(UNSUPPORTED_DATA, "OCPP-J accepts text frames only")
@@ -258,6 +319,7 @@ class WebSocket:
                 waiter = self._pong_waiters.get(bytes(event.payload))
                 if waiter is not None:
                     waiter.set()
+                    self._pulse()
             elif isinstance(event, CloseConnection):
                 await self._on_close_frame(event)
                 return
@@ -276,7 +338,10 @@ class WebSocket:
             await self._close_stream()
         else:
             # wsproto reports a frame it could not parse as a close event with the code to use.
-            await self._fail(event.code, event.reason or "protocol error")
+            reason = event.reason or "protocol error"
+            if event.code == MESSAGE_TOO_BIG:
+                reason = f"message over {self._max_message_bytes} bytes"  # found while inflating it
+            await self._fail(event.code, reason)
 
     async def _fail(self, code: int, reason: str) -> None:
         """Close because of something the peer sent; the reader then raises ConnectionClosed."""
@@ -350,9 +415,12 @@ class IncomingHandshake:
     async def accept(self, subprotocol: str | None, *, keep_compression_context: bool = False) -> WebSocket:
         """Complete the handshake with ``subprotocol`` (None: no Sec-WebSocket-Protocol header).
 
-        permessage-deflate is accepted whenever offered; see :func:`_deflate` for the context choice.
+        permessage-deflate is accepted whenever offered; see :func:`router.deflate.deflate` for the
+        context choice and the inflation bound.
         """
-        extensions: list[Extension] = [_deflate(server=True, keep_context=keep_compression_context)]
+        extensions: list[Extension] = [
+            deflate(server=True, keep_context=keep_compression_context, max_message_bytes=self.max_message_bytes)
+        ]
         data = self.connection.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
         negotiated = [ext for ext in extensions if ext.enabled()]
         websocket = WebSocket(
@@ -536,7 +604,11 @@ async def client_handshake(
 ) -> WebSocket:
     """Run the client side of the opening handshake on an open ``stream`` (see :func:`connect`)."""
     connection = WSConnection(ConnectionType.CLIENT)
-    offered = [_deflate(server=False, keep_context=keep_compression_context)] if compress else []
+    offered = (
+        [deflate(server=False, keep_context=keep_compression_context, max_message_bytes=max_message_bytes)]
+        if compress
+        else []
+    )
     request = Request(
         host=host if port in (80, 443) else f"{host}:{port}",
         target=target,
