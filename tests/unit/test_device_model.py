@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from router.app import build_app
+from router.config import parse_settings
 from router.ocppj import encode_call
 from router.own.catalogue import LiveSources, StandardValues, standard_variables
 from router.own.device_model import (
@@ -549,3 +551,46 @@ def test_certificate_entries_counts_the_certificates_of_the_own_connection(tmp_p
         key_file=pki.controller_client.key_file,
     )
     assert three.installed_certificates() == 2
+
+
+async def test_the_appliance_counts_the_site_profiles_it_holds(tmp_path: Path) -> None:
+    settings = parse_settings(
+        {
+            "csms": {"url": "ws://127.0.0.1:9/ocpp"},
+            "stations": {"listen": "127.0.0.1:0"},
+            "http": {"listen": "127.0.0.1:0"},
+            "state": {"dir": str(tmp_path / "state")},
+        }
+    )
+    entries = cv("SmartChargingCtrlr", "Entries", "ChargingProfiles")
+    with Store.open(tmp_path / "state") as store:
+        own = build_app(settings, store).own
+        assert own is not None
+        dispatch = own.connection.dispatcher.dispatch
+
+        def count() -> str:
+            answer = dispatch("GetVariables", {"getVariableData": [entries]}).payload
+            validate_result("GetVariables", answer)
+            value: str = answer["getVariableResult"][0]["attributeValue"]
+            return value
+
+        assert count() == "0"
+        for profile_id in (1, 2):
+            schedule = {
+                "id": profile_id,
+                "chargingRateUnit": "A",
+                "startSchedule": "2020-01-01T00:00:00Z",
+                "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 100.0}],
+            }
+            profile = {
+                "id": profile_id,
+                "stackLevel": profile_id,
+                "chargingProfilePurpose": "ChargingStationMaxProfile",
+                "chargingProfileKind": "Absolute",
+                "chargingSchedule": [schedule],
+            }
+            answer = dispatch("SetChargingProfile", {"evseId": 0, "chargingProfile": profile}).payload
+            assert answer["status"] == "Accepted", answer
+        assert count() == "2"  # the CSMS's site profiles the controller holds (K01 on the own identity)
+        dispatch("ClearChargingProfile", {"chargingProfileId": 1})
+        assert count() == "1"
