@@ -85,7 +85,8 @@ async def running_controller(
                 registry=registry,
                 connected_stations=lambda: ["CS01"],
                 request_restart=request_restart,
-                count_security_event=count_security_event,
+                # Only when asked for: the other tests run against an OwnIdentity without the hook too.
+                **({"count_security_event": count_security_event} if count_security_event else {}),
             )
             await nursery.start(own.run)
             yield Controller(own, restarts, restart_requested, registry)
