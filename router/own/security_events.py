@@ -77,6 +77,9 @@ NON_CRITICAL: Final = frozenset(
         "TLSHandshakeFailed",  # ours (router.tls): a handshake failure none of the listed events names
     }
 )
+#: Critical, but what an operator expects to see (a start, a reset): the security log has them at INFO,
+#: not WARNING.
+ROUTINE: Final = frozenset({"StartupOfTheDevice", "ResetOrReboot", "FirmwareUpdated"})
 #: The label of any other name, so that the counter's label set stays bounded.
 OTHER_LABEL: Final = "other"
 
@@ -210,7 +213,8 @@ class SecurityEvents:
             held.count += 1
             held.last_at, held.last_tech_info = moment, tech_info
             tech_info = self._summary(event_type, held, held.count - 1)
-        log.warning("security event %s (%s): %s", event_type, source, tech_info)
+        level = logging.INFO if event_type in ROUTINE else logging.WARNING
+        log.log(level, "security event %s (%s): %s", event_type, source, tech_info)
         return self._queue(event_type, tech_info, moment, source)
 
     def connection_failed(self, event_type: str, tech_info: str) -> Outcome:
