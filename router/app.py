@@ -16,6 +16,7 @@ same process), so that a restart really begins from the configuration and the st
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import ssl
@@ -210,6 +211,13 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         csms_ping_timeout_s=csms.ping_timeout_s,
         tracked_calls_max=settings.routing.tracked_calls_max,
     )
+
+    def station_security_event(event_type: str, tech_info: str) -> None:
+        # A04: the station leg's refusals go to the CSMS under the controller's own identity, rate-limited
+        # there; with the own connection off they are only logged and counted (by the server).
+        if app.own is not None:
+            app.own.security_events.report(event_type, tech_info, source="station")
+
     server = StationServer(
         base_path=settings.stations.path,
         upstream=upstream,
@@ -222,6 +230,7 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         max_stations=settings.stations.max_stations,
         ssl_context=server_context(settings.stations.security),
         tls_handshake_timeout_s=settings.stations.security.handshake_timeout_s,
+        security_event=station_security_event,
     )
     own_settings = own_identity_settings(settings, csms_context)
     grid = settings.site.grid
@@ -266,12 +275,16 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
             app.leftover_profiles = leftovers
     if settings.controller.connect:
         app.own = OwnIdentity(
-            own_settings,
+            dataclasses.replace(own_settings, max_charging_profiles=csms_book.max_profiles),
             store=store,
             registry=registry,
             # The device model's LocalController.ChargingStation: who is connected right now.
             connected_stations=lambda: list(links.links),
             request_restart=app.request_restart,
+            # SmartChargingCtrlr.Entries[ChargingProfiles]: the CSMS's site profiles it holds.
+            charging_profiles=lambda: len(csms_book.profiles),
+            # TLS failures of the own connection count where those of the relayed legs do (leg "own").
+            count_security_event=lambda event, leg: metrics.security_events.labels(event, leg).inc(),
         )
         register_csms_limits(app.own, csms_book, utc_now)
         app.firmware = FirmwareCache(

@@ -70,7 +70,7 @@ class RouterMetrics:
         )
         self.security_events = Counter(
             "ocpp_lc_security_events_total",
-            "TLS handshakes refused, by OCPP security event (Part 2 appendices) and leg (station, csms).",
+            "TLS handshakes refused, by OCPP security event (Part 2 appendices) and leg (station, csms, own).",
             ["event", "leg"],
             registry=registry,
         )

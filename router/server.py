@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final, cast
 from urllib.parse import unquote
@@ -113,8 +113,11 @@ class StationServer:
         max_stations: int,
         ssl_context: ssl.SSLContext | None = None,
         tls_handshake_timeout_s: float = 2.0,
+        security_event: Callable[[str, str], None] | None = None,
     ) -> None:
         self._base_path = base_path
+        #: Told ``(event_type, tech_info)`` of every station-leg security event (the own identity reports it).
+        self._security_event = security_event
         self._upstream = upstream
         self._timings = timings
         self._metrics = metrics

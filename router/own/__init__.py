@@ -8,5 +8,7 @@ station without EVSEs. The parts, each in its own module:
 * :mod:`router.own.boot` — BootNotification and Heartbeat (B01–B03);
 * :mod:`router.own.device_model` — the components and variables the CSMS reads and writes (B05–B08);
 * :mod:`router.own.outbox` — what the controller itself sends upstream, durable and in order;
+* :mod:`router.own.security_events` — security events (A04): logged, counted, and the critical ones
+  queued in the outbox, rate-limited per event type;
 * :mod:`router.own.service` — :class:`~router.own.service.OwnIdentity`, which ties them together.
 """

@@ -467,8 +467,11 @@ class OwnConnection:
         rng: random.Random,
         connect_timeout_s: float,
         ping_timeout_s: float,
+        on_dial_failed: Callable[[HandshakeFailed], None] | None = None,
     ) -> None:
+        """``on_dial_failed`` hears of every refused handshake (TLS failures, HTTP refusals …)."""
         self._dial = dial
+        self._on_dial_failed = on_dial_failed
         self.dispatcher = dispatcher
         self._policy = policy
         self._metrics = metrics
@@ -509,6 +512,7 @@ class OwnConnection:
             except HandshakeFailed as exc:
                 outcome = exc.kind
                 log.warning("own identity: cannot connect to the CSMS: %s", exc.reason)
+                self._tell_dial_failed(exc)
             except Exception:
                 # Whatever else goes wrong while dialling is retried like a refusal, with the back-off,
                 # rather than ending the appliance.
@@ -525,6 +529,15 @@ class OwnConnection:
             websocket, outcome = None, "subprotocol"
         self._metrics.connect_attempts.labels(outcome).inc()
         return websocket
+
+    def _tell_dial_failed(self, failure: HandshakeFailed) -> None:
+        if self._on_dial_failed is None:
+            return
+        try:
+            self._on_dial_failed(failure)
+        except Exception:
+            # Reporting a failure must never stop the reconnecting.
+            log.exception("own identity: reporting a failed connection attempt failed")
 
     async def _serve(self, websocket: WebSocket, on_session: OnSession) -> None:
         close_code, close_reason = GOING_AWAY, "going away"

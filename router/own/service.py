@@ -12,6 +12,11 @@ Theory of operation. :class:`OwnIdentity` builds the parts and runs them under o
   PublishFirmwareStatusNotification), Reset and DataTransfer. Other parts of the appliance add theirs
   with :meth:`OwnIdentity.add_handler` before :meth:`OwnIdentity.run`.
 
+Security events (A04, :mod:`router.own.security_events`): the start is one (StartupOfTheDevice, or
+ResetOrReboot after a reset), queued before the first connection and so sent right after the first
+accepted boot; a TLS failure of the own connection is one (InvalidCsmsCertificate, InvalidTLSVersion …,
+once per outage), and so is a station leg's refusal that the app hands to :attr:`OwnIdentity.security_events`.
+
 While the CSMS has Rejected the controller every CSMS call is refused with CALLERROR SecurityError
 (B03.FR.08). A Reset (OnIdle or Immediate: the controller itself has no transactions) is answered
 Accepted; the reason is recorded in the store so that the next start boots with ``RemoteReset``, and
@@ -42,7 +47,7 @@ from typing_extensions import TypedDict  # pydantic reads TypedDicts from here b
 
 from router.own import device_model as dm
 from router.own.boot import BOOT_REASONS, Booter, BootNotificationAnswer, BootState, Heartbeat
-from router.own.catalogue import StandardValues, standard_variables
+from router.own.catalogue import LiveSources, StandardValues, rfc3339, standard_variables
 from router.own.connection import (
     SUBPROTOCOL,
     BackoffParams,
@@ -59,8 +64,10 @@ from router.own.connection import (
 )
 from router.own.device_model import DeviceModel, Variable, notify_report_parts
 from router.own.outbox import UpstreamOutbox
+from router.own.security_events import SecurityEvents
 from router.store import Store
-from router.transport import WebSocket, connect
+from router.tls import security_event
+from router.transport import HandshakeFailed, WebSocket, connect
 
 log = logging.getLogger("ocpp_lc.own")
 
@@ -71,6 +78,8 @@ STATE_NAMESPACE: Final = "own_identity"
 #: The durable outbox of messages for the CSMS.
 OUTBOX_NAME: Final = "upstream"
 _BOOT_REASON_KEY: Final = "boot_reason"
+#: Boot reasons after which the start is reported as ResetOrReboot rather than StartupOfTheDevice.
+_RESET_REASONS: Final = frozenset({"RemoteReset", "LocalReset", "ScheduledReset", "ApplicationReset", "Watchdog"})
 
 
 def _version() -> str:
@@ -127,6 +136,8 @@ class OwnIdentitySettings:
     limit_change_significance_percent: float = 5.0
     profile_stack_level: int = 8
     periods_per_schedule: int = 24
+    #: The most site profiles the controller keeps (the CSMS-limit book's bound).
+    max_charging_profiles: int = 16
 
     def standard_values(self) -> StandardValues:
         """The device model's defaults and constants from these settings."""
@@ -153,7 +164,16 @@ class OwnIdentitySettings:
             bytes_per_message_get_variables=self.bytes_per_message_get_variables,
             items_per_message_set_variables=self.items_per_message_set_variables,
             bytes_per_message_set_variables=self.bytes_per_message_set_variables,
+            max_charging_profiles=self.max_charging_profiles,
         )
+
+    def installed_certificates(self) -> int:
+        """Certificates the own connection has installed: the CA certificates it trusts, and under
+        security profile 3 its own client certificate (SecurityCtrlr.CertificateEntries)."""
+        if self.ssl_context is None:
+            return 0
+        own_certificate = 1 if self.security_profile == 3 else 0
+        return len(self.ssl_context.get_ca_certs()) + own_certificate
 
 
 # -- requests handled here (the device model's are in device_model) ------------------------------
@@ -224,9 +244,8 @@ def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def ocpp_timestamp(moment: datetime.datetime) -> str:
-    """RFC 3339 in UTC with milliseconds, as OCPP wants it."""
-    return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+#: RFC 3339 in UTC with milliseconds, as OCPP wants it.
+ocpp_timestamp: Final = rfc3339
 
 
 class _DeviceModelPolicy:
@@ -264,16 +283,25 @@ class OwnIdentity:
         wall_clock: Callable[[], datetime.datetime] = utc_now,
         rng: random.Random | None = None,
         dial: Dial | None = None,
+        charging_profiles: Callable[[], int] = lambda: 0,
+        count_security_event: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``charging_profiles`` counts the site profiles the controller holds (none unless the app
+        wires the CSMS-limit book in); ``count_security_event(event, leg)`` counts a TLS failure of the
+        own connection on the appliance's security-event counter (leg ``own``)."""
         self.settings = settings
         self.metrics = OwnMetrics(registry)
         self._request_restart = request_restart
         self._wall_clock = wall_clock
         self._state = store.namespace(STATE_NAMESPACE)
         values = settings.standard_values()
-        self.device_model = DeviceModel(
-            standard_variables(values, connected_stations), store.namespace(DEVICE_MODEL_NAMESPACE)
+        sources = LiveSources(
+            connected_stations,
+            installed_certificates=settings.installed_certificates,
+            charging_profiles=charging_profiles,
+            wall_clock=wall_clock,
         )
+        self.device_model = DeviceModel(standard_variables(values, sources), store.namespace(DEVICE_MODEL_NAMESPACE))
         self.device_model.on_change(self._on_variable_changed)
         reason = self._state.get(_BOOT_REASON_KEY)
         charging_station: dict[str, Any] = {
@@ -293,6 +321,9 @@ class OwnIdentity:
         )
         self.heartbeat = Heartbeat(lambda: self.device_model.float_value("OCPPCommCtrlr", "HeartbeatInterval"))
         self.outbox = UpstreamOutbox(store.outbox(OUTBOX_NAME), self.metrics)
+        #: Security events (A04): logged, counted and, when critical, queued in the outbox, rate-limited.
+        self.security_events = SecurityEvents(self.outbox.enqueue, registry, wall_clock=wall_clock)
+        self._count_security_event = count_security_event
         self._triggers: dict[str, TriggerSender] = {"Heartbeat": self.heartbeat.beat}
         self._data_transfer: dict[str, DataTransferHandler] = {}
         handlers: dict[str, Handler] = {
@@ -312,6 +343,7 @@ class OwnIdentity:
             rng=rng or random.Random(),
             connect_timeout_s=settings.connect_timeout_s,
             ping_timeout_s=settings.ping_timeout_s,
+            on_dial_failed=self._on_dial_failed,
         )
 
     # -- what other parts of the appliance use ------------------------------------------------------
@@ -346,8 +378,21 @@ class OwnIdentity:
         return self.connection.session is not None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep the own identity connected and booted until cancelled."""
-        await self.connection.run(self._on_session, task_status=task_status)
+        """Keep the own identity connected and booted until cancelled.
+
+        First of all the start is a security event (StartupOfTheDevice, or ResetOrReboot when the
+        controller restarts after a reset): queued, it goes once the CSMS has accepted the boot.
+        """
+        reason = self.boot.state.reason
+        if reason in _RESET_REASONS:
+            self.security_events.report("ResetOrReboot", f"ocpp-lc started again after a reset (boot reason {reason})")
+        else:
+            version = self.device_model.value("LocalController", "FirmwareVersion")
+            self.security_events.report("StartupOfTheDevice", f"ocpp-lc {version} started (boot reason {reason})")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.security_events.run)
+            await nursery.start(self.connection.run, self._on_session)
+            task_status.started()
 
     # -- per connection ------------------------------------------------------------------------
 
@@ -368,7 +413,20 @@ class OwnIdentity:
             max_message_bytes=settings.max_message_bytes,
         )
 
+    def _on_dial_failed(self, failure: HandshakeFailed) -> None:
+        if failure.kind == "tls":
+            # A00.FR.310/.316/.323 (and .413/.419/.426 under profile 3): the CSMS's certificate or TLS.
+            event = security_event(failure, "csms")
+            if self._count_security_event is not None:
+                self._count_security_event(event, "own")
+            self.security_events.connection_failed(event, f"own connection to the CSMS: {failure.reason}")
+        elif failure.status == 401:
+            self.security_events.connection_failed(
+                "FailedToAuthenticateAtCsms", "the CSMS refused the own connection's credentials (HTTP 401)"
+            )
+
     async def _on_session(self, session: Session) -> None:
+        self.security_events.connected()
         await self.boot.until_accepted(session)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.heartbeat.run, session)
@@ -389,7 +447,10 @@ class OwnIdentity:
             self.heartbeat.interval_changed()
         elif variable.name == "BasicAuthPassword":
             # A01.FR.11/12: the change is a security-relevant event; the password itself never goes to a log.
-            log.warning("own identity: BasicAuthPassword changed by the CSMS; used from the next connection")
+            self.security_events.report(
+                "ReconfigurationOfSecurityParameters",
+                "BasicAuthPassword changed by the CSMS; used from the next connection",
+            )
 
     def _refuse_when_rejected(self, action: str) -> CallErrorReply | None:
         if self.boot.status == "Rejected":  # B03.FR.08

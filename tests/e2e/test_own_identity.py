@@ -11,9 +11,10 @@ schemas at the end of each test.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,9 @@ from prometheus_client import CollectorRegistry
 
 from router.own.service import OwnIdentity, OwnIdentitySettings
 from router.store import Store
-from tests.support.peers import Peer, open_csms
+from router.tls import CsmsTlsSettings, client_context
+from tests.support.certs import LOOPBACK_HOSTS, CertifiedKey, make_pki
+from tests.support.peers import Peer, _open_peer, open_csms
 from tests.support.schemas import validate_frames
 
 IDENTITY = "LC01"
@@ -43,7 +46,13 @@ class Controller:
 
 
 @asynccontextmanager
-async def running_controller(port: int, state_dir: Path, **overrides: Any) -> AsyncIterator[Controller]:
+async def running_controller(
+    port: int,
+    state_dir: Path,
+    *,
+    count_security_event: Callable[[str, str], None] | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Controller]:
     """The own identity of a controller with state in ``state_dir``, pointed at 127.0.0.1:``port``."""
     settings: dict[str, Any] = {
         "identity": IDENTITY,
@@ -76,6 +85,8 @@ async def running_controller(port: int, state_dir: Path, **overrides: Any) -> As
                 registry=registry,
                 connected_stations=lambda: ["CS01"],
                 request_restart=request_restart,
+                # Only when asked for: the other tests run against an OwnIdentity without the hook too.
+                **({"count_security_event": count_security_event} if count_security_event else {}),
             )
             await nursery.start(own.run)
             yield Controller(own, restarts, restart_requested, registry)
@@ -194,6 +205,49 @@ async def test_device_model_round_trips_and_values_survive_a_restart(tmp_path: P
                     identity=IDENTITY, action="GetVariables", payload=_get("LocalController", "ChargingStation")
                 )
                 assert stations["payload"]["getVariableResult"][0]["attributeValue"] == "CS01"
+                # A04.FR.01: the start is a security event, sent once the boot is accepted.
+                startup = (await wait_calls(csms, "SecurityEventNotification", 1))[0][2]
+                assert startup["type"] == "StartupOfTheDevice" and "PowerUp" in startup["techInfo"]
+
+                # #13.10: the variables every station must have, with real values.
+                required = {
+                    "getVariableData": [
+                        {"component": {"name": c}, "variable": {"name": v, **({"instance": i} if i else {})}}
+                        for c, v, i in (
+                            ("ClockCtrlr", "DateTime", None),
+                            ("ClockCtrlr", "TimeSource", None),
+                            ("SecurityCtrlr", "CertificateEntries", None),
+                            ("SecurityCtrlr", "OrganizationName", None),
+                            ("SmartChargingCtrlr", "Entries", "ChargingProfiles"),
+                            ("OCPPCommCtrlr", "OfflineThreshold", None),
+                            ("OCPPCommCtrlr", "ResetRetries", None),
+                            ("OCPPCommCtrlr", "NetworkConfigurationPriority", None),
+                            ("OCPPCommCtrlr", "NetworkProfileConnectionAttempts", None),
+                        )
+                    ]
+                }
+                before = datetime.datetime.now(datetime.UTC)
+                got = (await csms.call(identity=IDENTITY, action="GetVariables", payload=required))["payload"]
+                results = got["getVariableResult"]
+                assert [r["attributeStatus"] for r in results] == ["Accepted"] * len(results)
+                clock = datetime.datetime.fromisoformat(results[0]["attributeValue"].replace("Z", "+00:00"))
+                assert abs((clock - before).total_seconds()) < TIMEOUT_S  # the time now, not a constant
+                assert [r["attributeValue"] for r in results[1:]] == [
+                    "RealTimeClock",
+                    "0",
+                    "",
+                    "0",
+                    "600",
+                    "0",
+                    "1",
+                    "3",
+                ]
+                read_only = await csms.call(
+                    identity=IDENTITY, action="SetVariables", payload=_set("SecurityCtrlr", "CertificateEntries", "4")
+                )
+                refusal = read_only["payload"]["setVariableResult"][0]
+                assert refusal["attributeStatus"] == "Rejected"  # B05.FR.09
+                assert refusal["attributeStatusInfo"]["reasonCode"] == "ReadOnly"
                 changed = await csms.call(
                     identity=IDENTITY,
                     action="SetVariables",
@@ -251,6 +305,9 @@ async def test_device_model_round_trips_and_values_survive_a_restart(tmp_path: P
                 )
                 # (Not HeartbeatInterval: an accepted boot sets that one from the CSMS's interval, B01.FR.04.)
                 assert again["payload"]["getVariableResult"][0]["attributeValue"] == "7"
+                # A04.FR.01: after the Reset the start is reported as ResetOrReboot.
+                events = [payload for _, _, payload in await wait_calls(csms, "SecurityEventNotification", 2)]
+                assert [e["type"] for e in events] == ["StartupOfTheDevice", "ResetOrReboot"]
     validate_frames(csms.frames(identity=IDENTITY))
 
 
@@ -264,16 +321,65 @@ async def test_outbox_delivers_in_order_after_an_outage_and_a_restart(tmp_path: 
         with trio.fail_after(TIMEOUT_S):
             for n in (1, 2, 3):
                 await lc.own.send("SecurityEventNotification", event(n))
-            assert len(lc.own.outbox) == 3
-            assert lc.registry.get_sample_value("ocpp_lc_own_outbox_length") == 3
+            assert len(lc.own.outbox) == 4  # the start-up event and the three
+            assert lc.registry.get_sample_value("ocpp_lc_own_outbox_length") == 4
             assert lc.registry.get_sample_value("ocpp_lc_own_link_up") == 0
     # The controller restarts while the CSMS is still down, and queues one more.
     async with running_controller(port, tmp_path / "state") as lc:
         with trio.fail_after(TIMEOUT_S):
-            assert len(lc.own.outbox) == 3
+            assert len(lc.own.outbox) == 5  # and this start's
             await lc.own.send("SecurityEventNotification", event(4))
             async with open_csms("--port", str(port)) as (csms, _):
                 await lc.own.outbox.wait_empty()
-    sent = [(action, payload.get("techInfo")) for _, action, payload in calls_in(csms)]
-    assert sent == [("BootNotification", None)] + [("SecurityEventNotification", f"message {n}") for n in (1, 2, 3, 4)]
+    sent = [(action, payload.get("type"), payload.get("techInfo", "")[-9:]) for _, action, payload in calls_in(csms)]
+    # Each start queued its StartupOfTheDevice (A04.FR.02: queued while the CSMS was away), in order with the rest.
+    started = ("SecurityEventNotification", "StartupOfTheDevice", " PowerUp)")
+    queued = [("SecurityEventNotification", "SettingSystemTime", f"message {n}") for n in (1, 2, 3, 4)]
+    assert sent == [("BootNotification", None, ""), started, *queued[:3], started, queued[3]]
+    validate_frames(csms.frames(identity=IDENTITY))
+
+
+@asynccontextmanager
+async def tls_csms(cert: CertifiedKey, port: int = 0) -> AsyncIterator[tuple[Peer, int]]:
+    """The `ocpp` CSMS peer on wss:// with ``cert`` as its server certificate."""
+    args = ["csms", "--cert", str(cert.cert_file), "--key", str(cert.key_file), "--"]
+    async with _open_peer("tests.support.certs", "csms", [*args, "--host", "127.0.0.1", "--port", str(port)]) as peer:
+        listening = await peer.wait_for_event("listening")
+        yield peer, int(listening["port"])
+
+
+async def test_a_csms_certificate_that_does_not_verify_is_reported_once_after_the_outage(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    impostor = pki.rogue_ca.issue("localhost", hosts=LOOPBACK_HOSTS, file_stem="impostor-csms")
+    # Security profile 2: the controller trusts the CSO's CA only (A00.FR.308).
+    context = client_context(CsmsTlsSettings.model_validate({"security_profile": 2, "ca_file": pki.cso_ca.cert_file}))
+    failures: list[tuple[str, str]] = []
+    failed_twice = trio.Event()
+
+    def count(event: str, leg: str) -> None:
+        failures.append((event, leg))
+        if len(failures) >= 2:
+            failed_twice.set()
+
+    async with tls_csms(pki.csms_server) as (_, port):
+        pass  # a free port, for the impostor first and the real CSMS then
+    with trio.fail_after(TIMEOUT_S):
+        settings: dict[str, Any] = {"ssl_context": context, "security_profile": 2, "count_security_event": count}
+        async with running_controller(port, tmp_path / "state", **settings) as lc:
+            async with tls_csms(impostor, port):
+                await failed_twice.wait()  # two attempts refused (A00.FR.310/311); then the impostor goes
+            async with tls_csms(pki.csms_server, port) as (csms, _):
+                await wait_calls(csms, "SecurityEventNotification", 2)
+                await lc.own.outbox.wait_empty()
+    assert failures[:2] == [("InvalidCsmsCertificate", "own"), ("InvalidCsmsCertificate", "own")]
+    reported = [payload for _, action, payload in calls_in(csms) if action == "SecurityEventNotification"]
+    assert [e["type"] for e in reported] == ["StartupOfTheDevice", "InvalidCsmsCertificate"]  # once, not per attempt
+    assert "certificate verify failed" in reported[1]["techInfo"]
+    assert (
+        lc.registry.get_sample_value(
+            "ocpp_lc_own_security_events_total",
+            {"type": "InvalidCsmsCertificate", "source": "own", "outcome": "repeated"},
+        )
+        == len(failures) - 1
+    )
     validate_frames(csms.frames(identity=IDENTITY))

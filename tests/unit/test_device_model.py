@@ -7,6 +7,7 @@ answer and every NotifyReport is checked against the OCA schemas.
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +15,10 @@ from typing import Any
 
 import pytest
 
+from router.app import build_app
+from router.config import parse_settings
 from router.ocppj import encode_call
-from router.own.catalogue import StandardValues, standard_variables
+from router.own.catalogue import LiveSources, StandardValues, standard_variables
 from router.own.device_model import (
     GET_REPORT,
     GET_VARIABLES,
@@ -24,7 +27,10 @@ from router.own.device_model import (
     Variable,
     notify_report_parts,
 )
+from router.own.service import OwnIdentitySettings
 from router.store import Store
+from router.tls import CsmsTlsSettings, client_context
+from tests.support.certs import make_pki
 from tests.support.schemas import validate_call, validate_result
 
 VALUES = StandardValues(identity="LC01", vendor_name="ocpp-lc", model="LC-1", firmware_version="1.0.0")
@@ -389,3 +395,202 @@ def test_a_variable_definition_is_unique() -> None:
     duplicate = [Variable("X", "Y", "integer", "ReadOnly", "1"), Variable("x", "y", "integer", "ReadOnly", "2")]
     with pytest.raises(ValueError, match="defined twice"):
         DeviceModel(duplicate, {})  # type: ignore[arg-type]  # never read: construction fails first
+
+
+# -- the variables Part 2 requires of every station (#13.10) ----------------------------------------
+
+#: Part 2, "Referenced Components and Variables": every variable marked required that applies to a
+#: station without EVSEs, connectors or transactions (see router/own/catalogue.py for what is left out).
+REQUIRED_OF_A_STATION_WITHOUT_EVSES = {
+    "ClockCtrlr.DateTime",
+    "ClockCtrlr.TimeSource",
+    "DeviceDataCtrlr.BytesPerMessage[GetReport]",
+    "DeviceDataCtrlr.BytesPerMessage[GetVariables]",
+    "DeviceDataCtrlr.BytesPerMessage[SetVariables]",
+    "DeviceDataCtrlr.ItemsPerMessage[GetReport]",
+    "DeviceDataCtrlr.ItemsPerMessage[GetVariables]",
+    "DeviceDataCtrlr.ItemsPerMessage[SetVariables]",
+    "OCPPCommCtrlr.FileTransferProtocols",
+    "OCPPCommCtrlr.MessageTimeout[Default]",
+    "OCPPCommCtrlr.NetworkConfigurationPriority",
+    "OCPPCommCtrlr.NetworkProfileConnectionAttempts",
+    "OCPPCommCtrlr.OfflineThreshold",
+    "OCPPCommCtrlr.ResetRetries",
+    "SecurityCtrlr.CertificateEntries",
+    "SecurityCtrlr.OrganizationName",
+    "SecurityCtrlr.SecurityProfile",
+    "SmartChargingCtrlr.Entries[ChargingProfiles]",
+    "SmartChargingCtrlr.LimitChangeSignificance",
+    "SmartChargingCtrlr.PeriodsPerSchedule",
+    "SmartChargingCtrlr.ProfileStackLevel",
+    "SmartChargingCtrlr.RateUnit",
+}
+
+
+class Live:
+    """What the live values read: certificates, site profiles, the wall clock."""
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.certificates = 2
+        self.profiles = 0
+        self.now = datetime.datetime(2026, 11, 25, 10, 0, 0, 250_000, tzinfo=datetime.UTC)
+
+    def sources(self) -> LiveSources:
+        return LiveSources(
+            self.site.connected,
+            installed_certificates=lambda: self.certificates,
+            charging_profiles=lambda: self.profiles,
+            wall_clock=lambda: self.now,
+        )
+
+
+def open_live_model(store: Store, live: Live) -> DeviceModel:
+    return DeviceModel(standard_variables(VALUES, live.sources()), store.namespace("device_model"))
+
+
+def test_full_inventory_has_every_required_variable_of_a_station_without_evses(store: Store, site: Site) -> None:
+    model = open_live_model(store, Live(site))
+    entries = reported(model.base_report("FullInventory"))
+    assert set(entries) >= REQUIRED_OF_A_STATION_WITHOUT_EVSES, REQUIRED_OF_A_STATION_WITHOUT_EVSES - set(entries)
+    # The mutabilities Part 2 gives them.
+    mutability = {key: entries[key]["variableAttribute"][0]["mutability"] for key in entries}
+    assert {key for key in REQUIRED_OF_A_STATION_WITHOUT_EVSES if mutability[key] == "ReadWrite"} == {
+        "ClockCtrlr.TimeSource",
+        "OCPPCommCtrlr.NetworkConfigurationPriority",
+        "OCPPCommCtrlr.NetworkProfileConnectionAttempts",
+        "OCPPCommCtrlr.OfflineThreshold",
+        "OCPPCommCtrlr.ResetRetries",
+        "SecurityCtrlr.OrganizationName",
+        "SmartChargingCtrlr.LimitChangeSignificance",
+    }
+    clock = entries["ClockCtrlr.DateTime"]
+    assert clock["variableCharacteristics"]["dataType"] == "dateTime"
+    assert clock["variableAttribute"][0]["persistent"] is False and clock["variableAttribute"][0]["constant"] is False
+    priority = entries["OCPPCommCtrlr.NetworkConfigurationPriority"]["variableCharacteristics"]
+    assert priority["dataType"] == "SequenceList" and priority["valuesList"] == "1"  # the slots there are
+    assert entries["SmartChargingCtrlr.Entries[ChargingProfiles]"]["variableCharacteristics"]["maxLimit"] == 16
+    # The whole inventory goes out as schema-valid NotifyReport frames.
+    for part in parts_of(list(entries.values()), items=10):
+        validate_call("NotifyReport", part)
+
+
+def test_live_values_count_what_the_controller_holds_and_tell_the_time(store: Store, site: Site) -> None:
+    live = Live(site)
+    model = open_live_model(store, live)
+    assert value_of(model, "SecurityCtrlr", "CertificateEntries") == "2"
+    assert value_of(model, "SmartChargingCtrlr", "Entries", "ChargingProfiles") == "0"
+    assert value_of(model, "ClockCtrlr", "DateTime") == "2026-11-25T10:00:00.250Z"
+    assert value_of(model, "ClockCtrlr", "TimeSource") == "RealTimeClock"
+    live.profiles, live.certificates = 3, 1
+    live.now += datetime.timedelta(seconds=90)
+    assert value_of(model, "SmartChargingCtrlr", "Entries", "ChargingProfiles") == "3"
+    assert value_of(model, "SecurityCtrlr", "CertificateEntries") == "1"
+    assert value_of(model, "ClockCtrlr", "DateTime") == "2026-11-25T10:01:30.250Z"
+    # Reports read them at the moment they are made, too.
+    entries = reported(model.base_report("FullInventory"))
+    assert entries["SmartChargingCtrlr.Entries[ChargingProfiles]"]["variableAttribute"][0]["value"] == "3"
+
+
+def test_the_new_read_only_variables_refuse_writes_and_the_settings_keep_to_their_limits(
+    store: Store, site: Site
+) -> None:
+    model = open_live_model(store, Live(site))
+    results = set_(
+        model,
+        cv("SecurityCtrlr", "CertificateEntries", attributeValue="5"),
+        cv("SmartChargingCtrlr", "Entries", "ChargingProfiles", attributeValue="0"),
+        cv("ClockCtrlr", "DateTime", attributeValue="2027-01-01T00:00:00Z"),
+        cv("ClockCtrlr", "TimeSource", attributeValue="Heartbeat"),  # not a source the controller has
+        cv("ClockCtrlr", "TimeSource", attributeValue="RealTimeClock"),
+        cv("OCPPCommCtrlr", "NetworkConfigurationPriority", attributeValue="2"),  # no such slot
+        cv("OCPPCommCtrlr", "NetworkConfigurationPriority", attributeValue=""),
+        cv("OCPPCommCtrlr", "OfflineThreshold", attributeValue="-1"),
+        cv("OCPPCommCtrlr", "OfflineThreshold", attributeValue="900"),
+        cv("OCPPCommCtrlr", "ResetRetries", attributeValue="2"),
+        cv("OCPPCommCtrlr", "NetworkProfileConnectionAttempts", attributeValue="0"),
+        cv("SecurityCtrlr", "OrganizationName", attributeValue="Example CPO Ltd"),
+    )
+    statuses = [(r["attributeStatus"], r.get("attributeStatusInfo", {}).get("reasonCode")) for r in results]
+    assert statuses == [
+        ("Rejected", "ReadOnly"),  # B05.FR.09
+        ("Rejected", "ReadOnly"),
+        ("Rejected", "ReadOnly"),
+        ("Rejected", "InvalidValue"),  # B05.FR.07
+        ("Accepted", None),
+        ("Rejected", "InvalidValue"),
+        ("Rejected", "ValueTooLow"),
+        ("Rejected", "ValueTooLow"),  # B05.FR.08
+        ("Accepted", None),
+        ("Accepted", None),
+        ("Rejected", "ValueTooLow"),
+        ("Accepted", None),
+    ]
+    assert value_of(model, "SecurityCtrlr", "CertificateEntries") == "2"
+    assert value_of(model, "OCPPCommCtrlr", "OfflineThreshold") == "900"
+    assert value_of(model, "SecurityCtrlr", "OrganizationName") == "Example CPO Ltd"
+
+
+def test_certificate_entries_counts_the_certificates_of_the_own_connection(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+
+    def own(profile: int, **tls: Path) -> OwnIdentitySettings:
+        settings = CsmsTlsSettings.model_validate({"security_profile": profile, **tls})
+        return OwnIdentitySettings(
+            identity="LC01", csms_host="127.0.0.1", csms_port=1, ssl_context=client_context(settings),
+            security_profile=profile,
+        )  # fmt: skip
+
+    assert own(1).installed_certificates() == 0  # plain ws://: no certificates at all
+    # Profile 2: the CSO CA it trusts; profile 3: that and its own client certificate.
+    assert own(2, ca_file=pki.cso_ca.cert_file).installed_certificates() == 1
+    three = own(
+        3,
+        ca_file=pki.cso_ca.cert_file,
+        cert_file=pki.controller_client.cert_file,
+        key_file=pki.controller_client.key_file,
+    )
+    assert three.installed_certificates() == 2
+
+
+async def test_the_appliance_counts_the_site_profiles_it_holds(tmp_path: Path) -> None:
+    settings = parse_settings(
+        {
+            "csms": {"url": "ws://127.0.0.1:9/ocpp"},
+            "stations": {"listen": "127.0.0.1:0"},
+            "http": {"listen": "127.0.0.1:0"},
+            "state": {"dir": str(tmp_path / "state")},
+        }
+    )
+    entries = cv("SmartChargingCtrlr", "Entries", "ChargingProfiles")
+    with Store.open(tmp_path / "state") as store:
+        own = build_app(settings, store).own
+        assert own is not None
+        dispatch = own.connection.dispatcher.dispatch
+
+        def count() -> str:
+            answer = dispatch("GetVariables", {"getVariableData": [entries]}).payload
+            validate_result("GetVariables", answer)
+            value: str = answer["getVariableResult"][0]["attributeValue"]
+            return value
+
+        assert count() == "0"
+        for profile_id in (1, 2):
+            schedule = {
+                "id": profile_id,
+                "chargingRateUnit": "A",
+                "startSchedule": "2020-01-01T00:00:00Z",
+                "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 100.0}],
+            }
+            profile = {
+                "id": profile_id,
+                "stackLevel": profile_id,
+                "chargingProfilePurpose": "ChargingStationMaxProfile",
+                "chargingProfileKind": "Absolute",
+                "chargingSchedule": [schedule],
+            }
+            answer = dispatch("SetChargingProfile", {"evseId": 0, "chargingProfile": profile}).payload
+            assert answer["status"] == "Accepted", answer
+        assert count() == "2"  # the CSMS's site profiles the controller holds (K01 on the own identity)
+        dispatch("ClearChargingProfile", {"chargingProfileId": 1})
+        assert count() == "1"

@@ -50,6 +50,8 @@ class MemoryCsms:
 
     nursery: trio.Nursery
     unreachable_dials: int = 0
+    #: Refusals the next dials raise, in order (e.g. TLS failures), before any other outcome.
+    dial_failures: list[HandshakeFailed] = field(default_factory=list)
     dials: list[float] = field(default_factory=list)
     received: list[tuple[float, list[Any]]] = field(default_factory=list)
     #: Every frame, as (who wrote it: "lc" or "csms", text).
@@ -69,6 +71,8 @@ class MemoryCsms:
     async def dial(self) -> WebSocket:
         self.dials.append(trio.current_time())
         self._changed()
+        if self.dial_failures:
+            raise self.dial_failures.pop(0)
         if self.unreachable_dials > 0:
             self.unreachable_dials -= 1
             raise HandshakeFailed("connection refused", kind="unreachable")
@@ -465,7 +469,7 @@ async def test_outbox_drops_a_refused_message_and_resends_an_unanswered_one(
     unanswered = iter([True, False])
     answers: dict[str, Answer] = {
         "NotifyEvent": lambda p: ("FormatViolation", "no thanks"),
-        "SecurityEventNotification": lambda p: None if next(unanswered) else {},
+        "SecurityEventNotification": lambda p: None if p["type"] == "Reset" and next(unanswered) else {},
     }
     with trio.fail_after(TEST_TIMEOUT_S):
         async with running_own(tmp_path, {"answers": answers}) as run:
@@ -489,9 +493,16 @@ async def test_outbox_drops_a_refused_message_and_resends_an_unanswered_one(
             await run.own.send("SecurityEventNotification", {"type": "Reset", "timestamp": "2026-11-25T10:00:00Z"})
             await run.own.send("Heartbeat", {})
             await csms.wait_until(lambda: len(run.own.outbox) == 0)
+            # (The controller's own StartupOfTheDevice went first: it was queued when it started.)
             sent = [f[2] for _, f in csms.calls() if f[2] != "BootNotification"]
-            assert sent[:4] == ["NotifyEvent", "SecurityEventNotification", "SecurityEventNotification", "Heartbeat"]
-            resent = csms.calls("SecurityEventNotification")
+            assert sent[:5] == [
+                "SecurityEventNotification",
+                "NotifyEvent",
+                "SecurityEventNotification",
+                "SecurityEventNotification",
+                "Heartbeat",
+            ]
+            resent = [c for c in csms.calls("SecurityEventNotification") if c[1][3]["type"] == "Reset"]
             assert resent[1][0] - resent[0][0] == pytest.approx(30, abs=1e-6)  # after MessageTimeout
             assert resent[0][1][1] != resent[1][1][1]  # a retry is a new message id (Part 4 §4.1.4)
             assert run.registry.get_sample_value("ocpp_lc_own_outbox_failed_total", {"action": "NotifyEvent"}) == 1
@@ -503,7 +514,7 @@ async def test_outbox_drops_a_refused_message_and_resends_an_unanswered_one(
 
             assert calls_total("NotifyEvent", "callerror") == 1
             assert calls_total("SecurityEventNotification", "timeout") == 1
-            assert calls_total("SecurityEventNotification", "result") == 1
+            assert calls_total("SecurityEventNotification", "result") == 2  # the start-up and the retried one
 
 
 async def test_a_csms_that_stops_answering_pings_is_dropped_and_dialled_again(
