@@ -325,6 +325,26 @@ async def test_files_are_served_with_range_if_range_etag_and_head(tmp_path: Path
             assert fw.metric("ocpp_lc_firmware_http_responses_total", code="206") == 2
 
 
+@pytest.mark.parametrize("value", ["items=0-99", "lines=2-3", "0-99", "Bytes0-99"])
+async def test_a_range_in_a_unit_we_do_not_know_is_ignored_and_the_whole_file_served(
+    tmp_path: Path, value: str
+) -> None:
+    # RFC 9110 §14.2: a server must ignore a Range field whose range unit it does not understand.
+    with trio.fail_after(TIMEOUT_S):
+        async with source(honest(FIRMWARE)) as src, running_cache(tmp_path) as fw:
+            fw.publish(src.url())
+            await fw.recorder.final(7)
+            url = fw.recorder.sent[-1]["location"][0]
+            response = await fetch_bytes(url, Range=value)
+            assert response.status_code == 200
+            assert "content-range" not in response.headers
+            assert response.content == FIRMWARE
+            # A byte range still works beside it, and a malformed one in bytes is still refused.
+            assert (await fetch_bytes(url, Range="BYTES=0-9")).content == FIRMWARE[:10]
+            assert (await fetch_bytes(url, Range="bytes=abc")).status_code == 400
+            assert fw.metric("ocpp_lc_firmware_http_responses_total", code="200") == 1
+
+
 @pytest.mark.parametrize(
     "target",
     [
