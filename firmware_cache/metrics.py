@@ -30,7 +30,7 @@ class FirmwareMetrics:
         )
         self.attempt_failures = Counter(
             "ocpp_lc_firmware_download_attempt_failures",
-            "Failed download attempts by reason (unreachable, timeout, broken_transfer, http_4xx, too_large ...)",
+            "Failed download attempts by reason (unreachable, timeout, broken_transfer, http_4xx, checksum ...)",
             ["reason"],
             registry=registry,
         )

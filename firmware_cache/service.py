@@ -16,7 +16,11 @@ the first status, then runs::
     Downloading ─┬─▶ Downloaded ─┬─▶ ChecksumVerified ─┬─▶ Published (location: every URL)
                  │               └─▶ InvalidChecksum    └─▶ PublishFailed
                  ├─▶ DownloadPaused ─▶ Downloading …   (a failed attempt with attempts left)
-                 └─▶ DownloadFailed                    (no attempts left, or a failure no retry can fix)
+                 └─▶ DownloadFailed                    (no attempts left)
+
+A whole file whose MD5 is wrong is a failed attempt too: Downloaded ─▶ DownloadPaused ─▶ Downloading
+(from the first byte) while attempts are left, Downloaded ─▶ InvalidChecksum after the last one. So
+DownloadFailed and InvalidChecksum are only ever sent once the request's attempts are spent.
 
 Every status goes out as a PublishFirmwareStatusNotification with the request's ``requestId``
 through the notifier (L03.FR.01); the last one is remembered for TriggerMessage (L03.FR.10/11).
@@ -333,25 +337,12 @@ class FirmwareCache:
             await self._notify(job, "Published", self.urls(job.md5))
             return "published"
         await self._notify(job, "Downloading")
-        try:
-            digest, size = await self.content.hash_partial(job.md5)
-        except OSError as error:
-            log.error("firmware cache: cannot read the partial file of %s: %s", job.md5, error.strerror or error)
-            self.metrics.attempt_failures.labels("disk_error").inc()
-            digest, size = None, -1
-        progress = Progress(digest, size, job.validator)
-        self._partial_bytes[job.md5] = max(0, size)
-        if size < 0 or not await self._download(job, progress):
+        progress = await self._resume_point(job)
+        failed = await self._download(job, progress)
+        if failed is not None:
             self.content.delete_partial(job.md5)
-            await self._notify(job, "DownloadFailed")  # L03.FR.06
-            return "download_failed"
-        await self._notify(job, "Downloaded")
-        got = progress.digest.hexdigest()
-        if got != job.md5:  # L03.FR.02: over the whole file
-            log.warning("firmware cache: %s from %.200s has MD5 %s; expected %s", job.name, job.location, got, job.md5)
-            self.content.delete_partial(job.md5)
-            await self._notify(job, "InvalidChecksum")  # L03.FR.07
-            return "invalid_checksum"
+            await self._notify(job, failed)  # L03.FR.06 (DownloadFailed) or L03.FR.07 (InvalidChecksum)
+            return "download_failed" if failed == "DownloadFailed" else "invalid_checksum"
         await self._notify(job, "ChecksumVerified")
         url = published_url(self.public_base_url or "", job.md5, job.name)
         try:
@@ -372,8 +363,30 @@ class FirmwareCache:
         await self._notify(job, "Published", [url])  # L03.FR.04/09
         return "published"
 
-    async def _download(self, job: Job, progress: Progress) -> bool:
-        """Attempt the download until it succeeds (True) or no attempt is left (False)."""
+    async def _resume_point(self, job: Job) -> Progress:
+        """What the partial file holds already (the download goes on from there); nothing if unreadable."""
+        try:
+            digest, size = await self.content.hash_partial(job.md5)
+        except OSError as error:
+            log.error(
+                "firmware cache: cannot read the partial file of %s: %s; starting over",
+                job.md5,
+                error.strerror or error,
+            )
+            self.content.delete_partial(job.md5)
+            digest, size = _md5(), 0
+        self._partial_bytes[job.md5] = size
+        return Progress(digest, size, job.validator if size else None)
+
+    async def _download(self, job: Job, progress: Progress) -> PublishStatus | None:
+        """Attempt the download until the whole file is there with the right MD5 (None), or no attempt is left.
+
+        Every failed attempt costs one of the request's attempts, whatever failed: the source (an HTTP
+        error status, no connection, a transfer cut short, a certificate), our limits, or the MD5 of
+        what arrived. Between attempts the status is DownloadPaused for ``retryInterval``. Returns
+        the final status once the budget is spent: DownloadFailed, or InvalidChecksum when the last
+        attempt brought a whole file with another MD5.
+        """
         timeout = httpx.Timeout(self.settings.download_timeout_s)
         limits = Limits(self.settings.max_file_bytes, lambda: self._budget_left_bytes(job.md5))
 
@@ -389,31 +402,44 @@ class FirmwareCache:
             timeout=timeout, verify=self._ssl_context, follow_redirects=True, trust_env=False
         ) as client:
             while True:
+                failure: PublishStatus
                 try:
                     await fetch(
                         client, job.location, self.content.partial_path(job.md5), progress, limits, _md5, on_bytes
                     )
                 except DownloadError as error:
                     self.metrics.attempt_failures.labels(error.reason).inc()
-                    job.attempts_left -= 1
-                    job.validator = progress.validator
-                    self._state.put(_JOB_PREFIX + job.md5, job.to_record())
-                    self._partial_bytes[job.md5] = progress.size_bytes
-                    if not error.retryable or job.attempts_left <= 0:
-                        log.warning("firmware cache: download of %s failed for good: %s", job.md5, error)
-                        return False
+                    failure, why = "DownloadFailed", str(error)
+                else:
+                    await self._notify(job, "Downloaded")
+                    got = progress.digest.hexdigest()
+                    if got == job.md5:  # L03.FR.02: over the whole file
+                        return None
+                    # Not the file (another one, or one cut short by a source that sent no length):
+                    # the next attempt starts again from the first byte.
+                    self.metrics.attempt_failures.labels("checksum").inc()
+                    failure, why = "InvalidChecksum", f"{progress.size_bytes} bytes arrived with MD5 {got}"
+                    self.content.delete_partial(job.md5)
+                    progress.start_over(_md5())
+                job.attempts_left -= 1
+                job.validator = progress.validator
+                self._state.put(_JOB_PREFIX + job.md5, job.to_record())
+                self._partial_bytes[job.md5] = progress.size_bytes
+                if job.attempts_left <= 0:
                     log.warning(
-                        "firmware cache: download of %s failed (%s); %d attempt(s) left, next in %.0f s",
-                        job.md5,
-                        error,
-                        job.attempts_left,
-                        job.retry_interval_s,
+                        "firmware cache: download of %s from %.200s failed for good: %s", job.md5, job.location, why
                     )
-                    await self._notify(job, "DownloadPaused")
-                    await trio.sleep(job.retry_interval_s)
-                    await self._notify(job, "Downloading")
-                    continue
-                return True
+                    return failure
+                log.warning(
+                    "firmware cache: download of %s failed (%s); %d attempt(s) left, next in %.0f s",
+                    job.md5,
+                    why,
+                    job.attempts_left,
+                    job.retry_interval_s,
+                )
+                await self._notify(job, "DownloadPaused")
+                await trio.sleep(job.retry_interval_s)
+                await self._notify(job, "Downloading")
 
     async def _notify(self, job: Job, status: PublishStatus, location: list[str] | None = None) -> None:
         payload: dict[str, Any] = {"status": status, "requestId": job.request_id}

@@ -156,7 +156,7 @@ async def test_failure_paths_report_in_order_with_one_request_id(open_relay: Ope
                 "status": "Accepted"
             }
             assert [p["status"] for p in await wait_final(csms, 601)] == ["Downloading", "DownloadFailed"]  # TC_L_24
-            invalid = {"location": wrong.url(), "checksum": FIRMWARE_MD5, "requestId": 602}
+            invalid = {"location": wrong.url(), "checksum": FIRMWARE_MD5, "requestId": 602, "retries": 0}
             await csms.call(identity=IDENTITY, action="PublishFirmware", payload=invalid)
             assert [p["status"] for p in await wait_final(csms, 602)] == [
                 "Downloading",
