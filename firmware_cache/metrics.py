@@ -6,8 +6,9 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-#: How a publishing process ended (the ``outcome`` label of downloads_total).
-OUTCOMES: Final = ("published", "download_failed", "invalid_checksum", "publish_failed")
+#: How a publishing process ended (the ``outcome`` label of downloads_total); "unpublished": stopped
+#: by an UnpublishFirmware before it was published.
+OUTCOMES: Final = ("published", "download_failed", "invalid_checksum", "publish_failed", "unpublished")
 
 
 class FirmwareMetrics:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -148,7 +148,8 @@ class FirmwareCache:
         #: ``settings.ca_file``, else the system's CAs. An unusable ca_file fails here, at start.
         self._ssl_context = ssl_context if ssl_context is not None else download_context(settings.ca_file)
         self._files: dict[str, CachedFile] = {}
-        self._jobs: dict[str, Job] = {}
+        #: The publishing process under way per MD5, with the cancel scope UnpublishFirmware uses.
+        self._jobs: dict[str, _Running] = {}
         self._partial_bytes: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
         self._files_view = FirmwareFiles(self._lookup, self.downloads, self.metrics)
@@ -210,20 +211,39 @@ class FirmwareCache:
         return PublishAnswer({"status": "Accepted"}, answered)
 
     def unpublish(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Answer an UnpublishFirmware (L04); raises RequestInvalid for a payload that breaks the schema."""
+        """Answer an UnpublishFirmware (L04); raises RequestInvalid for a payload that breaks the schema.
+
+        A publishing process still under way for the file (the controller downloading it, or about to
+        announce it) is stopped first, so that the file is not served afterwards (L04's aim): its job
+        is forgotten durably at once, its bytes are deleted, and its status becomes Idle. The answer
+        is then NoFirmware if no file had been published yet (L04.FR.03 asks about a *published*
+        file; DownloadOngoing is L04.FR.04's answer for a *station* downloading a published one).
+        """
         request = parse_unpublish(payload)
         md5 = normalise_md5(request["checksum"])
-        if md5 is None or md5 not in self._files:
+        if md5 is None:
             return {"status": "NoFirmware"}  # L04.FR.03
-        if self.downloads.active(md5):
+        if md5 in self._files and self.downloads.active(md5):
             log.info("firmware cache: not unpublishing %s: %d station(s) downloading", md5, self.downloads.active(md5))
-            return {"status": "DownloadOngoing"}  # L04.FR.04
+            return {"status": "DownloadOngoing"}  # L04.FR.04: and the file stays published
+        self._withdraw(md5)
+        if md5 not in self._files:
+            return {"status": "NoFirmware"}  # L04.FR.03
         entry = self._files.pop(md5)
         self._state.delete(_FILE_PREFIX + md5)
         self.content.delete_file(md5)
         self._update_gauges()
         log.info("firmware cache: unpublished %s (%s, %d bytes)", md5, entry.name, entry.size_bytes)
         return {"status": "Unpublished"}  # L04.FR.01/02
+
+    def _withdraw(self, md5: str) -> None:
+        """Stop the publishing process for ``md5``, if one runs (see :meth:`unpublish`)."""
+        running = self._jobs.pop(md5, None)
+        if running is None:
+            return
+        self._state.delete(_JOB_PREFIX + md5)  # before answering: a restart must not resume it
+        running.scope.cancel()
+        log.info("firmware cache: UnpublishFirmware stopped publishing request %d (%s)", running.job.request_id, md5)
 
     def trigger_payload(self) -> dict[str, Any]:
         """The PublishFirmwareStatusNotification a TriggerMessage asks for (L03.FR.10/11)."""
@@ -312,25 +332,48 @@ class FirmwareCache:
 
     def _start(self, job: Job, answered: trio.Event | None) -> None:
         assert self._nursery is not None
-        self._jobs[job.md5] = job
-        self._nursery.start_soon(self._run_job, job, answered, name=f"firmware {job.md5}")
+        running = _Running(job)
+        self._jobs[job.md5] = running
+        self._nursery.start_soon(self._run_job, running, answered, name=f"firmware {job.md5}")
 
-    async def _run_job(self, job: Job, answered: trio.Event | None) -> None:
-        try:
-            if answered is not None:
-                with trio.move_on_after(self.settings.answer_wait_s):
-                    await answered.wait()
-            outcome = await self._publish_job(job)
-        except Exception:
-            # A bug must not leave the CSMS waiting for ever: say how this one ended, then forget it.
-            log.exception("firmware cache: publishing %s failed unexpectedly", job.md5)
-            self.content.delete_partial(job.md5)
-            await self._notify(job, "DownloadFailed")
-            outcome = "download_failed"
+    def _current(self, job: Job) -> bool:
+        """Whether ``job`` is still the publishing process for its file (UnpublishFirmware ends that)."""
+        running = self._jobs.get(job.md5)
+        return running is not None and running.job is job
+
+    async def _run_job(self, running: _Running, answered: trio.Event | None) -> None:
+        job = running.job
+        outcome = "download_failed"
+        with running.scope:
+            try:
+                if answered is not None:
+                    with trio.move_on_after(self.settings.answer_wait_s):
+                        await answered.wait()
+                outcome = await self._publish_job(job)
+            except Exception:
+                # A bug must not leave the CSMS waiting for ever: say how this one ended, then forget it.
+                log.exception("firmware cache: publishing %s failed unexpectedly", job.md5)
+                self.content.delete_partial(job.md5)
+                await self._notify(job, "DownloadFailed")
+        if not self._current(job):
+            await self._withdrawn(job)
+            return
         self.metrics.downloads.labels(outcome).inc()
         self._state.delete(_JOB_PREFIX + job.md5)
         self._jobs.pop(job.md5, None)
         self._partial_bytes.pop(job.md5, None)
+
+    async def _withdrawn(self, job: Job) -> None:
+        """Clean up after UnpublishFirmware stopped ``job`` (its index entry is gone already)."""
+        if job.md5 not in self._jobs:  # a newer PublishFirmware for the same file may be using these bytes
+            self.content.delete_partial(job.md5)
+            self._partial_bytes.pop(job.md5, None)
+        if job.md5 not in self._files:  # moved into place just as it was stopped, never announced
+            self.content.delete_file(job.md5)
+        self.metrics.downloads.labels("unpublished").inc()
+        # L03.FR.01: the process has left its last status (Downloading …): it is over, and nothing is
+        # published, so the controller is idle for this request. A TriggerMessage then says Idle too.
+        await self._send_status(job, "Idle")
 
     async def _publish_job(self, job: Job) -> str:
         if job.md5 in self._files:  # published already (by an earlier request): say where, again
@@ -349,6 +392,8 @@ class FirmwareCache:
             if not self.public_base_url or len(url) > MAX_LOCATION_CHARS:
                 raise OSError(f"cannot publish at {url[:80]!r}… (no public base URL, or longer than 512 characters)")
             size = await self.content.publish(job.md5)
+            if not self._current(job):
+                return "unpublished"  # stopped while the file was moved (a worker thread ignores cancellation)
         except OSError as error:
             log.error("firmware cache: cannot publish %s: %s", job.md5, getattr(error, "strerror", None) or error)
             self.content.delete_partial(job.md5)
@@ -442,12 +487,25 @@ class FirmwareCache:
                 await self._notify(job, "Downloading")
 
     async def _notify(self, job: Job, status: PublishStatus, location: list[str] | None = None) -> None:
+        """Send a status of ``job``'s process (L03.FR.01), unless UnpublishFirmware has ended that process."""
+        if self._current(job):
+            await self._send_status(job, status, location)
+
+    async def _send_status(self, job: Job, status: PublishStatus, location: list[str] | None = None) -> None:
         payload: dict[str, Any] = {"status": status, "requestId": job.request_id}
         if location is not None:
             payload["location"] = location
         self._state.put(_LAST_KEY, {"status": status, "requestId": job.request_id})
         log.info("firmware cache: request %d: %s", job.request_id, status)
         await self._notifier.send(STATUS_ACTION, payload)
+
+
+@dataclass(eq=False)
+class _Running:
+    """A job whose task runs, and the scope that stops it."""
+
+    job: Job
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 def download_context(ca_file: Path | None) -> ssl.SSLContext:

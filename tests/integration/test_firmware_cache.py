@@ -518,6 +518,54 @@ async def test_unpublish_answers_unpublished_no_firmware_and_download_ongoing(tm
             assert fw.unpublish(big_md5) == "NoFirmware"
 
 
+async def test_unpublish_during_the_controllers_own_download_stops_it_and_nothing_is_published(
+    tmp_path: Path,
+) -> None:
+    release, sent = trio.Event(), trio.Event()
+    with trio.fail_after(TIMEOUT_S):
+        async with source(held(FIRMWARE, release, 100_000, sent)) as src:
+            async with running_cache(tmp_path) as fw:
+                fw.publish(src.url(), request_id=31)
+                await sent.wait()  # the controller is downloading: nothing is published yet
+                # L04.FR.03: there is no published file. The download is stopped, so none will be.
+                assert fw.unpublish(FIRMWARE_MD5) == "NoFirmware"
+                release.set()  # the source would now send the rest
+                # L03.FR.01: the process left Downloading; it is over, nothing published: Idle.
+                assert await fw.recorder.final(31) == ["Downloading", "Idle"]
+                await settle()
+                assert fw.recorder.statuses(31) == ["Downloading", "Idle"]  # and never Published
+                assert fw.cache.published() == {}
+                assert list((tmp_path / "firmware" / "partial").iterdir()) == []
+                assert list((tmp_path / "firmware" / "files").iterdir()) == []
+                response = await fetch_bytes(f"{fw.base}/firmware/{FIRMWARE_MD5}/fw-1.2.3.bin")
+                assert response.status_code == 404
+                assert fw.cache.trigger_payload() == {"status": "Idle"}
+                assert fw.metric("ocpp_lc_firmware_downloads_total", outcome="unpublished") == 1
+                assert fw.metric("ocpp_lc_firmware_downloads_total", outcome="published") == 0
+                recorder = fw.recorder
+            # The stopped job is not resumed by a restart either.
+            async with running_cache(tmp_path, recorder=recorder) as again:
+                await settle()
+                assert recorder.statuses(31) == ["Downloading", "Idle"]
+                assert again.cache.published() == {}
+                # A new PublishFirmware for the same file is a new process, and it publishes.
+                assert again.publish(src.url(), request_id=32) == {"status": "Accepted"}
+                assert await again.recorder.final(32) == SUCCESS
+
+
+async def test_unpublish_before_the_first_status_stops_the_process_silently(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with source(honest(FIRMWARE)) as src, running_cache(tmp_path) as fw:
+            payload = {"location": src.url(), "checksum": FIRMWARE_MD5, "requestId": 33}
+            answer = fw.cache.publish(payload)  # Accepted, but not yet written to the CSMS
+            assert fw.unpublish(FIRMWARE_MD5) == "NoFirmware"
+            answer.sent()
+            assert await fw.recorder.final(33) == ["Idle"]
+            await settle()
+            assert fw.recorder.statuses(33) == ["Idle"]
+            assert src.requests == [] and fw.cache.published() == {}
+
+
 async def test_trigger_message_gives_idle_after_published_and_else_the_last_status(tmp_path: Path) -> None:
     with trio.fail_after(TIMEOUT_S):
         async with (
