@@ -26,11 +26,15 @@ Every status goes out as a PublishFirmwareStatusNotification with the request's 
 through the notifier (L03.FR.01); the last one is remembered for TriggerMessage (L03.FR.10/11).
 Published files are stored as ``file:<md5>`` and served at ``<public base>/firmware/<md5>/<name>``.
 
-Restarts. At start the cache re-hashes every published file and serves only those that still match
-(a file that does not is deleted, logged and counted). A job found in the index was interrupted: it
-resumes from its partial file (Range) with the attempts it had left, sending Downloading again; if
-it cannot finish it ends in DownloadFailed, so the CSMS always hears how it ended. Files and partial
-files no index entry accounts for are deleted.
+Restarts. Every step of a job is in the index before the next begins (its record stays until its
+final status has been handed to the durable outbox). At start the cache re-hashes every published
+file and serves only those that still match (a file that does not is deleted, logged and counted).
+A job found in the index was interrupted, and goes on: if its file was published (or moved into
+place, not yet indexed, and matches) it sends Published, which the crash may have kept from the
+CSMS (it may then hear it twice, as with anything in the outbox); otherwise it resumes from its
+partial file (Range) with the attempts it had left, sending Downloading again, and if it cannot
+finish it ends in DownloadFailed, so the CSMS always hears how it ended. Files and partial files no
+index entry accounts for are deleted.
 
 ``retries`` counts attempts after the first (retries=0: one attempt); ``retryInterval`` is the wait
 between attempts. Defaults for both come from the configuration.
@@ -140,8 +144,11 @@ class FirmwareCache:
         self.metrics = FirmwareMetrics(registry)
         self.content = ContentStore(settings.cache_dir)
         self.downloads = StationDownloads(self.metrics)
-        #: Where stations reach the HTTP face, e.g. "http://192.168.1.10:8080"; None: nothing can be published.
-        self.public_base_url = public_base_url
+        self._public_base_url = public_base_url
+        #: Set once the public URL is decided (given here, or assigned once the HTTP face is up).
+        self._public_url_known = trio.Event()
+        if public_base_url is not None:
+            self._public_url_known.set()
         self._state = state
         self._notifier = notifier
         #: How https sources are verified (chain and host name): ``ssl_context`` if given, else
@@ -155,6 +162,17 @@ class FirmwareCache:
         self._files_view = FirmwareFiles(self._lookup, self.downloads, self.metrics)
 
     # -- what the wiring uses -------------------------------------------------------------------
+
+    @property
+    def public_base_url(self) -> str | None:
+        """Where stations reach the HTTP face, e.g. "http://192.168.1.10:8080"; None: nothing can be published."""
+        return self._public_base_url
+
+    @public_base_url.setter
+    def public_base_url(self, url: str | None) -> None:
+        # Assigned by the wiring once the HTTP face has its port; jobs resumed at start wait for it.
+        self._public_base_url = url
+        self._public_url_known.set()
 
     def routes(self) -> list[BaseRoute]:
         """The HTTP routes serving published files."""
@@ -286,6 +304,12 @@ class FirmwareCache:
                     self._state.delete(key)
                     continue
                 jobs.append(job)
+        adopted = set()
+        for job in jobs:
+            if job.md5 not in files and self.content.file_path(job.md5).is_file():
+                # A crash after the file was moved into place, before it was indexed: verified like the others.
+                files[job.md5] = CachedFile(job.md5, job.name, 0, job.request_id, job.location)
+                adopted.add(job.md5)
         for md5, entry in files.items():
             digest, size = await self.content.hash_file(md5)
             if digest != md5:
@@ -299,21 +323,17 @@ class FirmwareCache:
                 continue
             entry.size_bytes = size
             self._files[md5] = entry
-        resumable = []
-        for job in jobs:
-            if job.md5 in self._files:  # a crash after publishing, before the job was removed
-                self._state.delete(_JOB_PREFIX + job.md5)
-            else:
-                resumable.append(job)
-        removed = await trio.to_thread.run_sync(
-            self.content.remove_strays, set(self._files), {job.md5 for job in resumable}
-        )
+            if md5 in adopted:
+                self._state.put(_FILE_PREFIX + md5, entry.to_record())
+        # Every job left goes on: one whose file is published (a crash before its Published was sent,
+        # or before the job was removed) just sends Published; the others resume their download.
+        removed = await trio.to_thread.run_sync(self.content.remove_strays, set(self._files), {j.md5 for j in jobs})
         for name in removed:
             log.warning("firmware cache: removed %s, which no index entry accounts for", name)
         self._update_gauges()
         if self._files:
             log.info("firmware cache: serving %d file(s) again after verifying them", len(self._files))
-        return resumable
+        return jobs
 
     def _lookup(self, md5: str) -> tuple[Path, str] | None:
         entry = self._files.get(md5)
@@ -349,6 +369,7 @@ class FirmwareCache:
                 if answered is not None:
                     with trio.move_on_after(self.settings.answer_wait_s):
                         await answered.wait()
+                await self._public_url_known.wait()  # a job resumed at start may be about to say Published
                 outcome = await self._publish_job(job)
             except Exception:
                 # A bug must not leave the CSMS waiting for ever: say how this one ended, then forget it.
@@ -376,8 +397,13 @@ class FirmwareCache:
         await self._send_status(job, "Idle")
 
     async def _publish_job(self, job: Job) -> str:
-        if job.md5 in self._files:  # published already (by an earlier request): say where, again
-            await self._notify(job, "Published", self.urls(job.md5))
+        if job.md5 in self._files:  # published already (earlier, or before a restart): say where, again
+            urls = self.urls(job.md5)
+            if not urls:
+                log.error("firmware cache: %s is published but has no public URL to announce", job.md5)
+                await self._notify(job, "PublishFailed")  # L03.FR.08: stations cannot be told where it is
+                return "publish_failed"
+            await self._notify(job, "Published", urls)
             return "published"
         await self._notify(job, "Downloading")
         progress = await self._resume_point(job)
@@ -495,9 +521,9 @@ class FirmwareCache:
         payload: dict[str, Any] = {"status": status, "requestId": job.request_id}
         if location is not None:
             payload["location"] = location
-        self._state.put(_LAST_KEY, {"status": status, "requestId": job.request_id})
         log.info("firmware cache: request %d: %s", job.request_id, status)
         await self._notifier.send(STATUS_ACTION, payload)
+        self._state.put(_LAST_KEY, {"status": status, "requestId": job.request_id})  # once sent (L03.FR.11)
 
 
 @dataclass(eq=False)

@@ -66,6 +66,21 @@ class Recorder:
         return self.statuses(request_id)
 
 
+class CrashingRecorder(Recorder):
+    """The controller dies the moment it would send ``status``: that status never leaves."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__()
+        self.status = status
+        self.reached = trio.Event()
+
+    async def send(self, action: str, payload: dict[str, Any]) -> None:
+        if payload["status"] == self.status:
+            self.reached.set()
+            await trio.sleep_forever()  # cancelled with the cache: nothing after this point runs
+        await super().send(action, payload)
+
+
 # -- sources -------------------------------------------------------------------------------------
 
 
@@ -460,6 +475,47 @@ async def test_a_download_interrupted_by_a_restart_that_cannot_resume_ends_in_do
             assert await again.recorder.final(11) == ["Downloading", "Downloading", "DownloadFailed"]
             assert list((tmp_path / "firmware" / "partial").iterdir()) == []
             assert again.cache.trigger_payload() == {"status": "DownloadFailed", "requestId": 11}
+
+
+async def test_a_crash_after_indexing_before_published_was_sent_sends_it_at_restart(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with source(honest(FIRMWARE)) as src:
+            crashing = CrashingRecorder("Published")
+            async with running_cache(tmp_path, recorder=crashing) as fw:
+                fw.publish(src.url(), request_id=12)
+                await crashing.reached.wait()
+            assert crashing.statuses(12) == SUCCESS[:-1]  # the CSMS never heard Published
+            async with running_cache(tmp_path) as again:
+                # L03.FR.09: published, so the CSMS hears it, with where (L03.FR.04), once back.
+                assert await again.recorder.final(12) == ["Published"]
+                url = f"{again.base}/firmware/{FIRMWARE_MD5}/fw-1.2.3.bin"
+                assert again.recorder.sent[-1]["location"] == [url]
+                assert (await fetch_bytes(url)).content == FIRMWARE
+                assert len(src.requests) == 1  # nothing was downloaded again
+                assert again.cache.trigger_payload() == {"status": "Idle"}  # L03.FR.10
+            # Once said, it is not said again at the next start.
+            async with running_cache(tmp_path) as third:
+                await settle()
+                assert third.recorder.sent == []
+                assert set(third.cache.published()) == {FIRMWARE_MD5}
+
+
+async def test_a_crash_after_the_file_was_moved_into_place_before_it_was_indexed_publishes_it(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with source(honest(FIRMWARE)) as src:
+            crashing = CrashingRecorder("Published")
+            async with running_cache(tmp_path, recorder=crashing) as fw:
+                fw.publish(src.url(), request_id=13)
+                await crashing.reached.wait()
+            # What a crash one step earlier leaves: the verified file in place, the job, no index entry.
+            with Store.open(tmp_path / "state") as store:
+                assert store.namespace("firmware").delete(f"file:{FIRMWARE_MD5}")
+            async with running_cache(tmp_path) as again:
+                assert await again.recorder.final(13) == ["Published"]
+                assert (await fetch_bytes(again.recorder.sent[-1]["location"][0])).content == FIRMWARE
+                assert len(src.requests) == 1  # the file was checked, not fetched again
 
 
 async def test_published_files_survive_a_restart_after_their_md5_is_checked_again(tmp_path: Path) -> None:
