@@ -25,6 +25,8 @@ DownloadFailed and InvalidChecksum are only ever sent once the request's attempt
 Every status goes out as a PublishFirmwareStatusNotification with the request's ``requestId``
 through the notifier (L03.FR.01); the last one is remembered for TriggerMessage (L03.FR.10/11).
 Published files are stored as ``file:<md5>`` and served at ``<public base>/firmware/<md5>/<name>``.
+An UnpublishFirmware that finds the job still running cancels it (its cancel scope), deletes its
+record and bytes, and the job's last status is Idle: nothing of it is published (L04).
 
 Restarts. Every step of a job is in the index before the next begins (its record stays until its
 final status has been handed to the durable outbox). At start the cache re-hashes every published
