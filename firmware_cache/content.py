@@ -58,6 +58,8 @@ class ContentStore:
 
     async def hash_partial(self, md5: str) -> tuple[Any, int]:
         """An MD5 object fed with the partial file's bytes, and their count (to resume a download)."""
+        if not self.partial_size(md5):
+            return hashlib.md5(usedforsecurity=False), 0  # nothing to read: no thread needed
         return await trio.to_thread.run_sync(_hash_file, self.partial_path(md5))
 
     async def hash_file(self, md5: str) -> tuple[str, int]:

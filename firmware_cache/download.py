@@ -2,10 +2,11 @@
 
 The policy around attempts (how many, how long between them, which status to send) is the service's;
 this module moves bytes and says how an attempt ended. A failed attempt raises :class:`DownloadError`
-with a short ``reason`` (a metric label) and whether another attempt could help (``retryable``): a
-dropped connection or a 503 may; a 404, a file over the size cap, a full disk or an https source
-whose certificate fails verification (``certificate``: untrusted issuer, wrong host name, expired)
-will not.
+with a short ``reason`` (a metric label: ``unreachable``, ``http_4xx``, ``broken_transfer``,
+``certificate`` for an https source that fails verification, ``too_large`` …) and a detail for the
+log. Every failure costs one attempt of the request's budget, whatever its reason: the CSMS's
+``retries`` says how often to try before giving up, and a 404 or a certificate can be mended at the
+source between two attempts as well as a dropped connection can.
 
 Resuming: when the partial file already holds bytes, the request asks for the rest with
 ``Range: bytes=<n>-`` and, if the source gave a validator before, ``If-Range`` with it, so a source
@@ -29,18 +30,15 @@ import httpx
 log = logging.getLogger("ocpp_lc.firmware")
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-#: Status codes worth another attempt besides 5xx: the source is busy, not wrong.
-_RETRYABLE_STATUS = frozenset({408, 425, 429})
 
 
 class DownloadError(Exception):
-    """An attempt failed: ``reason`` is a bounded label, ``retryable`` whether trying again may help."""
+    """An attempt failed: ``reason`` is a bounded label (a metric's), ``detail`` says more for the log."""
 
-    def __init__(self, reason: str, detail: str, *, retryable: bool) -> None:
+    def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-        self.retryable = retryable
 
 
 @dataclass
@@ -53,6 +51,13 @@ class Progress:
     validator: str | None = None
     #: Set when the source started over: the partial file must be emptied before writing.
     truncate: bool = False
+
+    def start_over(self, digest: Any) -> None:
+        """Forget the bytes so far (``digest`` is a fresh MD5 object): the next write starts the file anew."""
+        self.digest = digest
+        self.size_bytes = 0
+        self.validator = None
+        self.truncate = True
 
 
 @dataclass(frozen=True)
@@ -96,20 +101,17 @@ async def fetch(
     except httpx.ConnectError as error:
         tls_error = _tls_cause(error)
         if isinstance(tls_error, ssl.SSLCertVerificationError):
-            # Nothing a retry changes: the source must present another certificate, or we trust another CA.
             detail = tls_error.verify_message or str(tls_error)
-            raise DownloadError(
-                "certificate", f"{url} failed certificate verification: {detail}", retryable=False
-            ) from None
+            raise DownloadError("certificate", f"{url} failed certificate verification: {detail}") from None
         if tls_error is not None:
-            raise DownloadError("tls_error", f"TLS with {url} failed: {tls_error}", retryable=True) from None
-        raise DownloadError("unreachable", str(error) or type(error).__name__, retryable=True) from None
+            raise DownloadError("tls_error", f"TLS with {url} failed: {tls_error}") from None
+        raise DownloadError("unreachable", str(error) or type(error).__name__) from None
     except httpx.TimeoutException as error:
-        raise DownloadError("timeout", str(error) or type(error).__name__, retryable=True) from None
+        raise DownloadError("timeout", str(error) or type(error).__name__) from None
     except (httpx.RemoteProtocolError, httpx.ReadError) as error:
-        raise DownloadError("broken_transfer", str(error) or type(error).__name__, retryable=True) from None
+        raise DownloadError("broken_transfer", str(error) or type(error).__name__) from None
     except httpx.HTTPError as error:
-        raise DownloadError("http_error", str(error) or type(error).__name__, retryable=True) from None
+        raise DownloadError("http_error", str(error) or type(error).__name__) from None
 
 
 def _tls_cause(error: BaseException) -> ssl.SSLError | None:
@@ -131,43 +133,31 @@ def _check_start(response: httpx.Response, progress: Progress, new_digest: Calla
     if status == 206 and progress.size_bytes:
         match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", "").strip())
         if match is None or int(match[1]) != progress.size_bytes:
+            asked = progress.size_bytes
+            progress.start_over(new_digest())  # this source cannot resume: the next attempt asks for the whole file
             raise DownloadError(
-                "bad_range",
-                f"asked for bytes {progress.size_bytes}- and got {response.headers.get('content-range')!r}",
-                retryable=True,
+                "bad_range", f"asked for bytes {asked}- and got {response.headers.get('content-range')!r}"
             )
         return int(match[3]) if match[3] != "*" else None
     if status == 416 and progress.size_bytes:
         total = re.fullmatch(r"bytes \*/(\d+)", response.headers.get("content-range", "").strip())
         if total is not None and int(total[1]) == progress.size_bytes:
             return progress.size_bytes  # we already hold every byte (the break came after the last one)
-        _restart(progress, new_digest)
-        raise DownloadError("bad_range", "the source refused to resume (416)", retryable=True)
+        progress.start_over(new_digest())
+        raise DownloadError("bad_range", "the source refused to resume (416)")
     if status == 200:
         if progress.size_bytes:
             log.info("firmware cache: %s sent the whole file again instead of a range; starting over", response.url)
-            _restart(progress, new_digest)
+            progress.start_over(new_digest())
         return length
-    retryable = status >= 500 or status in _RETRYABLE_STATUS
-    raise DownloadError(f"http_{status // 100}xx", f"{response.url} answered {status}", retryable=retryable)
-
-
-def _restart(progress: Progress, new_digest: Callable[[], Any]) -> None:
-    progress.digest = new_digest()
-    progress.size_bytes = 0
-    progress.validator = None
-    progress.truncate = True
+    raise DownloadError(f"http_{status // 100}xx", f"{response.url} answered {status}")
 
 
 def _check_size(total_bytes: int, have_bytes: int, limits: Limits) -> None:
     if total_bytes > limits.max_file_bytes:
-        raise DownloadError(
-            "too_large", f"the file has {total_bytes} bytes; the cap is {limits.max_file_bytes}", retryable=False
-        )
+        raise DownloadError("too_large", f"the file has {total_bytes} bytes; the cap is {limits.max_file_bytes}")
     if total_bytes - have_bytes > limits.budget_left_bytes():
-        raise DownloadError(
-            "disk_budget", f"{total_bytes} bytes do not fit into the cache's disk budget", retryable=False
-        )
+        raise DownloadError("disk_budget", f"{total_bytes} bytes do not fit into the cache's disk budget")
 
 
 async def _receive(
@@ -185,20 +175,16 @@ async def _receive(
             file.truncate(progress.size_bytes)
             async for chunk in response.aiter_bytes():
                 if progress.size_bytes + len(chunk) > limits.max_file_bytes:
-                    raise DownloadError(
-                        "too_large", f"more than the cap of {limits.max_file_bytes} bytes arrived", retryable=False
-                    )
+                    raise DownloadError("too_large", f"more than the cap of {limits.max_file_bytes} bytes arrived")
                 if len(chunk) > limits.budget_left_bytes():
-                    raise DownloadError("disk_budget", "the cache's disk budget is used up", retryable=False)
+                    raise DownloadError("disk_budget", "the cache's disk budget is used up")
                 file.write(chunk)
                 progress.digest.update(chunk)
                 progress.size_bytes += len(chunk)
                 on_bytes(len(chunk))
             file.flush()
     except OSError as error:
-        raise DownloadError(
-            "disk_error", f"cannot write {partial}: {error.strerror or error}", retryable=False
-        ) from None
+        raise DownloadError("disk_error", f"cannot write {partial}: {error.strerror or error}") from None
 
 
 def _validator(response: httpx.Response) -> str | None:

@@ -6,8 +6,9 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-#: How a publishing process ended (the ``outcome`` label of downloads_total).
-OUTCOMES: Final = ("published", "download_failed", "invalid_checksum", "publish_failed")
+#: How a publishing process ended (the ``outcome`` label of downloads_total); "unpublished": stopped
+#: by an UnpublishFirmware before it was published.
+OUTCOMES: Final = ("published", "download_failed", "invalid_checksum", "publish_failed", "unpublished")
 
 
 class FirmwareMetrics:
@@ -30,7 +31,7 @@ class FirmwareMetrics:
         )
         self.attempt_failures = Counter(
             "ocpp_lc_firmware_download_attempt_failures",
-            "Failed download attempts by reason (unreachable, timeout, broken_transfer, http_4xx, too_large ...)",
+            "Failed download attempts by reason (unreachable, timeout, broken_transfer, http_4xx, checksum ...)",
             ["reason"],
             registry=registry,
         )

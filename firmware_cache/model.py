@@ -29,8 +29,9 @@ PublishStatus = Literal[
     "PublishFailed",
 ]
 
-#: Statuses after which a publishing process is over (nothing more is sent for its requestId).
-FINAL_STATUSES: Final = frozenset({"Published", "DownloadFailed", "InvalidChecksum", "PublishFailed"})
+#: Statuses after which a publishing process is over (nothing more is sent for its requestId). Idle
+#: ends a process that an UnpublishFirmware stopped before it was published.
+FINAL_STATUSES: Final = frozenset({"Published", "DownloadFailed", "InvalidChecksum", "PublishFailed", "Idle"})
 
 #: URL schemes the controller fetches firmware from (FTP is not offered: L03 leaves protocols to us).
 FETCH_SCHEMES: Final = frozenset({"http", "https"})

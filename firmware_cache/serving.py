@@ -13,6 +13,9 @@ range gets 416, a malformed one 400). What this module adds:
   UnpublishFirmware can answer DownloadOngoing (L04.FR.04) and never deletes a file under a reader.
 * **ETag = the MD5** (strong, content-based): a station that resumes with If-Range gets the rest of
   the same file even across a restart of the controller, when the file's mtime has changed.
+* **Range units.** A Range field in a unit other than ``bytes`` (or with no unit at all) is dropped
+  before Starlette sees it, so the whole file is served with 200, as RFC 9110 §14.2 requires of a
+  server that does not understand the unit; Starlette alone would answer 400.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ _STATUS_LABELS: Final = frozenset({200, 206, 304, 400, 404, 405, 412, 416, 500})
 
 #: Finds a published file: (path on disk, published name) for an MD5, or None.
 Lookup = Callable[[str], tuple[Path, str] | None]
+
+
+def _foreign_range(name: bytes, value: bytes) -> bool:
+    """Whether a header is a Range field whose unit is not ``bytes`` (RFC 9110 §14.2: ignore it)."""
+    if name.lower() != b"range":
+        return False
+    unit, equals, _ = value.partition(b"=")
+    return not equals or unit.strip().lower() != b"bytes"
 
 
 class StationDownloads:
@@ -108,6 +119,7 @@ class FirmwareFiles:
         # had finished looked as if it were still downloading (L04 would answer DownloadOngoing). A
         # client that goes away is noticed by the send failing or being dropped, which ends the loop.
         scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.4"}}
+        scope["headers"] = [(key, value) for key, value in scope.get("headers", []) if not _foreign_range(key, value)]
         self._downloads.begin(md5)
         try:
             await response(scope, receive, counting_send)

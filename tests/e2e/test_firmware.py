@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 from tests.e2e.conftest import OpenRelay
-from tests.integration.test_firmware_cache import honest, source, status
+from tests.integration.test_firmware_cache import held, honest, source, status
 from tests.support.peers import Peer
 from tests.support.schemas import validate_frames
 
@@ -29,6 +29,9 @@ TIMEOUT_S = 30
 FIRMWARE = bytes(range(256)) * 4096  # 1 MiB
 FIRMWARE_MD5 = hashlib.md5(FIRMWARE).hexdigest()
 CONTROLLER = {"connect": True, "retry_wait_minimum_s": 1, "retry_random_range_s": 0}
+
+
+FINAL = {"Published", "DownloadFailed", "InvalidChecksum", "PublishFailed", "Idle"}
 
 
 def statuses(csms: Peer) -> list[dict[str, Any]]:
@@ -54,9 +57,8 @@ def firmware_statuses(csms: Peer, identity: str) -> list[dict[str, Any]]:
 
 
 async def wait_final(csms: Peer, request_id: int) -> list[dict[str, Any]]:
-    final = {"Published", "DownloadFailed", "InvalidChecksum", "PublishFailed"}
     await csms.wait_for(
-        lambda e: any(p["status"] in final and p.get("requestId") == request_id for p in statuses(csms))
+        lambda e: any(p["status"] in FINAL and p.get("requestId") == request_id for p in statuses(csms))
     )
     return [p for p in statuses(csms) if p.get("requestId") == request_id]
 
@@ -156,7 +158,7 @@ async def test_failure_paths_report_in_order_with_one_request_id(open_relay: Ope
                 "status": "Accepted"
             }
             assert [p["status"] for p in await wait_final(csms, 601)] == ["Downloading", "DownloadFailed"]  # TC_L_24
-            invalid = {"location": wrong.url(), "checksum": FIRMWARE_MD5, "requestId": 602}
+            invalid = {"location": wrong.url(), "checksum": FIRMWARE_MD5, "requestId": 602, "retries": 0}
             await csms.call(identity=IDENTITY, action="PublishFirmware", payload=invalid)
             assert [p["status"] for p in await wait_final(csms, 602)] == [
                 "Downloading",
@@ -179,3 +181,30 @@ async def test_failure_paths_report_in_order_with_one_request_id(open_relay: Ope
         message = json.loads(frame)
         if message[0] == 2 and message[2] == "PublishFirmwareStatusNotification":
             assert message[3]["requestId"] in (601, 602)
+
+
+async def test_unpublish_while_the_controller_downloads_stops_the_download(open_relay: OpenRelay) -> None:
+    release, sent = trio.Event(), trio.Event()
+    async with (
+        source(held(FIRMWARE, release, 100_000, sent)) as firmware_source,
+        open_relay(controller=CONTROLLER, firmware={"retry_interval_s": 0}) as relay,
+    ):
+        csms = relay.csms
+        with trio.fail_after(TIMEOUT_S):
+            await booted(csms)
+            request = {"location": firmware_source.url(), "checksum": FIRMWARE_MD5, "requestId": 701}
+            assert (await csms.call(identity=IDENTITY, action="PublishFirmware", payload=request))["payload"] == {
+                "status": "Accepted"
+            }
+            await sent.wait()
+            # L04.FR.03: nothing is published yet; the controller's own download is stopped, not finished.
+            unpublish = {"checksum": FIRMWARE_MD5}
+            answer = await csms.call(identity=IDENTITY, action="UnpublishFirmware", payload=unpublish)
+            assert answer["payload"] == {"status": "NoFirmware"}
+            release.set()
+            assert [p["status"] for p in await wait_final(csms, 701)] == ["Downloading", "Idle"]
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+            assert relay.metric("ocpp_lc_firmware_downloads_total", outcome="unpublished") == 1
+            assert relay.metric("ocpp_lc_firmware_cached_files") == 0
+    assert [p["status"] for p in statuses(csms)] == ["Downloading", "Idle"]  # never Published
+    validate_frames(csms.frames(identity=IDENTITY))

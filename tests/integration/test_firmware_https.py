@@ -4,8 +4,9 @@ The source is the raw HTTP/1.1 server of ``test_firmware_cache.py`` behind trio'
 port 0, with a certificate from the throw-away PKI of ``tests/support/certs.py``. The cache verifies
 the source's chain and host name: against the system's CAs by default (which know nothing of our test
 CAs), or against ``FirmwareSettings.ca_file`` (the ``[firmware] ca_file`` setting) when one is given.
-A source that fails verification ends in DownloadFailed after a single attempt, since no retry can
-change its certificate, with a log line and a counter that name certificate verification.
+A source that fails verification fails the attempt, with a log line and a counter that name
+certificate verification; like any failure it costs one of the request's attempts (its certificate
+may be mended in between), and DownloadFailed follows the last one.
 """
 
 from __future__ import annotations
@@ -77,11 +78,11 @@ async def test_by_default_only_the_system_cas_are_trusted(
     caplog.set_level(logging.WARNING, logger="ocpp_lc.firmware")
     with trio.fail_after(TIMEOUT_S):
         async with source(honest(FIRMWARE), server_context(certified)) as src, running_cache(tmp_path) as fw:
-            fw.publish(src.url(), request_id=22, retries=3, retryInterval=0)
-            # TC_L_24's DownloadFailed, at once: another attempt would meet the same certificate.
-            assert await fw.recorder.final(22) == ["Downloading", "DownloadFailed"]
+            fw.publish(src.url(), request_id=22, retries=1, retryInterval=0)
+            # TC_L_24's DownloadFailed once the attempts are spent.
+            assert await fw.recorder.final(22) == ["Downloading", "DownloadPaused", "Downloading", "DownloadFailed"]
             assert src.requests == []  # not one byte of HTTP was exchanged
-            assert fw.metric("ocpp_lc_firmware_download_attempt_failures_total", reason="certificate") == 1
+            assert fw.metric("ocpp_lc_firmware_download_attempt_failures_total", reason="certificate") == 2
             assert fw.metric("ocpp_lc_firmware_download_attempt_failures_total", reason="unreachable") == 0
             assert fw.metric("ocpp_lc_firmware_downloads_total", outcome="download_failed") == 1
             assert fw.cache.published() == {}
@@ -121,7 +122,7 @@ async def test_a_certificate_that_fails_verification_is_download_failed(
             source(honest(FIRMWARE), server_context(certified)) as src,
             running_cache(tmp_path, ca_file=site_ca.cert_file) as fw,
         ):
-            fw.publish(src.url(), retries=2, retryInterval=0)
+            fw.publish(src.url(), retries=0)
             assert await fw.recorder.final(7) == ["Downloading", "DownloadFailed"]
             assert src.requests == []
             assert fw.metric("ocpp_lc_firmware_download_attempt_failures_total", reason="certificate") == 1

@@ -32,12 +32,24 @@ from tests.support.schemas import validate_frames
 
 TOKEN = "trace-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-#: A Python start-up with typer, httpx and pydantic takes about a second; the machine may be busy.
-CLI_TIMEOUT_S = 30.0
+#: Safety net only: the CLI tests wait for the CLI's output and its exit, never for a time. A Python
+#: start-up with typer, httpx and pydantic takes about a second, many more on a busy machine.
+CLI_TIMEOUT_S = 120.0
+#: Safety net for the test that pushes 20 MB through the relay (a second or two on a busy machine).
+BULK_TIMEOUT_S = 120.0
 #: Nothing listens on the discard port of loopback.
 UNREACHABLE_URL = "http://127.0.0.1:9"
-#: ``ocpp-lc`` as the console script runs it.
-CLI = (sys.executable, "-c", "from router.cli import main; main()")
+#: ``ocpp-lc`` as a terminal starts it. A process started in the background by a non-interactive shell
+#: (``pytest … &``, a CI step) inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt
+#: handler, so Ctrl-C (SIGINT) would do nothing and the test would wait for ever. A terminal's
+#: foreground job has SIGINT at its default: the first process puts it back and execs the console
+#: script's entry point, which then sees exactly what it sees under a terminal.
+CLI = (
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, '-c', 'from router.cli import main; main()', *sys.argv[1:]])",
+)
 
 
 def url_of(app: App) -> str:
@@ -136,7 +148,7 @@ async def test_a_trace_that_falls_behind_loses_frames_says_how_many_and_never_sl
     app = await lab.start_app(csms.url, http={"token": TOKEN}, routing={"observer_queue": 4})
     big = {"vendorId": "org.example", "data": "x" * 500_000}
     burst = 20
-    with trio.fail_after(IO_TIMEOUT_S):
+    with trio.fail_after(BULK_TIMEOUT_S):
         async with client_for(app) as client, client.stream("GET", "/api/v1/trace/CP-1", headers=AUTH) as response:
             trace = documents(response.aiter_lines())
             await anext(trace)
