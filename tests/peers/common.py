@@ -28,7 +28,7 @@ Events (stdout), both peers; the CSMS adds `identity` to each, the station does 
   {"event":"disconnected","identity":..,"code":N|null,"reason":".."}
   {"event":"command_error","error":..,"cmd":{..}}
 CSMS only: "listening" {port}, "connected" {identity, path, subprotocol, authorization, extensions,
-headers}, "refused" {path, status, headers}. Station only: "connected" {subprotocol, extensions},
+headers}, "refused" {path, status}. Station only: "connected" {subprotocol, extensions},
 "rejected" {status, body, headers: [[lower-case name, value] …]}, "connect_failed" {error}, "boot"
 {payload} or {error}, "heartbeat_failed".
 

@@ -168,7 +168,7 @@ class Csms:
             status, body = 404, "unknown path"
         if status is None:
             return None
-        emit({"event": "refused", "path": request.path, "status": status, "headers": headers_as_dict(request.headers)})
+        emit({"event": "refused", "path": request.path, "status": status})
         response = connection.respond(status, body)
         for name, value in self.reject_headers:
             response.headers[name] = value
