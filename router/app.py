@@ -230,6 +230,8 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         max_stations=settings.stations.max_stations,
         ssl_context=server_context(settings.stations.security),
         tls_handshake_timeout_s=settings.stations.security.handshake_timeout_s,
+        own_identity=settings.controller.identity if settings.controller.connect else None,
+        certificate_organization=settings.stations.security.organization,
         security_event=station_security_event,
     )
     own_settings = own_identity_settings(settings, csms_context)

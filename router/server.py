@@ -1,10 +1,16 @@
 """The station server: accept a station, open its upstream twin, relay until either ends (Part 4 §6.2).
 
 For each accepted TCP connection the handler reads the station's opening handshake, checks the
-identity in the path, and *before answering* opens ``<csms url>/<identity>`` with the subprotocols
-the station offered and its ``Authorization`` header unchanged. The station's handshake then gets
-the CSMS's outcome: the subprotocol it chose, or its HTTP refusal. Only then does the pair become a
-:class:`~router.link.StationLink`. Every stream a handler accepts is closed when it returns.
+identity in the path (not the controller's own; under profile 3, the one its certificate names), and
+*before answering* opens ``<csms url>/<identity>?<the station's query>`` with the subprotocols the
+station offered and its end-to-end headers unchanged (:mod:`router.passthrough`). The station's
+handshake then gets the CSMS's outcome: the subprotocol it chose, or its HTTP refusal with the
+headers that matter to a station. Only then does the pair become a :class:`~router.link.StationLink`.
+Every stream a handler accepts is closed when it returns.
+
+Station-leg security events (a refused TLS handshake, a certificate that does not name the
+identity) are counted, logged, and handed to the optional ``security_event`` callback as
+``(OCPP security event type, tech info)``, so the controller's own identity can report them (A04).
 """
 
 from __future__ import annotations
@@ -21,7 +27,14 @@ import trio
 from .link import LinkTimings, StationLink
 from .metrics import RouterMetrics
 from .observers import ObserverHub
-from .tls import peer_certificate_summary, security_event
+from .passthrough import forwarded_request_headers, mirrored_refusal_headers, upstream_target
+from .tls import (
+    INVALID_STATION_CERTIFICATE,
+    TLS_HANDSHAKE_FAILED,
+    peer_certificate_summary,
+    security_event,
+    station_certificate_problem,
+)
 from .transport import (
     GOING_AWAY,
     NORMAL,
@@ -36,6 +49,11 @@ from .transport import (
 log = logging.getLogger("ocpp_lc.server")
 
 MAX_IDENTITY_CHARS: Final = 48
+#: SecurityEventNotification's techInfo is at most 255 characters (Part 2, SecurityEventNotificationRequest).
+MAX_TECH_INFO_CHARS: Final = 255
+
+#: Called as ``security_event(event_type, tech_info)``; see :class:`StationServer`.
+SecurityEventSink = Callable[[str, str], None]
 
 
 class IdentityError(ValueError):
@@ -97,7 +115,19 @@ class LinkRegistry:
 
 
 class StationServer:
-    """Listens for stations and runs one handler per connection, each owning its pair."""
+    """Listens for stations and runs one handler per connection, each owning its pair.
+
+    ``own_identity``: the controller's identity toward the CSMS; a station connecting under it (in
+    any letter case) is refused with 404, since the CSMS would see two connections for one identity.
+    ``certificate_organization``: under profile 3, the O every station certificate must carry.
+    ``security_event``: called with an OCPP security event type (Part 2 appendices) and a short,
+    secret-free tech info (at most 255 characters) for each station-leg refusal that is one:
+    ``InvalidChargingStationCertificate`` (no, an untrusted or expired certificate, or one that does
+    not name the identity), ``InvalidTLSVersion``, ``InvalidTLSCipherSuite``. A TLS failure of no
+    such kind (plain HTTP on the TLS port, a peer that hangs up) is counted and logged as
+    ``TLSHandshakeFailed`` but not reported: it is not an OCPP event, and port scanners make it.
+    The callback must not block; an exception from it is logged and does not affect the station.
+    """
 
     def __init__(
         self,
@@ -113,11 +143,11 @@ class StationServer:
         max_stations: int,
         ssl_context: ssl.SSLContext | None = None,
         tls_handshake_timeout_s: float = 2.0,
-        security_event: Callable[[str, str], None] | None = None,
+        own_identity: str | None = None,
+        certificate_organization: str | None = None,
+        security_event: SecurityEventSink | None = None,
     ) -> None:
         self._base_path = base_path
-        #: Told ``(event_type, tech_info)`` of every station-leg security event (the own identity reports it).
-        self._security_event = security_event
         self._upstream = upstream
         self._timings = timings
         self._metrics = metrics
@@ -128,6 +158,12 @@ class StationServer:
         self._max_stations = max_stations
         self._ssl_context = ssl_context
         self._tls_handshake_timeout_s = tls_handshake_timeout_s
+        self._own_identity = own_identity.casefold() if own_identity else None
+        self._certificate_organization = certificate_organization
+        # Profile 3 is the context that requires a certificate: only then is there one to bind.
+        self._bind_certificates = ssl_context is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED
+        #: Told ``(event_type, tech_info)`` of every station-leg security event (the own identity reports it).
+        self._security_event = security_event
         self._handlers: trio.Nursery | None = None
         self._listeners: list[trio.SocketListener] = []
         self._accepting = True
@@ -184,6 +220,19 @@ class StationServer:
     def _refuse(self, reason: str) -> None:
         self._metrics.handshake_refusals.labels(reason).inc()
 
+    def _station_security_event(self, event: str, tech_info: str) -> None:
+        """Count a station-leg security event and hand it to the callback (OCPP event types only)."""
+        self._metrics.security_events.labels(event, "station").inc()
+        if self._security_event is None or event == TLS_HANDSHAKE_FAILED:
+            return
+        text = "".join(char if char.isprintable() else "?" for char in tech_info)
+        if len(text) > MAX_TECH_INFO_CHARS:
+            text = text[: MAX_TECH_INFO_CHARS - 3] + "..."
+        try:
+            self._security_event(event, text)
+        except Exception:
+            log.exception("the security event callback failed for %s", event)
+
     async def _handle(self, stream: trio.abc.Stream) -> None:
         peer = _peer_name(stream)
         station_id = "?"
@@ -219,8 +268,8 @@ class StationServer:
                 except HandshakeFailed as exc:
                     event = security_event(exc, "station")
                     self._refuse("tls")
-                    self._metrics.security_events.labels(event, "station").inc()
                     log.warning("security event %s: refused TLS from %s: %s", event, peer, exc.reason)
+                    self._station_security_event(event, f"TLS from {peer} refused: {exc.reason}")
                     return None
             if tls_scope.cancelled_caught:
                 self._refuse("handshake_timeout")
@@ -249,6 +298,20 @@ class StationServer:
             log.info("refused %s from %s: %s", incoming.target[:200], peer, exc)
             await incoming.reject(404, str(exc))
             return "?", None
+        if self._own_identity is not None and station_id.casefold() == self._own_identity:
+            # The CSMS already has the controller under this identity; a relayed twin would make two
+            # connections for one identity there, and each would replace the other.
+            self._refuse("own_identity")
+            log.warning(
+                "[%s] refused from %s: that is the controller's own identity toward the CSMS; "
+                "give the station another identity",
+                station_id,
+                peer,
+            )
+            await incoming.reject(404, "this identity is the local controller's own")
+            return station_id, None
+        if self._bind_certificates and not await self._certificate_belongs(incoming, station_id, peer):
+            return station_id, None
         if len(self.registry) + self._in_progress >= self._max_stations and station_id not in self.registry.links:
             self._refuse("capacity")
             log.warning("[%s] refused: %d stations is the configured maximum", station_id, self._max_stations)
@@ -265,6 +328,29 @@ class StationServer:
         finally:
             self._in_progress -= 1
 
+    async def _certificate_belongs(self, incoming: IncomingHandshake, station_id: str, peer: str) -> bool:
+        """Under profile 3: does the station's certificate name ``station_id``? Refuse with 403 if not."""
+        tls_stream = incoming.stream if isinstance(incoming.stream, trio.SSLStream) else None
+        problem = station_certificate_problem(tls_stream, station_id, organization=self._certificate_organization)
+        if problem is None:
+            return True
+        certificate = peer_certificate_summary(tls_stream)
+        subject = certificate.subject if certificate is not None else "none"
+        self._refuse("certificate_identity")
+        log.warning(
+            "[%s] security event %s: refused %s: %s (subject %r)",
+            station_id,
+            INVALID_STATION_CERTIFICATE,
+            peer,
+            problem,
+            subject,
+        )
+        self._station_security_event(
+            INVALID_STATION_CERTIFICATE, f"station {station_id} from {peer}: {problem}; subject {subject}"
+        )
+        await incoming.reject(403, f"the client certificate does not belong to this station: {problem}")
+        return False
+
     async def _close_without_subprotocol(self, incoming: IncomingHandshake, station_id: str, why: str) -> None:
         self._refuse("no_subprotocol")
         log.info("[%s] %s; closing after the handshake", station_id, why)
@@ -272,11 +358,9 @@ class StationServer:
         await station.aclose(PROTOCOL_ERROR, "no common OCPP subprotocol")
 
     async def _open_pair(self, incoming: IncomingHandshake, station_id: str, raw_segment: str) -> StationLink | None:
-        headers: list[tuple[str, str]] = []
-        if "authorization" in incoming.headers:
-            headers.append(("Authorization", incoming.headers["authorization"]))
+        headers = forwarded_request_headers(incoming.headers)
         upstream = self._upstream
-        target = f"{upstream.path}/{raw_segment}"
+        target = upstream_target(upstream.path, raw_segment, incoming.target)
         csms = None
         with trio.move_on_after(upstream.connect_timeout_s):
             try:
@@ -299,7 +383,7 @@ class StationServer:
                     self._refuse("csms_refused")
                     log.info("[%s] CSMS refused the connection with HTTP %d", station_id, exc.status)
                     body = exc.body.decode("utf-8", "replace").strip() or f"CSMS refused with HTTP {exc.status}"
-                    await incoming.reject(exc.status, body)
+                    await incoming.reject(exc.status, body, headers=mirrored_refusal_headers(exc.headers))
                 else:
                     self._refuse("csms_unreachable")
                     if exc.kind == "tls":

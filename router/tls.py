@@ -150,10 +150,19 @@ class StationTlsSettings(BaseModel):
     handshake_timeout_s: Annotated[float, AfterValidator(_check_handshake_timeout)] = Field(
         default=2.0, description="a station's TLS handshake must finish within this (seconds)"
     )
+    organization: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="the O (organizationName) every station certificate must carry, the CSO's name "
+        "(profile 3, A00.FR.404; unset: not checked)",
+    )
 
     @model_validator(mode="after")
     def _files_fit_the_profile(self) -> StationTlsSettings:
         profile = self.security_profile
+        if profile != 3:
+            _unused(self, ("organization",), profile, 3)
         if profile == 1:
             _unused(self, ("cert_file", "key_file", "ca_file"), profile, 2)
             return self
@@ -374,6 +383,39 @@ def peer_certificate_summary(ssl_object: HasPeerCertificate | None) -> Certifica
     )
 
 
+def _attribute_values(cert: dict[str, Any], name: str) -> list[str]:
+    return [str(value) for rdn in cert.get("subject", ()) for key, value in rdn if key == name]
+
+
+def station_certificate_problem(
+    ssl_object: HasPeerCertificate | None, identity: str, *, organization: str | None = None
+) -> str | None:
+    """Why the verified station certificate does not belong to ``identity``; None when it does.
+
+    Under profile 3 only the controller sees the station's certificate (the CSMS sees the
+    controller's), so the controller makes the checks A00.FR.404/405 give the CSMS: the subject's one
+    CN (commonName) is the station's serial number (A00.FR.511), which must be exactly the identity
+    in the connection URL (Part 4 §3.1 recommends checking the identity against the credentials);
+    with ``organization`` set, an O (organizationName) of the subject must be exactly it. Without a
+    verified certificate the answer is a problem too. The text names the certificate's values
+    (cleaned of control characters), fit for a log line and a security event.
+    """
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
+        return "no verified client certificate"
+    common_names = _attribute_values(cert, "commonName")
+    if len(common_names) != 1:
+        return f"the certificate's subject has {len(common_names)} CNs, where one must name the station"
+    if common_names[0] != identity:
+        return f"certificate CN {_clean(common_names[0])!r} is not the identity {_clean(identity)!r}"
+    if organization is not None:
+        organizations = _attribute_values(cert, "organizationName")
+        if organization not in organizations:
+            shown = ",".join(_clean(value) for value in organizations) or "none"
+            return f"certificate O {shown!r} is not the CSO {organization!r}"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Security events
 # ---------------------------------------------------------------------------------------------------
@@ -437,4 +479,5 @@ __all__ = [
     "peer_certificate_summary",
     "security_event",
     "server_context",
+    "station_certificate_problem",
 ]

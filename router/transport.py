@@ -91,15 +91,25 @@ class HandshakeFailed(TransportError):
     """A handshake did not produce a websocket. ``status`` is an HTTP status when one applies.
 
     ``kind`` is a short label: ``abandoned`` (the peer went away), ``invalid`` (not a websocket
-    handshake), ``tls``, ``refused`` (an HTTP refusal), ``unreachable``.
+    handshake), ``tls``, ``refused`` (an HTTP refusal), ``unreachable``. ``headers`` are the
+    refusal's response headers (lower-case names, as received) when ``status`` is set.
     """
 
-    def __init__(self, reason: str, status: int | None = None, body: bytes = b"", *, kind: str = "invalid") -> None:
+    def __init__(
+        self,
+        reason: str,
+        status: int | None = None,
+        body: bytes = b"",
+        *,
+        kind: str = "invalid",
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
         self.body = body
         self.kind = kind
+        self.headers = tuple(headers)
 
 
 class ByteCounter(Protocol):
@@ -433,8 +443,12 @@ class IncomingHandshake:
         await websocket._write(data)
         return websocket
 
-    async def reject(self, status: int, reason: str) -> None:
-        """Refuse the handshake with an HTTP ``status`` and a plain-text ``reason``, close the stream."""
+    async def reject(self, status: int, reason: str, *, headers: Sequence[tuple[str, str]] = ()) -> None:
+        """Refuse the handshake with an HTTP ``status`` and a plain-text ``reason``, close the stream.
+
+        ``headers`` are added to the answer as given (e.g. a CSMS's ``WWW-Authenticate``); the caller
+        must not pass framing headers (content-length, connection, transfer-encoding).
+        """
         body = (reason.strip() + "\n").encode()[:MAX_REJECT_BODY_BYTES]
         try:
             data = self.connection.send(
@@ -444,6 +458,7 @@ class IncomingHandshake:
                         (b"content-type", b"text/plain; charset=utf-8"),
                         (b"content-length", str(len(body)).encode()),
                         (b"connection", b"close"),
+                        *((name.encode("latin-1"), value.encode("latin-1")) for name, value in headers),
                     ],
                     has_body=True,
                 )
@@ -621,6 +636,7 @@ async def client_handshake(
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise HandshakeFailed(f"connection to {host}:{port} lost during the handshake", kind="unreachable") from exc
     status: int | None = None
+    refusal_headers: list[tuple[str, str]] = []
     body = bytearray()
     while True:
         try:
@@ -629,7 +645,9 @@ async def client_handshake(
             data = b""
         if not data:
             if status is not None:
-                raise HandshakeFailed(f"refused with HTTP {status}", status, bytes(body), kind="refused")
+                raise HandshakeFailed(
+                    f"refused with HTTP {status}", status, bytes(body), kind="refused", headers=refusal_headers
+                )
             raise HandshakeFailed(f"{host}:{port} closed the connection during the handshake", kind="unreachable")
         try:
             connection.receive_data(bytes(data))
@@ -647,10 +665,18 @@ async def client_handshake(
                 )
             if isinstance(event, RejectConnection):
                 status = event.status_code
+                refusal_headers = [
+                    (bytes(name).decode("latin-1").lower(), bytes(value).decode("latin-1"))
+                    for name, value in event.headers
+                ]
                 if not event.has_body:
-                    raise HandshakeFailed(f"refused with HTTP {status}", status, kind="refused")
+                    raise HandshakeFailed(
+                        f"refused with HTTP {status}", status, kind="refused", headers=refusal_headers
+                    )
             elif isinstance(event, RejectData):
                 if len(body) < MAX_REJECT_BODY_BYTES:
                     body += event.data[: MAX_REJECT_BODY_BYTES - len(body)]
                 if event.body_finished:
-                    raise HandshakeFailed(f"refused with HTTP {status}", status, bytes(body), kind="refused")
+                    raise HandshakeFailed(
+                        f"refused with HTTP {status}", status, bytes(body), kind="refused", headers=refusal_headers
+                    )

@@ -111,9 +111,12 @@ class Controller:
 
 @asynccontextmanager
 async def run_controller(
-    stations: StationTlsSettings, csms: CsmsTlsSettings, csms_port: int
+    stations: StationTlsSettings, csms: CsmsTlsSettings, csms_port: int, **server_options: Any
 ) -> AsyncIterator[Controller]:
-    """Start the station server as `router/app.py` builds it, with each leg's SSL context."""
+    """Start the station server as `router/app.py` builds it, with each leg's SSL context.
+
+    ``server_options`` are further `StationServer` arguments (e.g. ``security_event``).
+    """
     registry = CollectorRegistry()
     metrics = RouterMetrics(registry)
     upstream = UpstreamTarget(
@@ -135,6 +138,8 @@ async def run_controller(
         max_stations=100,
         ssl_context=server_context(stations),
         tls_handshake_timeout_s=stations.handshake_timeout_s,
+        certificate_organization=stations.organization,
+        **server_options,
     )
     async with trio.open_nursery() as nursery:
         port: int = await nursery.start(server.serve, "127.0.0.1", 0)

@@ -28,8 +28,9 @@ Events (stdout), both peers; the CSMS adds `identity` to each, the station does 
   {"event":"disconnected","identity":..,"code":N|null,"reason":".."}
   {"event":"command_error","error":..,"cmd":{..}}
 CSMS only: "listening" {port}, "connected" {identity, path, subprotocol, authorization, extensions,
-headers}, "refused" {path, status}. Station only: "connected" {subprotocol, extensions}, "rejected"
-{status, body}, "connect_failed" {error}, "boot" {payload} or {error}, "heartbeat_failed".
+headers}, "refused" {path, status}. Station only: "connected" {subprotocol, extensions},
+"rejected" {status, body, headers: [[lower-case name, value] …]}, "connect_failed" {error}, "boot"
+{payload} or {error}, "heartbeat_failed".
 
 Commands (stdin); the CSMS needs "identity" on call/send_raw/close, and optionally on set_*:
   {"cmd":"call","ref":R,"action":..,"payload":{..},"timeout":30[,"validate":false][,"concurrent":true]}

@@ -137,9 +137,16 @@ def headers_as_dict(headers: Headers) -> dict[str, str]:
 class Csms:
     """The server: handshake policy, the live sessions by identity and the command dispatch."""
 
-    def __init__(self, subprotocols: list[str], reject_status: int | None, path_prefix: str) -> None:
+    def __init__(
+        self,
+        subprotocols: list[str],
+        reject_status: int | None,
+        path_prefix: str,
+        reject_headers: list[tuple[str, str]] | None = None,
+    ) -> None:
         self.subprotocols = subprotocols
         self.reject_status = reject_status
+        self.reject_headers = reject_headers or []
         self.path_prefix = path_prefix.rstrip("/")
         self.behaviour = Behaviour()
         # The latest connection of each identity; calls go there.
@@ -162,7 +169,10 @@ class Csms:
         if status is None:
             return None
         emit({"event": "refused", "path": request.path, "status": status})
-        return connection.respond(status, body)
+        response = connection.respond(status, body)
+        for name, value in self.reject_headers:
+            response.headers[name] = value
+        return response
 
     async def handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None and ws.response is not None  # set once the handshake is done
@@ -204,6 +214,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--subprotocols", default="ocpp2.0.1", help="comma-separated, in order of preference")
     parser.add_argument("--reject-status", type=int, default=None, help="answer every handshake with this HTTP status")
+    parser.add_argument(
+        "--reject-header", action="append", default=[], help="'Name: value' added to that refusal (repeatable)"
+    )
     parser.add_argument("--no-deflate", action="store_true", help="refuse permessage-deflate")
     parser.add_argument("--path-prefix", default="", help="refuse (HTTP 404) paths that are not <prefix>/<identity>")
     parser.add_argument("--ping-interval", type=float, default=20.0, help="seconds; 0 disables")
@@ -211,7 +224,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 async def amain(args: argparse.Namespace) -> int:
-    csms = Csms([p for p in args.subprotocols.split(",") if p], args.reject_status, args.path_prefix)
+    split = (header.partition(":") for header in args.reject_header)
+    reject_headers = [(name.strip(), value.strip()) for name, _, value in split]
+    csms = Csms([p for p in args.subprotocols.split(",") if p], args.reject_status, args.path_prefix, reject_headers)
     stop = asyncio.Event()
     stop_on_signals(stop)
     async with serve(

@@ -258,6 +258,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--vendor", default="TestVendor")
     parser.add_argument("--ping-interval", type=float, default=20.0, help="seconds; 0 disables")
     parser.add_argument("--open-timeout", type=float, default=10.0, help="seconds for the handshake")
+    parser.add_argument(
+        "--header", action="append", default=[], help="'Name: value' sent in the handshake (repeatable)"
+    )
+    parser.add_argument("--query", default="", help="query string appended to the connection URL (without '?')")
     return parser.parse_args(argv)
 
 
@@ -265,7 +269,12 @@ async def amain(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     stop_on_signals(stop)
     url = args.url.rstrip("/") + "/" + urllib.parse.quote(args.identity, safe="")
+    if args.query:
+        url += "?" + args.query
     headers: dict[str, str] = {}
+    for header in args.header:
+        name, _, value = header.partition(":")
+        headers[name.strip()] = value.strip()
     if args.basic_auth_password is not None:
         credentials = f"{args.identity}:{args.basic_auth_password}".encode()
         headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode("ascii")
@@ -289,6 +298,7 @@ async def amain(args: argparse.Namespace) -> int:
                 "event": "rejected",
                 "status": exc.response.status_code,
                 "body": bytes(exc.response.body).decode(errors="replace"),
+                "headers": [[name.lower(), value] for name, value in exc.response.headers.raw_items()],
             }
         )
         return 0

@@ -64,11 +64,12 @@ def _new_key(kind: KeyKind) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _name(common_name: str, organization: str = _ORGANIZATION) -> x509.Name:
+def _name(common_name: str, organization: str = _ORGANIZATION, extra_common_names: tuple[str, ...] = ()) -> x509.Name:
     return x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            *(x509.NameAttribute(NameOID.COMMON_NAME, name) for name in extra_common_names),
         ]
     )
 
@@ -160,18 +161,21 @@ class TestCa:
         valid_from: datetime.datetime | None = None,
         valid_until: datetime.datetime | None = None,
         file_stem: str | None = None,
+        organization: str | None = None,
+        extra_common_names: tuple[str, ...] = (),
     ) -> CertifiedKey:
         """Issue a leaf certificate for ``common_name``; ``hosts`` (names or IPs) become subjectAltNames.
 
         Valid from yesterday for a year unless ``valid_from``/``valid_until`` say otherwise (an expired
-        certificate: both in the past).
+        certificate: both in the past). The subject's O is the CA's unless ``organization`` says
+        otherwise; ``extra_common_names`` adds further CN attributes (an ambiguous subject).
         """
         key = _new_key(key_kind)
         now = _now()
         public_key = key.public_key()
         builder = (
             x509.CertificateBuilder()
-            .subject_name(_name(common_name, self._organization))
+            .subject_name(_name(common_name, organization or self._organization, extra_common_names))
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
