@@ -158,6 +158,16 @@ RULE_TESTS: dict[str, Any] = {
                     "series": 'ocpp_lc_balancing_grid_limit_amperes{instance="lc:8080",job="ocpp-lc",phase="L2"}',
                     "values": "100x20",
                 },
+                # An EVSE is found overdrawing at minute 3, and complies again at minute 6 (issue 11.3).
+                {
+                    "series": 'ocpp_lc_balancing_overdrawing_evses{instance="lc:8080",job="ocpp-lc"}',
+                    "values": "0 0 0 1 1 1 0x14",
+                },
+                # After a restart at minute 0, two EVSEs never confirm their limit again (issue 11.2).
+                {
+                    "series": 'ocpp_lc_balancing_unconfirmed_since_restart_evses{instance="lc:8080",job="ocpp-lc"}',
+                    "values": "40 12 2x30",
+                },
                 # A station rejects profiles from minute 4.
                 {
                     "series": 'ocpp_lc_balancing_profiles_total{instance="lc:8080",job="ocpp-lc",kind="increase",'
@@ -179,6 +189,34 @@ RULE_TESTS: dict[str, Any] = {
                     ],
                 },
                 {"eval_time": "9m", "alertname": "OcppLcSiteOverLimit", "exp_alerts": []},
+                {"eval_time": "2m", "alertname": "OcppLcStationOverdrawing", "exp_alerts": []},
+                {
+                    "eval_time": "4m",
+                    "alertname": "OcppLcStationOverdrawing",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {"severity": "page", "instance": "lc:8080", "job": "ocpp-lc"},
+                            "exp_annotations": {
+                                "summary": "1 EVSEs draw more than their charging profile allows on lc:8080"
+                            },
+                        }
+                    ],
+                },
+                {"eval_time": "7m", "alertname": "OcppLcStationOverdrawing", "exp_alerts": []},
+                # Fewer than 15 minutes of a stale belief is stations reconnecting after the restart.
+                {"eval_time": "10m", "alertname": "OcppLcBeliefsStaleAfterRestart", "exp_alerts": []},
+                {
+                    "eval_time": "20m",
+                    "alertname": "OcppLcBeliefsStaleAfterRestart",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {"severity": "warning", "instance": "lc:8080", "job": "ocpp-lc"},
+                            "exp_annotations": {
+                                "summary": "2 EVSEs have not confirmed their limit since ocpp-lc restarted on lc:8080"
+                            },
+                        }
+                    ],
+                },
                 {"eval_time": "3m", "alertname": "OcppLcProfilesRejected", "exp_alerts": []},
                 {
                     "eval_time": "5m",

@@ -143,10 +143,10 @@ async def test_a_restart_with_an_increase_in_flight_counts_the_evse_at_its_maxim
 
     with Store.open(tmp_path) as store:
         second = Balancer(GRID_SITE, fake.limits_at, fake, loop_settings(), state=store.namespace("balancing"))
-        assert row(second, "CS1")["unconfirmed_since_restart"] is True
-        assert row(second, "CS1")["compliant"] is False
         # Counted at its maximum (32 A) plus CS2's idle EVSE at its maximum: never at the stale 20 A.
         assert bound_on_l1(second) == 64.0
+        assert row(second, "CS1")["unconfirmed_since_restart"] is True
+        assert row(second, "CS1")["compliant"] is False
         fake.delay_s.clear()
         sent_before = len(fake.calls)
         async with running(second):
