@@ -176,13 +176,24 @@ class Balancer:
         """Send nothing more (the appliance is shutting down: the stations are being closed)."""
         self._stopping = True
 
-    def station_connected(self, station_id: str) -> None:
+    def station_connected(self, station_id: str, protocol: str | None = None) -> None:
         station = self._stations.get(station_id)
         if station is None or station.forgotten:
             station = self._stations[station_id] = StationRecord()
+        station.protocol = protocol or station.protocol
         station.connections += 1
         station.disconnected_at_s = None
         self.wake()
+
+    def station_steerable(self, station_id: str, steerable: bool, why: str = "") -> None:
+        """Whether the station can be steered with charging profiles at all (a 1.6 station says so in its
+        SupportedFeatureProfiles): one that cannot is counted at its maximum and never sent to."""
+        station = self._station(station_id)
+        if station.steerable != steerable:
+            station.steerable = steerable
+            if not steerable:
+                log.warning("[%s] cannot be steered (%s): its EVSEs count at their maximum", station_id, why)
+            self.wake()
 
     def station_disconnected(self, station_id: str) -> None:
         station = self._stations.get(station_id)
@@ -318,7 +329,7 @@ class Balancer:
         self._forget_gone(now_s)
         self._lapse(wall)
         self.limits = self._limits_ahead(wall)
-        governed = self._csms.governed(self._stations.values(), wall)
+        governed = self._csms.governed(self._stations.values(), wall) | self._unsteerable()
         sessions = [self._session(record, wall) for record in self._records()]
         self.allocation = allocate(self.site, self.limits, self.rollout.allocator_sessions(sessions), now_s)
         self._update_turns(now_s)
@@ -348,6 +359,19 @@ class Balancer:
         self.metrics.reallocation_seconds.observe(self.last_duration_s)
         self.reallocated.set()
         self.reallocated = trio.Event()
+
+    def _unsteerable(self) -> set[tuple[str, int]]:
+        """EVSEs of stations that cannot be steered: counted at their maximum (unknown), never sent to."""
+        result = set()
+        for station in self._stations.values():
+            if station.steerable or station.forgotten:
+                continue
+            for record in station.evses.values():
+                result.add(record.key)
+                applied = self.rollout.evses.get(record.key)
+                if applied is not None and (applied.confirmed or applied.in_flight_amperes is not None):
+                    self.rollout.installed(record.key, None)
+        return result
 
     def profile_payload(
         self,
@@ -834,6 +858,10 @@ class Balancer:
     def connected(self, station_id: str) -> bool:
         station = self._stations.get(station_id)
         return station is not None and self._connected(station_id, station)
+
+    def station_record(self, station_id: str) -> StationRecord | None:
+        """What the loop knows of one station (for reading only)."""
+        return self._stations.get(station_id)
 
     def measured_amperes(self, record: EvseRecord) -> float | None:
         return self._measured_amperes(record)

@@ -65,6 +65,10 @@ class StationRecord:
     csms_profiles: dict[int, tuple[int, ChargingProfile]] = field(default_factory=dict)  # id -> (evse, profile)
     #: Forgotten (gone too long): kept in the store only so that our profiles can be cleared there later.
     forgotten: bool = False
+    #: The OCPP version it speaks (the websocket subprotocol), when the router said.
+    protocol: str | None = None
+    #: False for a station that cannot be steered (a 1.6 one without SmartCharging): counted at its maximum.
+    steerable: bool = True
 
     @property
     def connected(self) -> bool:

@@ -74,10 +74,13 @@ def evse_rows(balancer: Balancer) -> list[dict[str, Any]]:
             installed = applied.accepted_amperes if trusted else None
         measured = balancer.measured_amperes(record)
         valid_until = record.valid_until.get(record.governing)
+        station = balancer.station_record(record.station_id)
         rows.append(
             {
                 "station_id": record.station_id,
                 "evse_id": record.evse_id,
+                "protocol": None if station is None else station.protocol,
+                "steerable": station is None or station.steerable,
                 "connected": balancer.connected(record.station_id),
                 "transaction_id": record.transaction_id,
                 "charging_state": record.charging_state,
@@ -199,9 +202,18 @@ class BalancingCollector(Collector):
             "(a stale belief: counted at their maximum).",
         )
         sessions = GaugeMetricFamily("ocpp_lc_balancing_sessions", "Transactions the loop balances.")
+        evses = GaugeMetricFamily(
+            "ocpp_lc_balancing_evses",
+            "EVSEs the loop balances, by the OCPP version their station speaks and whether it can be steered "
+            "(a 1.6 station without SmartCharging cannot: counted at its maximum).",
+            labels=["protocol", "steerable"],
+        )
+        by_kind: dict[tuple[str, str], int] = {}
         counts = {"noncompliant": 0, "sessions": 0, "overdrawing": 0, "unconfirmed": 0}
         for row in evse_rows(balancer):
             labels = [row["station_id"], str(row["evse_id"])]
+            kind = (row["protocol"] or "unknown", "true" if row["steerable"] else "false")
+            by_kind[kind] = by_kind.get(kind, 0) + 1
             counts["noncompliant"] += not row["compliant"]
             counts["overdrawing"] += row["overdrawing"]
             counts["unconfirmed"] += row["unconfirmed_since_restart"]
@@ -218,6 +230,8 @@ class BalancingCollector(Collector):
         overdrawing.add_metric([], counts["overdrawing"])
         unconfirmed.add_metric([], counts["unconfirmed"])
         sessions.add_metric([], counts["sessions"])
+        for (protocol, steerable), count in sorted(by_kind.items()):
+            evses.add_metric([protocol, steerable], count)
         limit = GaugeMetricFamily(
             "ocpp_lc_balancing_grid_limit_amperes",
             "Per-phase limit on the grid connection in force (configuration, CSMS and EMS together).",
@@ -254,5 +268,5 @@ class BalancingCollector(Collector):
             "1 while stations the controller cannot steer alone exceed a limit.",
         )
         overcommitted.add_metric([], 1.0 if balancer.allocation.overcommitted else 0.0)
-        yield from (allocated, installed, measured, noncompliant, overdrawing, unconfirmed, sessions)
+        yield from (allocated, installed, measured, noncompliant, overdrawing, unconfirmed, sessions, evses)
         yield from (limit, committed, draw, headroom, overcommitted)

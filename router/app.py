@@ -20,7 +20,7 @@ import dataclasses
 import datetime
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,21 +32,19 @@ from balancing.allocator import SiteLimits
 from balancing.clearing import LeftoverProfiles
 from balancing.csms_limits import CsmsLimitBook, limit_steps
 from balancing.limits import LimitBounds, LimitSources
-from balancing.loop import Balancer, BalancerState, Caller, CallOutcome, LoopSettings
-from balancing.overdraw import OverdrawPolicy
-from balancing.rollout import RolloutPolicy
+from balancing.loop import Balancer
 from balancing.schedules import PeriodLimit
 from balancing.upstream import EmsReporter
 from firmware_cache import FirmwareCache, FirmwareSettings, RequestInvalid
 from firmware_cache.service import STATUS_ACTION
 
+from .balancing_wiring import build_balancer, clear_leftovers, feed_balancer, link_caller, release_document
 from .config import Settings
 from .ems_api import EmsApi
 from .http import build_http_app, serve_http
-from .link import CallRejected, CallTimeout, LinkClosed, LinkTimings, UnsupportedVersion
+from .link import LinkTimings
 from .metrics import RouterMetrics
-from .observers import LinkEvent, ObservedMessage, ObserverHub
-from .ocppj import MessageType
+from .observers import ObserverHub
 from .own.charging_handlers import register_csms_limits
 from .own.connection import CallErrorReply, Reply, Session
 from .own.service import OwnIdentity, OwnIdentitySettings, utc_now
@@ -316,122 +314,6 @@ EMS_REPORTED_NAMESPACE = "ems_reported"
 BALANCING_NAMESPACE = "balancing"
 
 
-def build_balancer(
-    settings: Settings,
-    limits: LimitSources,
-    links: LinkRegistry,
-    registry: CollectorRegistry,
-    state: BalancerState | None = None,
-) -> Balancer:
-    """The balancing loop over the site model, the effective limits and the stations' links."""
-    config = settings.balancing
-    loop_settings = LoopSettings(
-        stack_level=config.stack_level,
-        profile_id_base=config.profile_id_base,
-        recompute_interval_s=config.recompute_interval_s,
-        forget_disconnected_after_s=config.forget_disconnected_after_s,
-        rollout=RolloutPolicy(
-            hysteresis_amperes=config.hysteresis_amperes,
-            min_interval_s=config.min_interval_s,
-            resolution_amperes=config.resolution_amperes,
-            idle_current_amperes=config.idle_current_amperes,
-        ),
-        profile_validity_s=config.profile_validity_s,
-        decrease_lead_s=config.decrease_lead_s,
-        overdraw=OverdrawPolicy(margin_amperes=config.overdraw_margin_amperes, grace_s=config.overdraw_grace_s),
-    )
-    return Balancer(
-        settings.site,
-        lambda now: limits.effective(now).site_limits(),
-        link_caller(links),
-        loop_settings,
-        next_limit_change=limits.next_change_after,
-        wall_clock=limits.now,
-        registry=registry,
-        state=state,
-        is_connected=lambda station_id: links.get(station_id) is not None,
-    )
-
-
-def release_document(balancer: Balancer) -> Callable[[], Awaitable[dict[str, Any]]]:
-    """``POST /api/v1/balancing/release``: stop balancing and clear the controller's profiles everywhere."""
-
-    async def release() -> dict[str, Any]:
-        results = await balancer.release()
-        return {
-            "released": True,
-            "stations": [
-                {
-                    "station_id": result.station_id,
-                    "cleared_profile_ids": list(result.cleared),
-                    "failed": [{"profile_id": profile_id, "reason": why} for profile_id, why in result.failed],
-                }
-                for result in results
-            ],
-        }
-
-    return release
-
-
-def link_caller(links: LinkRegistry) -> Caller:
-    """The balancing loop's way to call a station: the router's LC-call API, outcomes as values."""
-
-    async def call(station_id: str, action: str, payload: dict[str, Any]) -> CallOutcome:
-        link = links.get(station_id)
-        if link is None:
-            return CallOutcome("gone", detail="not connected")
-        try:
-            return CallOutcome("answered", await link.call(action, payload))
-        except CallRejected as error:
-            return CallOutcome("error", detail=f"{error.code}: {error.description}"[:200])
-        except CallTimeout:
-            return CallOutcome("timeout", detail="no answer in time")
-        except (LinkClosed, UnsupportedVersion) as error:
-            return CallOutcome("gone", detail=str(error)[:200] or type(error).__name__)
-
-    return call
-
-
-async def feed_balancer(
-    hub: ObserverHub,
-    balancer: Balancer,
-    capacity: int,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Hand the relayed traffic the loop reads to it; subscribed before the first station can connect."""
-    with hub.subscribe("balancing", capacity) as observations:
-        task_status.started()
-        async for item in observations:
-            if isinstance(item, ObservedMessage):
-                if item.source == "station":
-                    if item.message_type is MessageType.CALL:
-                        balancer.station_call(item.station_id, item.action, item.payload)
-                    elif item.message_type is MessageType.CALLRESULT:
-                        balancer.station_answer(item.station_id, item.action, item.payload, item.request)
-                elif item.source == "csms" and item.message_type is MessageType.CALLRESULT:
-                    balancer.csms_answer(item.station_id, item.action, item.payload, item.request)
-            elif isinstance(item, LinkEvent):
-                if item.kind == "connected":
-                    balancer.station_connected(item.station_id)
-                else:
-                    balancer.station_disconnected(item.station_id)
-
-
-async def clear_leftovers(
-    hub: ObserverHub, leftovers: LeftoverProfiles, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """With balancing off: clear the profiles an earlier run left on each station when it connects."""
-    with hub.subscribe("balancing-leftovers", 1000) as observations:
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            async for item in observations:
-                if isinstance(item, LinkEvent) and item.kind == "connected":
-                    leftovers.connected(item.station_id, nursery)
-                if not leftovers.pending:
-                    return
-
-
 #: Store namespace of the EMS limits in force.
 EMS_LIMITS_NAMESPACE = "ems_limits"
 #: Store namespace of the CSMS's site profiles (K03).
@@ -524,7 +406,13 @@ async def _serve(app: App, task_status: trio.TaskStatus[App]) -> None:
     try:
         async with trio.open_nursery() as nursery:
             if app.balancer is not None:
-                await nursery.start(feed_balancer, app.hub, app.balancer, settings.balancing.observer_queue)
+                await nursery.start(
+                    feed_balancer,
+                    app.hub,
+                    app.balancer,
+                    settings.balancing.observer_queue,
+                    link_caller(app.links),
+                )
                 await nursery.start(app.balancer.run)
             elif app.leftover_profiles is not None:
                 await nursery.start(clear_leftovers, app.hub, app.leftover_profiles)

@@ -46,8 +46,11 @@ from .transport import (
 
 log = logging.getLogger("ocpp_lc.link")
 
-#: The only subprotocol whose payloads the controller reads and writes; other versions are relayed.
+#: The subprotocols whose payloads the controller reads and writes (1.6 through balancing.ocpp16);
+#: other versions are relayed only.
 OCPP201: Final = "ocpp2.0.1"
+OCPP16: Final = "ocpp1.6"
+READABLE: Final = frozenset({OCPP201, OCPP16})
 
 # Close codes a peer may send in a close frame (RFC 6455 §7.4): these are passed on unchanged to the
 # other side, so neither end can tell the controller is there (§6.1). 1005/1006 never travel.
@@ -247,7 +250,7 @@ class StationLink:
         self._cancel_scope = trio.CancelScope()
         self._done = trio.Event()
         self.connected_at_s = trio.current_time()
-        self._speaks_201 = self.subprotocol == OCPP201
+        self._readable = self.subprotocol in READABLE
         wire = metrics.wire_bytes
         station.count_bytes(wire.labels("station", "sent"), wire.labels("station", "received"))
         csms.count_bytes(wire.labels("csms", "sent"), wire.labels("csms", "received"))
@@ -260,10 +263,11 @@ class StationLink:
         Raises :class:`CallRejected` on a CALLERROR, :class:`CallTimeout` if no answer comes within
         ``timeout_s`` (default: the configured LC call timeout, which includes waiting for a CSMS
         call to the same station to be answered first), :class:`LinkClosed` if the link ends, and
-        :class:`UnsupportedVersion` if the station does not speak OCPP 2.0.1.
+        :class:`UnsupportedVersion` if the station speaks neither OCPP 2.0.1 nor 1.6 (the payload must be
+        of the station's version).
         """
-        if not self._speaks_201:
-            raise UnsupportedVersion(f"{self.station_id} speaks {self.subprotocol}, not {OCPP201}")
+        if not self._readable:
+            raise UnsupportedVersion(f"{self.station_id} speaks {self.subprotocol}, not {OCPP201} or {OCPP16}")
         if self._done.is_set():
             raise LinkClosed(f"{self.station_id} is not connected")
         limit_s = self._timings.lc_call_timeout_s if timeout_s is None else timeout_s
@@ -463,10 +467,18 @@ class StationLink:
         payload: Any,
         request: Any,
     ) -> None:
-        if self._speaks_201 and self._hub.has_subscribers:
+        if self._readable and self._hub.has_subscribers:
             self._hub.publish(
                 ObservedMessage(
-                    self.station_id, source, message_type, message_id, action, payload, request, trio.current_time()
+                    self.station_id,
+                    source,
+                    message_type,
+                    message_id,
+                    action,
+                    payload,
+                    request,
+                    trio.current_time(),
+                    self.subprotocol,
                 )
             )
 

@@ -21,7 +21,7 @@ Source = Literal["station", "csms", "lc"]
 
 @dataclass(frozen=True, slots=True)
 class ObservedMessage:
-    """One OCPP 2.0.1 message that passed through (or was sent by) the controller.
+    """One OCPP message (2.0.1 or 1.6) that passed through (or was sent by) the controller.
 
     ``source`` is who sent it. For a CALLRESULT or CALLERROR, ``action`` is the action of the call
     it answers and ``request`` that call's payload (so a TransactionEventResponse can be read
@@ -36,6 +36,8 @@ class ObservedMessage:
     payload: Any
     request: Any
     time_s: float
+    #: The station's OCPP version (its websocket subprotocol): ``ocpp2.0.1`` or ``ocpp1.6``.
+    subprotocol: str | None = "ocpp2.0.1"
 
 
 @dataclass(frozen=True, slots=True)
