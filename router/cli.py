@@ -329,7 +329,11 @@ def _print_status(document: dict[str, Any]) -> None:
     if balancing is None:
         typer.echo("balancing: off ([balancing] enabled = false)")
     else:
-        typer.echo(f"balancing: {balancing.get('sessions', 0)} sessions")
+        released = "  (released: the controller's profiles were cleared)" if balancing.get("released") else ""
+        typer.echo(f"balancing: {balancing.get('sessions', 0)} sessions{released}")
+        for key, words in (("overdrawing", "EVSEs overdrawing"), ("unconfirmed_since_restart", "EVSEs unconfirmed")):
+            if balancing.get(key):
+                typer.echo(f"  {words}: {balancing[key]} (counted above what they accepted)")
         for phase, values in balancing.get("phases", {}).items():
             typer.echo(
                 f"  {phase}: limit {_amount(values.get('limit_amperes'), 'A')}, committed "
@@ -338,9 +342,10 @@ def _print_status(document: dict[str, Any]) -> None:
             )
         for row in balancing.get("evses", []):
             session = f"tx {row['transaction_id']}" if row.get("transaction_id") else "idle"
-            steer = "" if row.get("compliant") else "  (not steerable: counted at its maximum)"
+            steer = _evse_state(row)
+            protocol = (row.get("protocol") or "").removeprefix("ocpp") or "?"
             typer.echo(
-                f"  {row['station_id']}/{row['evse_id']}  {session}  allocated "
+                f"  {row['station_id']}/{row['evse_id']}  [{protocol}]  {session}  allocated "
                 f"{_amount(row.get('allocated_amperes'), 'A')}  installed {_amount(row.get('installed_amperes'), 'A')}"
                 f"  measured {_amount(row.get('measured_current_amperes'), 'A')}{steer}"
             )
@@ -348,6 +353,19 @@ def _print_status(document: dict[str, Any]) -> None:
     link_up = upstream.get("link_up")
     state = "unknown (own connection off)" if link_up is None else ("up" if link_up else "down")
     typer.echo(f"upstream {upstream.get('csms_url')}: {state}")
+
+
+def _evse_state(row: dict[str, Any]) -> str:
+    """Why an EVSE is counted above what it accepted, if it is."""
+    if row.get("compliant", True):
+        return ""
+    if row.get("steerable") is False:
+        return "  (unsteerable: no smart charging; counted at its maximum)"
+    if row.get("overdrawing"):
+        return "  (OVERDRAWING: counted at its measured draw)"
+    if row.get("unconfirmed_since_restart"):
+        return "  (unconfirmed since restart: counted at its maximum)"
+    return "  (not steerable now: counted at its maximum)"
 
 
 @cli.command(epilog=CLIENT_EXIT_CODES_HELP)
