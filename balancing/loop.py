@@ -34,93 +34,42 @@ before any increase goes out), and each step goes out as SetChargingProfile in i
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import trio
 import trio.lowlevel
 from prometheus_client import CollectorRegistry
 
 from . import report
-from .allocator import Allocation, Session, SiteLimits, allocate, turn_after, underdraw_since
+from .allocator import Allocation, SiteLimits, allocate
 from .clearing import Cleared, clear_station, our_profile_ids
-from .observe import Measurement, charging_priority, evse_of, measurement, transaction_facts
-from .overdraw import OverdrawPolicy, is_overdrawing, overdraw_since
+from .loop_types import (
+    MAX_EVSE_ID,
+    BalancerState,
+    Caller,
+    CallOutcome,
+    LoopSettings,
+    log,
+    timestamp,
+)
+from .observe import charging_priority, evse_of, measurement, transaction_facts
 from .records import EvseRecord, Purpose, StationRecord, decode, encode
-from .rollout import RolloutPolicy, RolloutState, Step, bound_amperes, plan
+from .renewal import ProfileRenewal
+from .rollout import RolloutState, Step, plan
+from .sessions import SessionTracking, evse_id_usable
 from .site import SiteConfig
 from .station_profiles import CsmsProfiles
 
-log = logging.getLogger("ocpp_lc.balancing")
-
-#: Highest EVSE id the profile id scheme leaves room for (the site model's bound too).
-MAX_EVSE_ID = 1000
-#: chargingSchedule ids are a separate number space; ours mirror the profile id.
-PROFILE_ID_SPAN = 2 * MAX_EVSE_ID + 2
 #: Change points looked at ahead of one reallocation (a schedule with more inside the lead is odd).
 MAX_LOOKAHEAD_POINTS = 64
 
 __all__ = ["MAX_EVSE_ID", "Balancer", "BalancerState", "CallOutcome", "Caller", "LoopSettings", "Purpose"]
 
 
-@dataclass(frozen=True, slots=True)
-class CallOutcome:
-    """How a call to a station ended: ``answered`` (payload is the CALLRESULT), ``error`` (a
-    CALLERROR), ``timeout``, or ``gone`` (the station's link closed or never was)."""
-
-    status: Literal["answered", "error", "timeout", "gone"]
-    payload: Mapping[str, Any] | None = None
-    detail: str = ""
-
-
-class BalancerState(Protocol):
-    """Where the loop keeps what it knows of each station across restarts (a store namespace)."""
-
-    def put_many(self, items: Mapping[str, Any]) -> None: ...
-
-    def delete(self, key: str) -> bool: ...
-
-    def items(self) -> dict[str, Any]: ...
-
-
-class Caller(Protocol):
-    """Sends one CALL of the controller's own to a station (the router's LC-call API)."""
-
-    async def __call__(self, station_id: str, action: str, payload: dict[str, Any]) -> CallOutcome: ...
-
-
-@dataclass(frozen=True, slots=True)
-class LoopSettings:
-    """The loop's knobs (``[balancing]`` in the configuration)."""
-
-    stack_level: int = 8
-    profile_id_base: int = 900_000
-    recompute_interval_s: float = 10.0
-    #: A station gone for this long is forgotten (its EVSEs stop counting at their maximum).
-    forget_disconnected_after_s: float = 3600.0
-    rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
-    #: Every profile of ours is valid this long from when it is sent, and renewed at half of it.
-    profile_validity_s: float = 3600.0
-    #: Scheduled limit drops are allocated for this long ahead, so decreases are in force when they come.
-    decrease_lead_s: float = 0.0
-    overdraw: OverdrawPolicy = field(default_factory=OverdrawPolicy)
-
-    def profile_id(self, evse_id: int, purpose: Purpose) -> int:
-        return self.profile_id_base + 2 * evse_id + (1 if purpose == "TxDefaultProfile" else 0)
-
-    def is_ours(self, profile_id: int) -> bool:
-        return self.profile_id_base <= profile_id < self.profile_id_base + PROFILE_ID_SPAN
-
-
-def _timestamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-class Balancer:
+class Balancer(SessionTracking, ProfileRenewal):
     """The live balancing loop; see the module docstring."""
 
     def __init__(
@@ -212,7 +161,7 @@ class Balancer:
             self._on_transaction_event(station_id, payload)
         elif action == "MeterValues":
             evse_id = evse_of(payload)
-            if evse_id is None or not _evse_id_usable(evse_id):
+            if evse_id is None or not evse_id_usable(evse_id):
                 return  # evseId 0 is the main meter: not an EVSE's draw
             record = self._evse(station_id, evse_id)
             found = measurement(payload.get("meterValue"))
@@ -220,7 +169,7 @@ class Balancer:
                 self._measured(record, found)
         elif action == "StatusNotification":
             evse_id = evse_of(payload)
-            if evse_id is None or not _evse_id_usable(evse_id):
+            if evse_id is None or not evse_id_usable(evse_id):
                 self.metrics.ignored.labels(action).inc()
                 return
             self._evse(station_id, evse_id)
@@ -395,7 +344,7 @@ class Balancer:
             "chargingSchedule": [{"id": profile_id, "chargingRateUnit": "A", "chargingSchedulePeriod": [period]}],
         }
         if valid_to is not None:
-            profile["validTo"] = _timestamp(valid_to)
+            profile["validTo"] = timestamp(valid_to)
         if purpose == "TxProfile":
             profile["transactionId"] = record.transaction_id
         return {"evseId": record.evse_id, "chargingProfile": profile}
@@ -469,83 +418,6 @@ class Balancer:
             return self._is_connected(station_id)
         return station.connected
 
-    # --- validity: renewing our profiles before they lapse ------------------------------------------
-
-    def _renewal_at(self, record: EvseRecord, purpose: Purpose) -> datetime | None:
-        valid_until = record.valid_until.get(purpose)
-        if valid_until is None:
-            return None
-        return valid_until - timedelta(seconds=self.settings.profile_validity_s / 2)
-
-    def _renewal_due(self, record: EvseRecord, wall: datetime) -> bool:
-        """Whether the profile that governs this EVSE must be renewed now (half its validity is gone)."""
-        applied = self.rollout.evses.get(record.key)
-        if applied is None or not applied.trusted:
-            return False
-        at = self._renewal_at(record, record.governing)
-        return at is None or at <= wall
-
-    def _next_renewal(self, wall: datetime) -> datetime | None:
-        upcoming = [
-            at
-            for record in self._records()
-            for purpose in record.valid_until
-            if (at := self._renewal_at(record, purpose)) is not None and at > wall
-        ]
-        return min(upcoming, default=None)
-
-    def _renew_defaults_under_transactions(self, nursery: trio.Nursery, wall: datetime, valid_to: datetime) -> None:
-        """Our TxDefaultProfile under a running TxProfile governs again when the transaction ends: keep it."""
-        for station_id, station in self._stations.items():
-            if not self._connected(station_id, station):
-                continue
-            for record in station.evses.values():
-                if record.governing != "TxProfile" or record.renewing or record.default_amperes is None:
-                    continue
-                at = self._renewal_at(record, "TxDefaultProfile")
-                applied = self.rollout.evses.get(record.key)
-                if at is None or at > wall or applied is None or applied.in_flight_amperes is not None:
-                    continue
-                record.renewing = True
-                payload = self.profile_payload(record, "TxDefaultProfile", record.default_amperes, valid_to)
-                self.metrics.profiles.labels("renew", "sent").inc()
-                nursery.start_soon(self._renew_default, record, payload, valid_to)
-
-    async def _renew_default(self, record: EvseRecord, payload: dict[str, Any], valid_to: datetime) -> None:
-        try:
-            outcome = await self._call(record.station_id, "SetChargingProfile", payload)
-        finally:
-            record.renewing = False
-        accepted = outcome.status == "answered" and (outcome.payload or {}).get("status") == "Accepted"
-        self.metrics.profiles.labels("renew", "accepted" if accepted else outcome.status).inc()
-        if accepted:
-            record.valid_until["TxDefaultProfile"] = valid_to
-            self._dirty.add(record.station_id)
-        self.wake()
-
-    def _default_in_force(self, record: EvseRecord) -> float | None:
-        """Our TxDefaultProfile's limit at the station if it is still valid there (else unknown)."""
-        valid_until = record.valid_until.get("TxDefaultProfile")
-        if record.default_amperes is None or valid_until is None or valid_until <= self._wall():
-            return None
-        return record.default_amperes
-
-    def _lapse(self, wall: datetime) -> None:
-        """A profile of ours that lapsed (never renewed) no longer holds the EVSE: its limit is unknown."""
-        for record in self._records():
-            default_until = record.valid_until.get("TxDefaultProfile")
-            if default_until is not None and default_until <= wall:
-                del record.valid_until["TxDefaultProfile"]
-                record.default_amperes = None
-                self._dirty.add(record.station_id)
-            until = record.valid_until.get(record.governing)
-            applied = self.rollout.evses.get(record.key)
-            if until is not None and until <= wall and applied is not None and applied.confirmed:
-                log.warning("[%s] the profile on EVSE %d lapsed before it was renewed", *record.key)
-                del record.valid_until[record.governing]
-                self.rollout.installed(record.key, None)
-                self._dirty.add(record.station_id)
-
     # --- releasing the site --------------------------------------------------------------------------
 
     async def release(self) -> list[Cleared]:
@@ -594,175 +466,6 @@ class Balancer:
             self._dirty.add(station_id)
             self.wake()
         return record
-
-    def _on_transaction_event(self, station_id: str, payload: Any) -> None:
-        facts = transaction_facts(payload)
-        if facts is None:
-            self.metrics.ignored.labels("TransactionEvent").inc()
-            return
-        station = self._station(station_id)
-        known = station.transactions.get(facts.transaction_id)
-        evse_id = known if known is not None else facts.evse_id
-        if known is not None and facts.evse_id is not None and facts.evse_id != known:
-            # The transaction moved to another EVSE (or the station says so): end it where it was.
-            old = station.evses.get(known)
-            if old is not None and old.transaction_id == facts.transaction_id:
-                self._end_session(old)
-            evse_id = facts.evse_id
-        if evse_id is not None and not _evse_id_usable(evse_id):
-            evse_id = None
-        if evse_id is None:
-            self.metrics.ignored.labels("TransactionEvent").inc()
-            return  # a later event of a transaction whose start we never saw, without its EVSE
-        record = self._evse(station_id, evse_id)
-        now_s = trio.current_time()
-        if facts.event_type == "Ended":
-            if record.transaction_id == facts.transaction_id:
-                self._end_session(record)
-            station.transactions.pop(facts.transaction_id, None)
-            return
-        if record.transaction_id != facts.transaction_id:
-            if record.transaction_id is not None:
-                self._end_session(record)  # a new transaction on the EVSE: the old one is over
-            station.transactions[facts.transaction_id] = evse_id
-            record.transaction_id = facts.transaction_id
-            record.started_at = self._wall()
-            record.priority = 0
-            record.waiting_since_s = now_s
-            record.served_since_s = None
-            record.generation += 1
-            record.tx_profile_accepted = False
-            record.valid_until.pop("TxProfile", None)
-            # Our TxDefaultProfile governs the new transaction until our TxProfile replaces it.
-            self.rollout.session_started(record.key, facts.phases_used)
-            self.rollout.installed(record.key, self._default_in_force(record), self._default_phases(record))
-            log.info("[%s] transaction %s on EVSE %d joins the balancing", station_id, facts.transaction_id, evse_id)
-            self._dirty.add(station_id)
-            self.wake()
-        if facts.phases_used is not None and facts.phases_used != record.phases_used:
-            record.phases_used = facts.phases_used
-            self._dirty.add(station_id)
-            self.rollout.session_started(record.key, facts.phases_used)
-            self.wake()
-        record.charging_state = facts.charging_state or record.charging_state
-        if facts.measurement is not None:
-            self._measured(record, facts.measurement)
-
-    def _default_phases(self, record: EvseRecord) -> int | None:
-        phases = self.site.station(record.station_id).phases
-        return None if phases >= 3 else phases
-
-    def _end_session(self, record: EvseRecord) -> None:
-        station = self._stations[record.station_id]
-        record.tx_profile_accepted = False
-        self._csms.transaction_ended(station, record.transaction_id)
-        if record.transaction_id is not None:
-            station.transactions.pop(record.transaction_id, None)
-        record.transaction_id = None
-        record.started_at = None
-        record.charging_state = None
-        record.priority = 0
-        record.phases_used = None
-        record.measured = None
-        record.underdraw_since_s = None
-        record.overdraw_since_s = None
-        record.served_since_s = None
-        record.generation += 1
-        record.valid_until.pop("TxProfile", None)
-        self._dirty.add(record.station_id)
-        self.rollout.session_ended(record.key)
-        self.rollout.overdraw(record.key, None)
-        # The TxProfile ended with the transaction; our TxDefaultProfile governs the EVSE again.
-        self.rollout.installed(record.key, self._default_in_force(record), self._default_phases(record))
-        self.wake()
-
-    def _measured(self, record: EvseRecord, found: Measurement) -> None:
-        record.measured = found
-        if record.transaction_id is None:
-            return
-        current = self._measured_amperes(record)
-        applied = self.rollout.evses.get(record.key)
-        if current is None or applied is None:
-            return
-        now_s = trio.current_time()
-        self._check_overdraw(record, current, now_s)
-        offered = self.allocation.current_amperes(*record.key)
-        if applied.trusted and applied.accepted_amperes is not None:
-            offered = min(offered, applied.accepted_amperes)
-        was = record.underdraw_since_s
-        record.underdraw_since_s = underdraw_since(current, offered, was, now_s, self.site.policy)
-        if was is not None and record.underdraw_since_s is None:
-            self.wake()  # it ramps up: give its share back now
-
-    def _check_overdraw(self, record: EvseRecord, current: float, now_s: float) -> None:
-        applied = self.rollout.evses[record.key]
-        policy = self.settings.overdraw
-        # What it may draw under what it accepted (its bound), leaving any overdraw already counted aside.
-        bound = bound_amperes(self.site.station(record.station_id), replace(applied, overdraw_amperes=None))
-        record.overdraw_since_s = overdraw_since(current, bound, record.overdraw_since_s, now_s, policy)
-        if is_overdrawing(record.overdraw_since_s, now_s, policy):
-            if applied.overdraw_amperes is None:
-                self.metrics.overdraws.inc()
-                log.warning(
-                    "[%s] EVSE %d draws %.1f A, above the %.1f A it may draw, for %.0f s: counted at its draw, "
-                    "the others are reduced",
-                    record.station_id,
-                    record.evse_id,
-                    current,
-                    bound,
-                    now_s - (record.overdraw_since_s or now_s),
-                )
-            if applied.overdraw_amperes != current:
-                self.rollout.overdraw(record.key, current)
-                self.wake()
-        elif record.overdraw_since_s is None and applied.overdraw_amperes is not None:
-            log.info("[%s] EVSE %d draws within its limit again (%.1f A)", record.station_id, record.evse_id, current)
-            self.rollout.overdraw(record.key, None)
-            self.wake()
-
-    def _measured_amperes(self, record: EvseRecord) -> float | None:
-        found = record.measured
-        if found is None:
-            return None
-        if found.current_amperes is not None:
-            return found.current_amperes
-        if found.power_watts is None:
-            return None
-        station = self.site.station(record.station_id)
-        phases = len(station.grid_phases(record.phases_used))
-        return found.power_watts / (self.site.nominal_voltage_volts * phases)
-
-    def _session(self, record: EvseRecord, wall: datetime) -> Session:
-        station = self._stations[record.station_id]
-        cap = self._csms.cap(station, record, wall, self.site.nominal_voltage_volts)
-        if record.transaction_id is None:
-            idle = self.settings.rollout.idle_current_amperes
-            return Session(
-                station_id=record.station_id,
-                evse_id=record.evse_id,
-                reserve_amperes=idle if cap is None else min(idle, cap),
-                max_current_amperes=cap,
-            )
-        return Session(
-            station_id=record.station_id,
-            evse_id=record.evse_id,
-            transaction_id=record.transaction_id,
-            priority=record.priority,
-            phases_used=record.phases_used,
-            measured_current_amperes=self._measured_amperes(record),
-            underdraw_since_s=record.underdraw_since_s,
-            served_since_s=record.served_since_s,
-            waiting_since_s=record.waiting_since_s,
-            max_current_amperes=cap,
-        )
-
-    def _update_turns(self, now_s: float) -> None:
-        for record in self._records():
-            if record.transaction_id is None:
-                continue
-            record.served_since_s, record.waiting_since_s = turn_after(
-                self.allocation.current_amperes(*record.key) > 0, record.served_since_s, record.waiting_since_s, now_s
-            )
 
     def _forget_gone(self, now_s: float) -> None:
         hold_s = self.settings.forget_disconnected_after_s
@@ -865,8 +568,3 @@ class Balancer:
 
     def measured_amperes(self, record: EvseRecord) -> float | None:
         return self._measured_amperes(record)
-
-
-def _evse_id_usable(evse_id: int) -> bool:
-    """EVSE ids the profile id scheme has room for (0 is the station as a whole, never an EVSE's)."""
-    return 1 <= evse_id <= MAX_EVSE_ID
