@@ -125,3 +125,6 @@ class LoopCore:
 
     def _measured_amperes(self, record: EvseRecord) -> float | None:
         raise NotImplementedError
+
+    def _default_phases(self, record: EvseRecord) -> int | None:
+        raise NotImplementedError

@@ -57,7 +57,9 @@ class ProfileRenewal(LoopCore):
                 if at is None or at > wall or applied is None or applied.in_flight_amperes is not None:
                     continue
                 record.renewing = True
-                payload = self.profile_payload(record, "TxDefaultProfile", record.default_amperes, valid_to)
+                payload = self.profile_payload(
+                    record, "TxDefaultProfile", record.default_amperes, valid_to, self._default_phases(record)
+                )
                 self.metrics.profiles.labels("renew", "sent").inc()
                 nursery.start_soon(self._renew_default, record, payload, valid_to)
 

@@ -414,3 +414,31 @@ async def test_an_ev_going_to_one_phase_is_counted_on_three_until_its_station_en
         tx = [p for p in fake.set_profiles("CS1") if p["chargingProfilePurpose"] == "TxProfile"]
         assert tx[-1]["chargingSchedule"][0]["chargingSchedulePeriod"][0]["numberPhases"] == 1
         assert balancer.phase_bounds_amperes() == (32.0, 0.0, 0.0)
+
+
+async def test_the_default_under_a_long_transaction_is_renewed_and_holds_when_it_ends(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Our TxDefaultProfile under a running TxProfile governs again when the transaction ends: it is
+    renewed beside the TxProfile (a 1-phase station's with numberPhases 1), so a transaction longer
+    than the validity ends on a known limit, not on the station's own default."""
+    site = SiteConfig.model_validate(
+        {"grid": {"max_current_amperes": 40}, "stations": [{"station_id": "CS1", "phases": 1}]}
+    )
+    fake = Recording(limit_amperes=40.0)
+    settings = loop_settings(profile_validity_s=600.0, idle_current_amperes=6.0, min_interval_s=0)
+    balancer = Balancer(site, fake.limits_at, fake, settings, wall_clock=wall_clock)
+    async with running(balancer):
+        balancer.station_connected("CS1")
+        balancer.station_call("CS1", "StatusNotification", status_notification(1))
+        await settle()
+        balancer.station_call("CS1", "TransactionEvent", transaction_event("Started", "TX-1"))
+        await settle()
+        await trio.sleep(1000)  # beyond the first TxDefaultProfile's validity
+        defaults = [p for p in fake.set_profiles("CS1") if p["chargingProfilePurpose"] == "TxDefaultProfile"]
+        assert len(defaults) >= 3
+        assert all(p["chargingSchedule"][0]["chargingSchedulePeriod"][0]["numberPhases"] == 1 for p in defaults)
+        assert valid_to(defaults[-1]) > wall_clock()
+        balancer.station_call("CS1", "TransactionEvent", transaction_event("Ended", "TX-1", seq_no=1))
+        assert row(balancer, "CS1")["installed_amperes"] == 6.0  # known at once: no count at its maximum
+        assert row(balancer, "CS1")["compliant"] is True
