@@ -121,7 +121,8 @@ async def probe_smart_charging(caller: Caller, balancer: Balancer, station_id: s
         balancer.station_steerable(station_id, supported, "SupportedFeatureProfiles without SmartCharging")
 
 
-def _observe(balancer: Balancer, item: ObservedMessage) -> None:
+def observe(balancer: Balancer, item: ObservedMessage) -> None:
+    """One relayed message to the loop: a 2.0.1 one as it is, a 1.6 one translated (balancing.ocpp16)."""
     if item.subprotocol == OCPP16:
         _observe_16(balancer, item)
     elif item.source == "station":
@@ -163,7 +164,7 @@ async def feed_balancer(
             task_status.started()
             async for item in observations:
                 if isinstance(item, ObservedMessage):
-                    _observe(balancer, item)
+                    observe(balancer, item)
                 elif isinstance(item, LinkEvent):
                     if item.kind == "connected":
                         balancer.station_connected(item.station_id, item.subprotocol)

@@ -75,20 +75,29 @@ reach one station at the same instant are served in EVSE order, not in trio's sc
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from typing import Any
 
 import trio
 import trio.testing
+from jsonschema import Draft4Validator
 from prometheus_client import CollectorRegistry
 
+from balancing import ocpp16
 from balancing.allocator import Session, SiteLimits, allocate
 from balancing.loop import Balancer, CallOutcome, LoopSettings
 from balancing.rollout import RolloutPolicy, RolloutState, Step, plan
 from balancing.site import GRID_NODE_ID, SiteConfig, StationConfig
+from router.balancing_wiring import observe
+from router.link import OCPP16
+from router.observers import ObservedMessage
+from router.ocppj import MessageType
 from tests.support.schemas import validate_call, validate_result
 
 SEED = 20251126
@@ -276,10 +285,15 @@ class SimStation:
     current: Frame | None = None
     seq_no: int = 0
     transactions: int = 0
+    protocol: str = "ocpp2.0.1"
 
     @property
     def station_id(self) -> str:
         return self.config.station_id
+
+    @property
+    def speaks_16(self) -> bool:
+        return self.protocol == OCPP16
 
     def grid_phases(self, ev_phases: int) -> tuple[int, ...]:
         """Written out from the wiring (station Lk -> the k-th letter of its rotation), not the site model."""
@@ -290,7 +304,8 @@ class SimStation:
 class Fleet:
     """The stations, the EMS, the Caller the loop sends through, and the invariant checker."""
 
-    def __init__(self, site: SiteConfig) -> None:
+    def __init__(self, site: SiteConfig, *, v16_every: int = 0) -> None:
+        """``v16_every``: every n-th station (by number) speaks OCPP 1.6 (0: none)."""
         self.site = site
         self.ems = Ems()
         self.balancer: Balancer | None = None
@@ -303,6 +318,9 @@ class Fleet:
                 evses={i: SimEvse(i, config.evse_range_amperes(i)[1]) for i in ids},
                 nodes=["station:" + config.station_id, *self.path_of(config.circuit_id)],
                 rng=random.Random(f"{SEED}-{config.station_id}"),
+                protocol=OCPP16
+                if v16_every and int(config.station_id[1:]) % v16_every == v16_every - 1
+                else "ocpp2.0.1",
             )
         self.stats = dict.fromkeys(
             ["accepted", "rejected", "stale_tx", "timeout", "gone", "late", "lost", "lost_in_transit"], 0
@@ -453,6 +471,12 @@ class Fleet:
         assert action == "SetChargingProfile"
         self.validate(action, payload)
         station = self.stations[station_id]
+        if station.speaks_16:
+            # What the router writes to a 1.6 station (balancing.ocpp16), read back by this station itself.
+            action_16, payload_16 = ocpp16.outgoing(action, payload)
+            validate_16(action_16, payload_16)
+            payload = read_16_profile(payload_16)
+            self.stats["sent_16"] = self.stats.get("sent_16", 0) + 1
         if not station.connected:
             self.stats["gone"] += 1
             return CallOutcome("gone", detail="not connected")
@@ -495,7 +519,10 @@ class Fleet:
         if frame.gone or frame.answer is None:
             self.stats["gone"] += 1
             return CallOutcome("gone", detail="link closed")
-        self.validate(action, frame.answer, result=True)
+        if station.speaks_16:
+            validate_16(action, frame.answer, result=True)
+        else:
+            self.validate(action, frame.answer, result=True)
         return CallOutcome("answered", frame.answer)
 
     async def serve(self, station: SimStation) -> None:
@@ -563,15 +590,20 @@ class Fleet:
     # --- what the stations tell the controller -----------------------------------------------------
 
     def send(self, station: SimStation, action: str, payload: dict[str, Any]) -> None:
-        self.validate(action, payload)
         balancer = self.balancer
         assert balancer is not None
+        if station.speaks_16:
+            # The same event as a 1.6 station says it, through the router's translation (balancing.ocpp16).
+            for message in as_16(station, action, payload):
+                observe(balancer, message)
+            return
+        self.validate(action, payload)
         balancer.station_call(station.station_id, action, payload)
 
     def connect(self, station: SimStation) -> None:
         assert self.balancer is not None
         station.connected = True
-        self.balancer.station_connected(station.station_id)
+        self.balancer.station_connected(station.station_id, station.protocol)
         for evse in station.evses.values():
             status = "Available" if evse.ev is None else "Occupied"
             self.send(
@@ -634,6 +666,80 @@ class Fleet:
         self.send(station, "MeterValues", payload)
 
 
+# --- OCPP 1.6 stations --------------------------------------------------------------------------------
+
+
+@functools.cache
+def _schema_16(name: str) -> Draft4Validator:
+    text = resources.files("ocpp").joinpath("v16", "schemas", f"{name}.json").read_text()
+    return Draft4Validator(json.loads(text))
+
+
+def validate_16(action: str, payload: dict[str, Any], *, result: bool = False) -> None:
+    """Schema-check a 1.6 message (the OCPP 1.6 JSON schemas the `ocpp` package ships)."""
+    errors = [error.message for error in _schema_16(action + ("Response" if result else "")).iter_errors(payload)]
+    assert not errors, f"{action}{' result' if result else ''} against the OCPP 1.6 schema: {errors[:3]}: {payload}"
+
+
+def read_16_profile(payload: dict[str, Any]) -> dict[str, Any]:
+    """A 1.6 SetChargingProfile.req as this simulation's station applies it (its own reading of 1.6)."""
+    profile = payload["csChargingProfiles"]
+    read: dict[str, Any] = {
+        "chargingProfilePurpose": profile["chargingProfilePurpose"],
+        "chargingSchedule": [profile["chargingSchedule"]],
+    }
+    if "transactionId" in profile:
+        read["transactionId"] = str(profile["transactionId"])
+    return {"evseId": payload["connectorId"], "chargingProfile": read}
+
+
+def as_16(station: SimStation, action: str, payload: dict[str, Any]) -> list[ObservedMessage]:
+    """What a 1.6 station sends (and its CSMS answers) where a 2.0.1 one sends ``payload``, as observed."""
+    now = wall_at(trio.current_time()).isoformat()
+    messages: list[tuple[str, MessageType, str, dict[str, Any], Any]] = []
+    if action == "StatusNotification":
+        status = "Available" if payload["connectorStatus"] == "Available" else "Preparing"
+        messages.append(
+            (
+                "station",
+                MessageType.CALL,
+                action,
+                {"connectorId": payload["evseId"], "errorCode": "NoError", "status": status, "timestamp": now},
+                None,
+            )
+        )
+    elif action == "TransactionEvent" and payload["eventType"] == "Started":
+        request = {"connectorId": payload["evse"]["id"], "idTag": "TAG", "meterStart": 0, "timestamp": now}
+        answer = {
+            "transactionId": int(payload["transactionInfo"]["transactionId"]),
+            "idTagInfo": {"status": "Accepted"},
+        }
+        messages.append(("station", MessageType.CALL, "StartTransaction", request, None))
+        messages.append(("csms", MessageType.CALLRESULT, "StartTransaction", answer, request))
+    elif action == "TransactionEvent" and payload["eventType"] == "Ended":
+        transaction_id = int(payload["transactionInfo"]["transactionId"])
+        request = {"transactionId": transaction_id, "meterStop": 0, "timestamp": now}
+        messages.append(("station", MessageType.CALL, "StopTransaction", request, None))
+    elif action == "MeterValues":
+        samples = [
+            {"value": f"{sample['value']:.1f}", "measurand": sample["measurand"], "phase": sample["phase"], "unit": "A"}
+            for sample in payload["meterValue"][0]["sampledValue"]
+        ]
+        request = {"connectorId": payload["evseId"], "meterValue": [{"timestamp": now, "sampledValue": samples}]}
+        messages.append(("station", MessageType.CALL, action, request, None))
+    # 1.6 has no numberOfPhasesUsed: an Updated event says nothing the loop reads.
+    observed = []
+    for source, kind, name, body, request in messages:
+        if kind is MessageType.CALL and source == "station":
+            validate_16(name, body)
+        else:
+            validate_16(name, body, result=True)
+        observed.append(
+            ObservedMessage(station.station_id, source, kind, "m", name, body, request, trio.current_time(), OCPP16)
+        )
+    return observed
+
+
 # --- the driver --------------------------------------------------------------------------------------
 
 
@@ -688,12 +794,16 @@ class Driver:
             ev = Ev(max_amperes=rng.choice([4.0, 10.0, 16.0, 32.0, 32.0, 32.0]), phases=3 if rng.random() < 0.6 else 1)
             station.transactions += 1
             evse.ev = ev
-            evse.transaction_id = f"{station.station_id}-{evse.evse_id}-{station.transactions}"
+            evse.transaction_id = (
+                str(1_000_000 * int(station.station_id[1:]) + 1000 * evse.evse_id + station.transactions)
+                if station.speaks_16  # 1.6: the CSMS's integer id
+                else f"{station.station_id}-{evse.evse_id}-{station.transactions}"
+            )
             evse.tx_amperes = None
             fleet.check(now_s)  # it draws what the TxDefaultProfile allows before the controller hears of it
             phases = min(ev.phases, station.config.phases) if rng.random() < 0.9 else None
             request = fleet.transaction_event(station, evse, "Started", phases)
-            if rng.random() < 0.4:
+            if rng.random() < 0.4 and not station.speaks_16:
                 answer = {"idTokenInfo": {"status": "Accepted"}, "chargingPriority": rng.randint(-9, 9)}
                 fleet.balancer.csms_answer(station.station_id, "TransactionEvent", answer, request)
                 return "arrival_with_priority"
@@ -756,9 +866,9 @@ class Driver:
         self.fleet.connect(station)
 
 
-async def run_fleet(events: int) -> tuple[Fleet, Driver, CollectorRegistry]:
+async def run_fleet(events: int, *, v16_every: int = 0) -> tuple[Fleet, Driver, CollectorRegistry]:
     site = fleet_site()
-    fleet = Fleet(site)
+    fleet = Fleet(site, v16_every=v16_every)
     registry = CollectorRegistry()
     settings = LoopSettings(
         recompute_interval_s=10.0,
@@ -835,6 +945,28 @@ async def test_the_balancer_keeps_40_stations_within_every_limit_through_1000_ev
     assert profiles(registry, "increase", "accepted") > 300 and profiles(registry, "decrease", "accepted") > 300
     assert profiles(registry, "retry", "accepted") > 50
     # Decreases before increases (issue 5): no increase left while a decrease was unanswered.
+    assert fleet.increases > 300 and fleet.increases_behind_a_decrease == 0
+
+
+async def test_a_mixed_fleet_with_a_third_on_ocpp_16_stays_within_every_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 15: every third station speaks OCPP 1.6 (its messages go through the router's translation,
+    the profiles it receives are 1.6 ones, schema-checked, read back by the station itself). The same
+    invariants hold at every instant as for the all-2.0.1 fleet (asserted inside the run)."""
+    fleet, driver, registry = await run_fleet(EVENTS, v16_every=3)
+    assert fleet.balancer is not None
+    v16 = {station.station_id for station in fleet.stations.values() if station.speaks_16}
+    assert len(v16) == len(fleet.stations) // 3
+    assert fleet.stats["sent_16"] > 200, fleet.stats  # 1.6 SetChargingProfile.req, balanced like the others
+    rows = fleet.balancer.evse_rows()
+    assert {row["station_id"] for row in rows if row["protocol"] == OCPP16} == v16
+    assert {row["station_id"] for row in rows if row["protocol"] == "ocpp2.0.1"} == set(fleet.stations) - v16
+    counts = driver.counts
+    assert counts.get("arrival", 0) >= 50 and counts.get("departure", 0) >= 50, counts
+    assert fleet.checks > 2 * EVENTS and fleet.strict_increase_checks >= 300
+    assert fleet.peak_grid_amperes > 150.0
+    assert profiles(registry, "increase", "accepted") > 300 and profiles(registry, "decrease", "accepted") > 300
     assert fleet.increases > 300 and fleet.increases_behind_a_decrease == 0
 
 
