@@ -56,7 +56,7 @@ import stat
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -420,22 +420,33 @@ async def race(stop: asyncio.Event, work: Callable[[], Any]) -> tuple[bool, Any]
     return False, task.result()
 
 
+#: A peer's own commands beyond the shared ones: name -> what to do with the command (done in order).
+ExtraCommands = Mapping[str, Callable[[dict[str, Any]], None]]
+
+
 async def follow_commands(
-    behaviour: Behaviour, session_of: Callable[[dict[str, Any]], PeerChargePoint | None], stop: asyncio.Event
+    behaviour: Behaviour,
+    session_of: Callable[[dict[str, Any]], PeerChargePoint | None],
+    stop: asyncio.Event,
+    extra: ExtraCommands | None = None,
 ) -> None:
     """Carry out stdin commands; at EOF or `stop`, set `stop` so that the peer shuts down.
 
     `call` and `close` take time and run as tasks of their own (the caller cancels us, and so them, on
     shutdown); the other commands are done before the next line is read, so their order is kept.
+    `extra` adds commands of one peer's own (e.g. the station's `advance_clock`).
     """
     try:
-        await _follow_commands(behaviour, session_of, stop)
+        await _follow_commands(behaviour, session_of, stop, extra or {})
     finally:
         stop.set()
 
 
 async def _follow_commands(
-    behaviour: Behaviour, session_of: Callable[[dict[str, Any]], PeerChargePoint | None], stop: asyncio.Event
+    behaviour: Behaviour,
+    session_of: Callable[[dict[str, Any]], PeerChargePoint | None],
+    stop: asyncio.Event,
+    extra: ExtraCommands,
 ) -> None:
     async with asyncio.TaskGroup() as slow_commands:
         async for cmd in read_commands():
@@ -443,6 +454,8 @@ async def _follow_commands(
                 name = cmd["cmd"]
                 if name in ("set_response", "set_delay"):
                     behaviour.apply(cmd)
+                elif name in extra:
+                    extra[name](cmd)
                 elif name == "stop":
                     stop.set()
                 elif name in ("call", "send_raw", "close"):

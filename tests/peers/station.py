@@ -14,6 +14,18 @@ waited for) and installs nothing. Extra events:
   {"event":"firmware_download_failed","requestId":N,"url":..,"status":<HTTP status>|null,"error":".."}
   {"event":"firmware_status_failed","requestId":N,"status":..,"error":..}  (the notification got no answer)
 A test that overrides the UpdateFirmware answer (`set_response`) gets no download.
+
+With `--model-profiles` the station keeps its own model of the charging profiles it accepted
+(`tests/peers/profiles.py`, on the station's clock) and reports what governs each EVSE whenever that
+changes, with a timer at the next validity boundary:
+  {"event":"profile_set","evseId":N,"id":N,"purpose":..,"stackLevel":N,"validTo":..|null,"wall":<time.time()>,"t":..}
+  {"event":"profile_cleared","ids":[..],"request":{..},"wall":..,"t":..}
+  {"event":"limit","evseId":N,"limit":X|null,"unit":..,"numberPhases":N|null,"source":"profile"|"own-default",
+   "profileId":N|null,"purpose":..,"stationTime":"<RFC 3339>","wall":..,"t":..}
+and takes {"cmd":"advance_clock","seconds":S} (the station's clock jumps ahead, as after a time sync),
+answered with {"event":"clock","offsetS":S,"stationTime":..} once the model has looked again. The answers
+it sends are the same as without the option. `--stay-offline` keeps the station running (and its model
+ticking) after its connection ends, until it is told to stop.
 """
 
 from __future__ import annotations
@@ -21,14 +33,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import datetime
 import hashlib
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
 
+from ocpp.messages import Call
 from ocpp.routing import after, on
 from ocpp.v201 import call_result
 from websockets.asyncio.client import ClientConnection, connect
@@ -39,6 +54,7 @@ from tests.peers.common import (
     MAX_MESSAGE_BYTES,
     Behaviour,
     CallFailed,
+    ExtraCommands,
     FrameLog,
     Ocpp16Echo,
     PeerChargePoint,
@@ -49,6 +65,7 @@ from tests.peers.common import (
     run_peer,
     stop_on_signals,
 )
+from tests.peers.profiles import OWN_DEFAULT, Limit, ProfileModel
 
 
 def _failed(request_id: int, url: str, status: int | None, error: str) -> dict[str, Any]:
@@ -95,6 +112,84 @@ def download(url: str, stop: threading.Event) -> tuple[int, int, str]:
         return int(response.status), count, digest.hexdigest()
 
 
+def _timestamp(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ProfileWatch:
+    """The station's profile model on the station's own clock, reporting each change of an EVSE's limit."""
+
+    def __init__(self, identity: str) -> None:
+        self.identity = identity
+        self.model = ProfileModel()
+        self.offset = datetime.timedelta(0)
+        self._reported: dict[int, Limit] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.now(datetime.UTC) + self.offset
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        emit({**event, "identity": self.identity, "wall": time.time(), "t": time.monotonic()})
+
+    def set_profile(self, payload: dict[str, Any]) -> None:
+        """A SetChargingProfile the station is about to accept (raw camelCase payload)."""
+        evse_id, profile = int(payload["evseId"]), payload["chargingProfile"]
+        self.model.install(evse_id, profile, self.now())
+        self._emit(
+            {
+                "event": "profile_set",
+                "evseId": evse_id,
+                "id": profile["id"],
+                "purpose": profile["chargingProfilePurpose"],
+                "stackLevel": profile["stackLevel"],
+                "validTo": profile.get("validTo"),
+            }
+        )
+        self.evaluate()
+
+    def clear_profiles(self, payload: dict[str, Any]) -> None:
+        self._emit({"event": "profile_cleared", "ids": self.model.clear(payload), "request": payload})
+        self.evaluate()
+
+    def transaction_event(self, payload: dict[str, Any]) -> None:
+        """A TransactionEvent the station is about to send: the transaction runs, or is over."""
+        info = payload.get("transactionInfo") or {}
+        transaction_id = info.get("transactionId")
+        if not isinstance(transaction_id, str):
+            return
+        if payload.get("eventType") == "Ended":
+            self.model.transaction_ended(transaction_id)
+        elif isinstance(payload.get("evse"), dict):
+            self.model.transaction_started(int(payload["evse"]["id"]), transaction_id, self.now())
+        self.evaluate()
+
+    def advance_clock(self, cmd: dict[str, Any]) -> None:
+        self.offset += datetime.timedelta(seconds=float(cmd["seconds"]))
+        self.evaluate()
+        emit({"event": "clock", "offsetS": self.offset.total_seconds(), "stationTime": _timestamp(self.now())})
+
+    def evaluate(self) -> None:
+        """Report every EVSE whose limit changed, and look again at the next moment it may change."""
+        now = self.now()
+        for evse_id in sorted({*self.model.evse_ids(), *self._reported}):
+            limit = self.model.limit(evse_id, now)
+            if self._reported.get(evse_id, OWN_DEFAULT) != limit:
+                self._reported[evse_id] = limit
+                self._emit({"event": "limit", "evseId": evse_id, **limit.as_event(), "stationTime": _timestamp(now)})
+        self.cancel()
+        upcoming = self.model.next_change(now)
+        if upcoming is not None:
+            # A millisecond late rather than early: at the boundary itself the old answer may still hold.
+            delay_s = (upcoming - now).total_seconds() + 0.001
+            self._timer = asyncio.get_running_loop().call_later(delay_s, self.evaluate)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class StationChargePoint(PeerChargePoint):
     """The station end: canned answers for CSMS-initiated CALLs (the handlers see snake_case keys)."""
 
@@ -103,6 +198,22 @@ class StationChargePoint(PeerChargePoint):
         #: Where work that outlives a CALL (firmware downloads) runs; set by `amain`, None: none is done.
         self.tasks: asyncio.TaskGroup | None = None
         self.firmware_tasks: set[asyncio.Task[None]] = set()
+        #: The station's own model of its profiles (`--model-profiles`); None: not kept.
+        self.profiles: ProfileWatch | None = None
+
+    async def answer_by_default(self, msg: Call) -> Any:
+        # The built-in answers to these are Accepted: the model takes the profile in before the answer
+        # leaves, as a station applies a profile and then says so.
+        if self.profiles is not None and msg.action == "SetChargingProfile":
+            self.profiles.set_profile(msg.payload)
+        elif self.profiles is not None and msg.action == "ClearChargingProfile":
+            self.profiles.clear_profiles(msg.payload)
+        return await super().answer_by_default(msg)
+
+    async def call_raw(self, action: str, payload: dict[str, Any], **options: Any) -> dict[str, Any]:
+        if self.profiles is not None and action == "TransactionEvent":
+            self.profiles.transaction_event(payload)
+        return await super().call_raw(action, payload, **options)
 
     @on("GetVariables")
     def on_get_variables(self, get_variable_data: list[dict[str, Any]], **_: Any) -> call_result.GetVariables:
@@ -262,6 +373,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--header", action="append", default=[], help="'Name: value' sent in the handshake (repeatable)"
     )
     parser.add_argument("--query", default="", help="query string appended to the connection URL (without '?')")
+    parser.add_argument(
+        "--model-profiles", action="store_true", help="keep a model of the profiles held; report limit changes"
+    )
+    parser.add_argument(
+        "--stay-offline", action="store_true", help="keep running after the connection ends, until stopped"
+    )
     return parser.parse_args(argv)
 
 
@@ -318,22 +435,33 @@ async def amain(args: argparse.Namespace) -> int:
 
     station_type = Ocpp16Echo if ws.subprotocol == "ocpp1.6" else StationChargePoint
     station = station_type(args.identity, FrameLog(ws, args.identity), Behaviour())
+    extra: ExtraCommands = {}
+    if args.model_profiles and isinstance(station, StationChargePoint):
+        station.profiles = ProfileWatch(args.identity)
+        extra = {"advance_clock": station.profiles.advance_clock}
     async with asyncio.TaskGroup() as tasks:
         if isinstance(station, StationChargePoint):
             station.tasks = tasks
         helpers = [
-            tasks.create_task(follow_commands(station.behaviour, lambda _: station, stop)),
+            tasks.create_task(follow_commands(station.behaviour, lambda _: station, stop, extra)),
             tasks.create_task(_close_on(stop, ws)),
         ]
         if not args.no_boot:
             helpers.append(tasks.create_task(boot(station, args)))
         try:
-            await station.serve()
+            try:
+                await station.serve()
+            finally:
+                closed = {"code": ws.close_code, "reason": ws.close_reason}
+                emit({"event": "disconnected", "identity": args.identity, **closed})
+            if args.stay_offline:
+                await stop.wait()  # offline: the profiles it holds still govern it, on its own clock
         finally:
-            emit({"event": "disconnected", "identity": args.identity, "code": ws.close_code, "reason": ws.close_reason})
             firmware_tasks = station.firmware_tasks if isinstance(station, StationChargePoint) else set()
             for task in [*helpers, *firmware_tasks]:
                 task.cancel()
+            if isinstance(station, StationChargePoint) and station.profiles is not None:
+                station.profiles.cancel()
     return 0
 
 
