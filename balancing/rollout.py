@@ -437,6 +437,10 @@ def plan(
                 decrease_in_flight = True
             continue
         target = targets[key]
+        if applied.overdraw_amperes is not None and applied.confirmed and applied.accepted_amperes is not None:
+            # It accepted its limit and draws above it all the same: sending it again changes nothing
+            # (it stays counted at its draw until a meter value shows it within its limit).
+            continue
         if not applied.trusted:
             if due_at(applied.station_id) > now_s:
                 next_due.append(due_at(applied.station_id))

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import trio
 
 from router.app import App
@@ -497,12 +496,6 @@ async def test_c_an_evse_drawing_above_its_limit_is_counted_at_its_draw_and_the_
     validate_all(relay.csms, stations)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: with min_interval_s = 0 an overdrawing EVSE is re-sent its unchanged profile as a 'retry' "
-    "after every acceptance (rollout.plan retries every untrusted EVSE, and an accepted retry leaves it untrusted "
-    "while it overdraws): hundreds of SetChargingProfile a second",
-)
 async def test_c_an_overdrawing_evse_is_not_sent_its_profile_over_and_over(open_relay: OpenRelay) -> None:
     """Item 3 with ``min_interval_s = 0`` (the setting the other end-to-end tests use): once CS1 counts as
     overdrawing and CS2 has come down, nothing changes, so the controller has nothing new to tell CS1. Over
