@@ -307,8 +307,10 @@ async def test_a_killed_controller_leaves_every_station_on_its_own_default_withi
                     for station in stations.values():
                         await governed_by(station, 1, by("TxDefaultProfile"))
                     await call(cs1, "TransactionEvent", started("TX-A1", 1))
-                    charging = await governed_by(cs1, 1, by("TxProfile"))
-                    assert charging["profileId"] == tx_profile_id(1) and charging["limit"] > 0, charging
+                    # Its first TxProfile may still be 0 A (while the other EVSE's limit is unknown on a
+                    # busy machine, nothing more is safe): the one that lets it charge.
+                    charging = await governed_by(cs1, 1, lambda e: by("TxProfile")(e) and e["limit"] > 0)
+                    assert charging["profileId"] == tx_profile_id(1), charging
 
                 killed_wall = time.time()
                 controller.kill()  # SIGKILL: nothing of the controller runs any more
