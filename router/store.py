@@ -128,8 +128,8 @@ class Queue(Protocol):
         """Up to ``limit`` oldest entries as (sequence number, item), not removed."""
         ...
 
-    def ack(self, seq: int) -> None:
-        """Remove the entry ``seq`` (call it once the entry was delivered)."""
+    def ack(self, seq: int) -> bool:
+        """Remove the entry ``seq`` (call it once the entry was delivered); True if it was there."""
         ...
 
     def __len__(self) -> int: ...
@@ -262,6 +262,28 @@ class Store:
         _check_name("outbox name", name)
         return Outbox(self, name)
 
+    # -- sizes (for components that bound what they keep, e.g. router.autonomy.queue) --------------
+
+    def outbox_sizes(self, prefix: str) -> dict[str, tuple[int, int]]:
+        """Every non-empty outbox whose name starts with ``prefix``: (entries, bytes stored), by name."""
+        return self._sizes(
+            "SELECT name, count(*), sum(length(item)) FROM outbox WHERE substr(name, 1, ?) = ? GROUP BY name", prefix
+        )
+
+    def namespace_sizes(self, prefix: str) -> dict[str, tuple[int, int]]:
+        """Every non-empty namespace whose name starts with ``prefix``: (keys, bytes of values), by name."""
+        return self._sizes(
+            "SELECT namespace, count(*), sum(length(value)) FROM kv"
+            " WHERE substr(namespace, 1, ?) = ? GROUP BY namespace",
+            prefix,
+        )
+
+    def _sizes(self, sql: str, prefix: str) -> dict[str, tuple[int, int]]:
+        _check_name("prefix", prefix)
+        with self._reading() as db:
+            rows = db.execute(sql, (len(prefix), prefix)).fetchall()
+        return {name: (int(count), int(size)) for name, count, size in rows}
+
     # -- outboxes (through Outbox) --------------------------------------------------------------
 
     def _append(self, name: str, item: Any) -> int:
@@ -280,9 +302,10 @@ class Store:
             ).fetchall()
         return [(seq, self._decode(blob, f"entry {seq} of outbox {name!r}")) for seq, blob in rows]
 
-    def _ack(self, name: str, seq: int) -> None:
+    def _ack(self, name: str, seq: int) -> bool:
         with self._writing() as db:
-            db.execute("DELETE FROM outbox WHERE name = ? AND seq = ?", (name, seq))
+            cursor = db.execute("DELETE FROM outbox WHERE name = ? AND seq = ?", (name, seq))
+        return cursor.rowcount > 0
 
     def _count(self, name: str) -> int:
         with self._reading() as db:
@@ -417,9 +440,9 @@ class Outbox(Queue):
         """Up to ``limit`` (>= 1) oldest entries as (sequence number, item), oldest first, not removed."""
         return self._store._peek(self.name, limit)
 
-    def ack(self, seq: int) -> None:
-        """Remove entry ``seq`` of this outbox, and only it; acking an absent entry does nothing."""
-        self._store._ack(self.name, seq)
+    def ack(self, seq: int) -> bool:
+        """Remove entry ``seq`` of this outbox, and only it; True if it was there (else nothing happens)."""
+        return self._store._ack(self.name, seq)
 
     def __len__(self) -> int:
         return self._store._count(self.name)
