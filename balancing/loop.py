@@ -277,6 +277,7 @@ class Balancer(SessionTracking, ProfileRenewal):
         wall = self._wall()
         self._forget_gone(now_s)
         self._lapse(wall)
+        self._count_defaults_under_transactions()
         self.limits = self._limits_ahead(wall)
         governed = self._csms.governed(self._stations.values(), wall) | self._unsteerable()
         sessions = [self._session(record, wall) for record in self._records()]

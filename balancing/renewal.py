@@ -3,7 +3,8 @@
 Every profile of ours carries ``validTo``, ``profile_validity_s`` ahead; once half of it has passed the
 profile that governs the EVSE is sent again through the rollout (a ``renew`` step, same limit), and our
 TxDefaultProfile under a running TxProfile is renewed beside it, so it still holds when the transaction
-ends. A profile that lapsed anyway (its station did not take the renewal) no longer holds the EVSE:
+ends, and moved with the transaction's share so it never allows more than the EVSE is counted at.
+A profile that lapsed anyway (its station did not take the renewal) no longer holds the EVSE:
 its limit is unknown, counted at its maximum, until the station accepts one of ours again.
 """
 
@@ -14,8 +15,10 @@ from typing import Any
 
 import trio
 
+from .allocator import EPSILON_AMPERES
 from .loop_types import LoopCore, log
 from .records import EvseRecord, Purpose
+from .rollout import round_down
 
 
 class ProfileRenewal(LoopCore):
@@ -44,34 +47,74 @@ class ProfileRenewal(LoopCore):
         ]
         return min(upcoming, default=None)
 
+    def _count_defaults_under_transactions(self) -> None:
+        """Tell the rollout which EVSEs carry our TxDefaultProfile under a running TxProfile, and at what."""
+        for record in self._records():
+            if record.key in self.rollout.evses:
+                under = self._default_in_force(record) if record.governing == "TxProfile" else None
+                self.rollout.fallback(record.key, under)
+
+    def _default_under_transaction(self, record: EvseRecord) -> float | None:
+        """What our TxDefaultProfile under a running TxProfile should allow (``None``: leave it as it is).
+
+        The station applies it the moment the transaction ends (K02.FR.05), before the controller hears of
+        it, so it is counted beside the TxProfile (:attr:`EvseApplied.fallback_amperes`). Kept at or below
+        the transaction's accepted limit it adds nothing to what the EVSE is counted at: lowered when the
+        transaction's share falls under it (to 0 below the EVSE's minimum, where a smaller limit would not
+        let an EV charge anyway), raised back toward the idle current when the share allows.
+        """
+        applied = self.rollout.evses.get(record.key)
+        if applied is None or not applied.trusted or applied.in_flight_amperes is not None:
+            return None
+        share = applied.accepted_amperes
+        if share is None:
+            return None
+        minimum, maximum = self.site.station(record.station_id).evse_range_amperes(record.evse_id)
+        target = min(self.settings.rollout.idle_current_amperes, maximum, share)
+        if target < minimum - EPSILON_AMPERES:
+            target = 0.0
+        return round_down(target, self.settings.rollout.resolution_amperes)
+
     def _renew_defaults_under_transactions(self, nursery: trio.Nursery, wall: datetime, valid_to: datetime) -> None:
-        """Our TxDefaultProfile under a running TxProfile governs again when the transaction ends: keep it."""
+        """Our TxDefaultProfile under a running TxProfile governs again when the transaction ends: keep it
+        valid, and never above what the transaction is counted at (see :meth:`_default_under_transaction`)."""
         for station_id, station in self._stations.items():
             if not self._connected(station_id, station):
                 continue
             for record in station.evses.values():
                 if record.governing != "TxProfile" or record.renewing or record.default_amperes is None:
                     continue
+                target = self._default_under_transaction(record)
+                if target is None:
+                    continue
                 at = self._renewal_at(record, "TxDefaultProfile")
-                applied = self.rollout.evses.get(record.key)
-                if at is None or at > wall or applied is None or applied.in_flight_amperes is not None:
+                lower = target < record.default_amperes - EPSILON_AMPERES
+                raise_ = target > record.default_amperes + EPSILON_AMPERES
+                if not (lower or raise_) and (at is None or at > wall):
                     continue
                 record.renewing = True
-                payload = self.profile_payload(
-                    record, "TxDefaultProfile", record.default_amperes, valid_to, self._default_phases(record)
-                )
-                self.metrics.profiles.labels("renew", "sent").inc()
-                nursery.start_soon(self._renew_default, record, payload, valid_to)
+                phases = self._default_phases(record)
+                payload = self.profile_payload(record, "TxDefaultProfile", target, valid_to, phases)
+                kind = "decrease" if lower else "increase" if raise_ else "renew"
+                self.metrics.profiles.labels(kind, "sent").inc()
+                nursery.start_soon(self._renew_default, record, payload, target, valid_to, kind)
 
-    async def _renew_default(self, record: EvseRecord, payload: dict[str, Any], valid_to: datetime) -> None:
+    async def _renew_default(
+        self, record: EvseRecord, payload: dict[str, Any], amperes: float, valid_to: datetime, kind: str
+    ) -> None:
         try:
             outcome = await self._call(record.station_id, "SetChargingProfile", payload)
         finally:
             record.renewing = False
         accepted = outcome.status == "answered" and (outcome.payload or {}).get("status") == "Accepted"
-        self.metrics.profiles.labels("renew", "accepted" if accepted else outcome.status).inc()
+        self.metrics.profiles.labels(kind, "accepted" if accepted else outcome.status).inc()
         if accepted:
+            record.default_amperes = amperes
             record.valid_until["TxDefaultProfile"] = valid_to
+            self._dirty.add(record.station_id)
+        elif outcome.status != "answered" and record.default_amperes is not None:
+            # Unanswered: either may be in force; the larger counts until one is accepted.
+            record.default_amperes = max(record.default_amperes, amperes)
             self._dirty.add(record.station_id)
         self.wake()
 

@@ -10,7 +10,9 @@ send *now*, given what every EVSE *may* draw at this instant. For each EVSE the 
 
 What an EVSE may draw, its *bound*, is the accepted limit, raised to a limit in flight (a station may
 apply an increase before it answers, so an increase counts from the moment it is sent; a decrease counts
-only once accepted). An unconfirmed EVSE, or one whose limit is unknown, is bound at its maximum: a
+only once accepted), and raised to our TxDefaultProfile under a running TxProfile (``fallback_amperes``:
+it governs the instant the transaction ends, before the controller hears of it).
+An unconfirmed EVSE, or one whose limit is unknown, is bound at its maximum: a
 station that rejects or does not answer is treated as drawing its maximum until it complies (issue 5).
 The bound loads each grid phase the EVSE's session uses (an idle EVSE: every phase of its station, since
 any EV may arrive) and, times that phase count, each power constraint on its path.
@@ -84,6 +86,9 @@ class EvseApplied:
     overdraw_amperes: float | None = None
     # Taken back from the store after a restart and not confirmed by the station since (a stale belief).
     restored: bool = False
+    # Our TxDefaultProfile under a running TxProfile: it governs again the moment the transaction ends, which
+    # the station decides alone (K02.FR.05), so it counts in the bound beside the TxProfile (None: none known).
+    fallback_amperes: float | None = None
 
     @property
     def trusted(self) -> bool:
@@ -247,6 +252,12 @@ class RolloutState:
             restored=True,
         )
 
+    def fallback(self, key: EvseKey, amperes: float | None) -> None:
+        """Our TxDefaultProfile under the EVSE's running TxProfile (``None``: none, or no transaction)."""
+        applied = self.evses[key]
+        if applied.fallback_amperes != amperes:
+            self.evses[key] = replace(applied, fallback_amperes=amperes)
+
     def overdraw(self, key: EvseKey, amperes: float | None) -> None:
         """The EVSE is measured drawing ``amperes``, above what it may (``None``: it complies again)."""
         self.evses[key] = replace(self.evses[key], overdraw_amperes=amperes)
@@ -325,9 +336,12 @@ def bound_amperes(station: StationConfig, applied: EvseApplied) -> float:
         return max(maximum, applied.overdraw_amperes)
     if not applied.confirmed or applied.accepted_amperes is None:
         return maximum
+    bound = applied.accepted_amperes
     if applied.in_flight_amperes is not None:
-        return max(applied.accepted_amperes, applied.in_flight_amperes)
-    return applied.accepted_amperes
+        bound = max(bound, applied.in_flight_amperes)
+    if applied.fallback_amperes is not None:
+        bound = max(bound, applied.fallback_amperes)
+    return bound
 
 
 def target_phases(station: StationConfig, allocation: Allocation, key: EvseKey, in_session: bool) -> int | None:

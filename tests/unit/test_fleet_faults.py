@@ -315,9 +315,6 @@ async def test_a_faulty_fleet_stays_within_its_limits_and_is_served(
 # --- what the simulation found ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="balancing defect: our TxDefaultProfile under a running TxProfile is not counted"
-)
 async def test_a_transaction_ending_leaves_no_default_above_what_the_station_may_draw(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
