@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from router.app import App
@@ -571,3 +572,59 @@ async def test_a_16_station_without_smart_charging_is_counted_at_its_maximum_and
     validate_frames(relay.csms.frames(identity=OLD16), version=V16)
     validate_frames(cs201.frames(identity=CS201))
     validate_frames(relay.csms.frames(identity=CS201))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect (#15): a profile the loop planned while the GetConfiguration was unanswered waits in the "
+    "link's one-call queue and goes out after the answer said no SmartCharging (reported to the lead)",
+)
+async def test_a_16_station_slow_to_say_it_lacks_smart_charging_is_still_never_sent_a_profile(
+    open_relay: OpenRelay,
+) -> None:
+    """Done-when 3, when the station is slow to answer: its EVSE becomes known (StatusNotification) while
+    the controller's GetConfiguration is still unanswered. Whatever the loop planned meanwhile must not
+    reach a station that turns out to have no SmartCharging."""
+    site = {
+        "grid": {"max_current_amperes": GRID_AMPERES},
+        "stations": [{"station_id": OLD16, "evse_max_current_amperes": OLD_MAX_AMPERES}],
+    }
+    args = ("--no-smart-charging", "--delay", "GetConfiguration=2")
+    async with open_site(open_relay, [(OLD16, V16, args)], site) as (relay, stations):
+        old = stations[OLD16]
+        balancer = relay.app.balancer
+        assert balancer is not None
+        with trio.fail_after(TIMEOUT_S):
+            await old.wait_for_event("boot")
+            await old.wait_for_event("request", action="GetConfiguration")
+            await call_ok(
+                old,
+                "StatusNotification",
+                {"connectorId": 1, "errorCode": "NoError", "status": "Available", "timestamp": now()},
+            )
+            await old.wait_until(lambda: _answered_by_station(old, "GetConfiguration"))
+            while (record := balancer.station_record(OLD16)) is None or record.steerable:
+                await balancer.reallocated.wait()
+            # Whatever was queued behind the GetConfiguration has had its turn once the loop has run
+            # again with nothing in flight.
+            while any(row["profile_in_flight"] for row in balancer.evse_rows()) or not balancer.evse_rows():
+                await balancer.reallocated.wait()
+            await balancer.reallocated.wait()
+            rows = balancer.evse_rows()
+            assert [(r["station_id"], r["protocol"], r["steerable"]) for r in rows] == [(OLD16, "ocpp1.6", False)]
+    assert controller_calls(old) == ["GetConfiguration"]
+    assert not [e for e in old.events if e["event"] == "profile_refused"]
+    validate_frames(old.frames(identity=OLD16), version=V16)
+
+
+def _answered_by_station(station: Peer, action: str) -> bool:
+    """The station has answered the controller's ``action`` CALL."""
+    ids = [
+        json.loads(f)[1]
+        for f in station.frames(direction="in")
+        if json.loads(f)[0] == CALL and json.loads(f)[2] == action
+    ]
+    answered = {
+        json.loads(f)[1] for f in station.frames(direction="out") if json.loads(f)[0] in (CALLRESULT, CALLERROR)
+    }
+    return bool(ids) and ids[-1] in answered

@@ -24,9 +24,10 @@ Extra commands: {"cmd":"advance_clock","seconds":S} as for station.py, and
   draws the least of that, its limit in force and `--max-current`, and reports it in a MeterValues
   (Current.Import on L1, L2 and L3, text values with unit A, the running transactionId).
 
-`--no-smart-charging` makes it a station whose SupportedFeatureProfiles lack SmartCharging: it answers
-SetChargingProfile, ClearChargingProfile and GetCompositeSchedule with a NotSupported CALLERROR (and
-says `profile_refused`).
+`--delay ACTION=SECONDS` delays its answers to that CALL from the start (a `set_delay` in force before
+the first CALL arrives). `--no-smart-charging` makes it a station whose SupportedFeatureProfiles lack
+SmartCharging: it answers SetChargingProfile, ClearChargingProfile and GetCompositeSchedule with a
+NotSupported CALLERROR (and says `profile_refused`).
 """
 
 from __future__ import annotations
@@ -323,6 +324,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-smart-charging", action="store_true", help="SupportedFeatureProfiles without it")
     parser.add_argument("--connectors", type=int, default=1, help="NumberOfConnectors")
     parser.add_argument("--max-current", type=float, default=32.0, help="per phase, A: the most a connector draws")
+    parser.add_argument(
+        "--delay", action="append", default=[], help="ACTION=SECONDS: answer that CALL so much later (repeatable)"
+    )
     parser.add_argument("--model", default="TestModel16")
     parser.add_argument("--vendor", default="TestVendor")
     parser.add_argument("--ping-interval", type=float, default=20.0, help="seconds; 0 disables")
@@ -367,7 +371,11 @@ async def amain(args: argparse.Namespace) -> int:
         await ws.close(1000, "this station speaks OCPP 1.6 only")
         emit({"event": "disconnected", "identity": args.identity, "code": ws.close_code, "reason": ws.close_reason})
         return 0
-    station = Station16ChargePoint(args.identity, FrameLog(ws, args.identity), Behaviour(), args)
+    behaviour = Behaviour()
+    for delay in args.delay:  # in force before the first CALL can arrive, unlike a set_delay command
+        action, _, seconds = delay.partition("=")
+        behaviour.apply({"cmd": "set_delay", "action": action, "seconds": seconds})
+    station = Station16ChargePoint(args.identity, FrameLog(ws, args.identity), behaviour, args)
     async with asyncio.TaskGroup() as tasks:
 
         def meter(cmd: dict[str, Any]) -> None:
