@@ -70,7 +70,8 @@ def _meter_values(meter_values: Any) -> list[dict[str, Any]]:
         if not isinstance(entry, Mapping):
             continue
         samples = []
-        for sample in entry.get("sampledValue") or []:
+        sampled = entry.get("sampledValue")
+        for sample in sampled if isinstance(sampled, list) else []:
             if not isinstance(sample, Mapping):
                 continue
             value = _number(sample.get("value"))
@@ -203,7 +204,8 @@ def smart_charging_supported(configuration: Any) -> bool | None:
     (``None``: the station did not say)."""
     if not isinstance(configuration, Mapping):
         return None
-    for item in configuration.get("configurationKey") or []:
+    keys = configuration.get("configurationKey")
+    for item in keys if isinstance(keys, list) else []:
         if isinstance(item, Mapping) and item.get("key") == "SupportedFeatureProfiles":
             value = item.get("value")
             if not isinstance(value, str):

@@ -70,7 +70,7 @@ TIMEOUT_S = 60.0
 CALL, CALLRESULT, CALLERROR = 2, 3, 4
 V16, V201 = "1.6", "2.0.1"
 
-CS16, CS201, OLD16 = "CS16", "CS201", "OLD16"
+CS16, CS201, OLD16, BAD16 = "CS16", "CS201", "OLD16", "BAD16"
 #: The 1.6 station's session runs on its connector 2 (EVSE 2 to the loop); connector 1 stays idle.
 CONNECTOR = 2
 #: The unsteerable 1.6 station's maximum, from the site model (and its own hardware).
@@ -628,3 +628,34 @@ def _answered_by_station(station: Peer, action: str) -> bool:
         json.loads(f)[1] for f in station.frames(direction="out") if json.loads(f)[0] in (CALLRESULT, CALLERROR)
     }
     return bool(ids) and ids[-1] in answered
+
+
+async def test_a_16_station_that_says_nonsense_affects_no_other_station(open_relay: OpenRelay) -> None:
+    """Bad 1.6 input (a MeterValues whose sampledValue is a number, a GetConfiguration answer whose
+    configurationKey is one) is relayed as it is and read as nothing: balancing goes on for the others."""
+    bad_configuration = '{"configurationKey": 5}'
+    stations = [
+        (BAD16, V16, ("--answer", f"GetConfiguration={bad_configuration}")),
+        (CS201, V201, ("--model-profiles",)),
+    ]
+    async with open_site(open_relay, stations) as (relay, peers):
+        bad, cs201 = peers[BAD16], peers[CS201]
+        with trio.fail_after(TIMEOUT_S):
+            for station in peers.values():
+                await station.wait_for_event("boot")
+            await bad.wait_until(lambda: _answered_by_station(bad, "GetConfiguration"))
+            nonsense = {"connectorId": 1, "meterValue": [{"timestamp": now(), "sampledValue": 5}]}
+            answer = await bad.call(action="MeterValues", payload=nonsense, validate=False)
+            assert answer["event"] == "error"  # the CSMS (the ocpp library) refuses it, as it should
+            # The others are still balanced: a new EVSE gets its TxDefaultProfile, a session its TxProfile.
+            await call_ok(
+                cs201,
+                "StatusNotification",
+                {"timestamp": now(), "connectorStatus": "Available", "evseId": 1, "connectorId": 1},
+            )
+            await profile_answered(CS201, cs201, V201, 1, "TxDefaultProfile", 0.0)
+            await call_ok(cs201, "TransactionEvent", transaction_event_201("Started", 0))
+            await profile_answered(CS201, cs201, V201, 1, "TxProfile", GRID_AMPERES)
+    assert json.loads(relay.csms.frames(BAD16, "in")[-1])[3] == nonsense  # relayed as it was
+    for identity, station in peers.items():
+        assert_relayed_byte_for_byte(relay, identity, station)

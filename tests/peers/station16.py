@@ -25,15 +25,17 @@ Extra commands: {"cmd":"advance_clock","seconds":S} as for station.py, and
   (Current.Import on L1, L2 and L3, text values with unit A, the running transactionId).
 
 `--delay ACTION=SECONDS` delays its answers to that CALL from the start (a `set_delay` in force before
-the first CALL arrives). `--no-smart-charging` makes it a station whose SupportedFeatureProfiles lack
-SmartCharging: it answers SetChargingProfile, ClearChargingProfile and GetCompositeSchedule with a
-NotSupported CALLERROR (and says `profile_refused`).
+the first CALL arrives); `--answer ACTION=JSON` likewise answers it with that payload, unchecked.
+`--no-smart-charging` makes it a station whose SupportedFeatureProfiles lack SmartCharging: it answers
+SetChargingProfile, ClearChargingProfile and GetCompositeSchedule with a NotSupported CALLERROR (and
+says `profile_refused`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import urllib.parse
 from typing import Any
@@ -327,6 +329,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--delay", action="append", default=[], help="ACTION=SECONDS: answer that CALL so much later (repeatable)"
     )
+    parser.add_argument(
+        "--answer",
+        action="append",
+        default=[],
+        help="ACTION=JSON: answer that CALL with this payload, as given (a set_response from the start; repeatable)",
+    )
     parser.add_argument("--model", default="TestModel16")
     parser.add_argument("--vendor", default="TestVendor")
     parser.add_argument("--ping-interval", type=float, default=20.0, help="seconds; 0 disables")
@@ -375,6 +383,9 @@ async def amain(args: argparse.Namespace) -> int:
     for delay in args.delay:  # in force before the first CALL can arrive, unlike a set_delay command
         action, _, seconds = delay.partition("=")
         behaviour.apply({"cmd": "set_delay", "action": action, "seconds": seconds})
+    for answer in args.answer:
+        action, _, payload = answer.partition("=")
+        behaviour.apply({"cmd": "set_response", "action": action, "payload": json.loads(payload)})
     station = Station16ChargePoint(args.identity, FrameLog(ws, args.identity), behaviour, args)
     async with asyncio.TaskGroup() as tasks:
 
