@@ -111,6 +111,8 @@ def profiles_received(station_id: str, station: Peer, version: str) -> list[Rece
             calls[message[1]] = (event["t"], message[3])
         elif event["direction"] == "out" and message[0] == CALLRESULT:
             answers[message[1]] = (event["t"], message[2])
+        elif event["direction"] == "out" and message[0] == CALLERROR:
+            answers[message[1]] = (event["t"], {"status": f"CALLERROR {message[2]}: {message[3]}"})
     result = []
     for message_id, (received_s, payload) in calls.items():
         answered_s, answer = answers.get(message_id, (None, {}))
@@ -150,6 +152,8 @@ async def profile_answered(
 
     def done() -> bool:
         found = latest(station_id, station, version, evse_id)
+        # A station that could not take the profile in at all (e.g. its schema check failed) says so at once.
+        assert found is None or not str(found.status).startswith("CALLERROR"), found
         return (
             found is not None
             and found.purpose == purpose
