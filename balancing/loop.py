@@ -134,10 +134,21 @@ class Balancer(SessionTracking, ProfileRenewal):
         station.disconnected_at_s = None
         self.wake()
 
-    def station_steerable(self, station_id: str, steerable: bool, why: str = "") -> None:
-        """Whether the station can be steered with charging profiles at all (a 1.6 station says so in its
-        SupportedFeatureProfiles): one that cannot is counted at its maximum and never sent to."""
+    def station_asked_steerable(self, station_id: str) -> None:
+        """The station is being asked whether it can be steered (a 1.6 one, GetConfiguration): until it has
+        said so once, it is counted at its maximum and sent nothing, so no profile planned meanwhile can
+        reach a station that turns out to lack SmartCharging."""
         station = self._station(station_id)
+        if not station.steerability_known and station.steerable is not None:
+            station.steerable = None
+            self.wake()
+
+    def station_steerable(self, station_id: str, steerable: bool, why: str = "", *, known: bool = True) -> None:
+        """Whether the station can be steered with charging profiles at all (a 1.6 station says so in its
+        SupportedFeatureProfiles): one that cannot is counted at its maximum and never sent to. ``known``
+        false: no answer, it is tried like any station, and asked again when it reconnects."""
+        station = self._station(station_id)
+        station.steerability_known = station.steerability_known or known
         if station.steerable != steerable:
             station.steerable = steerable
             if not steerable:

@@ -67,8 +67,11 @@ class StationRecord:
     forgotten: bool = False
     #: The OCPP version it speaks (the websocket subprotocol), when the router said.
     protocol: str | None = None
-    #: False for a station that cannot be steered (a 1.6 one without SmartCharging): counted at its maximum.
-    steerable: bool = True
+    #: False for a station that cannot be steered (a 1.6 one without SmartCharging), None while that is
+    #: being asked: either way counted at its maximum and sent nothing.
+    steerable: bool | None = True
+    #: The station has said whether it can be steered (in this run); until then a 1.6 one is unknown.
+    steerability_known: bool = False
 
     @property
     def connected(self) -> bool:
