@@ -313,7 +313,8 @@ class Balancer(SessionTracking, ProfileRenewal):
             self._dirty.add(step.station_id)  # written before it goes out: a crash never forgets it
             self.metrics.profiles.labels(step.kind, "sent").inc()
             nursery.start_soon(self._send, step, purpose, payload, record.generation, valid_to)
-        self._renew_defaults_under_transactions(nursery, wall, valid_to)
+        calm = not steps.decreases and not self._decrease_in_flight()
+        self._renew_defaults_under_transactions(nursery, wall, valid_to, {s.station_id for s in steps.steps}, calm)
         self._flush()
         self.last_duration_s = time.perf_counter() - started
         self.metrics.reallocations.inc()
@@ -408,6 +409,7 @@ class Balancer(SessionTracking, ProfileRenewal):
         self._dirty.add(step.station_id)
         if accepted and purpose == "TxDefaultProfile":
             record.default_amperes = step.current_amperes
+            record.default_phases = step.phases
         if accepted:
             record.valid_until[purpose] = valid_to
         if record.generation != generation:

@@ -182,6 +182,8 @@ async def feed_balancer(
                     if item.kind == "connected":
                         balancer.station_connected(item.station_id, item.subprotocol)
                         if caller is not None and item.subprotocol == OCPP16:
+                            # Unknown from this instant, before the loop can plan anything for it.
+                            balancer.station_asked_steerable(item.station_id)
                             nursery.start_soon(probe_smart_charging, caller, balancer, item.station_id)
                     else:
                         balancer.station_disconnected(item.station_id)

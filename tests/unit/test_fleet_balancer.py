@@ -569,6 +569,8 @@ class Fleet:
         tx_profile = profile["chargingProfilePurpose"] == "TxProfile"
         if tx_profile and (evse.transaction_id is None or evse.transaction_id != profile.get("transactionId")):
             self.stats["stale_tx"] += 1  # K01.FR.09: no such transaction running here
+            if station.speaks_16:
+                return {"status": "Rejected"}  # 1.6 has no statusInfo
             return {"status": "Rejected", "statusInfo": {"reasonCode": "TxNotFound"}}
         before_limit, before_draw = evse.limit_amperes(), evse.draw_amperes()
         if profile["chargingProfilePurpose"] == "TxProfile":

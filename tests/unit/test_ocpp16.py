@@ -429,6 +429,7 @@ async def test_a_16_station_being_asked_about_smart_charging_is_counted_at_its_m
     balancer = Balancer(GRID_SITE, fake.limits_at, caller, settings, wall_clock=wall_clock)
     async with running(balancer), trio.open_nursery() as nursery:
         balancer.station_connected("OLD", "ocpp1.6")
+        balancer.station_asked_steerable("OLD")  # as the router's feed does, before the probe task runs
         nursery.start_soon(probe_smart_charging, caller, balancer, "OLD")
         translated = ocpp16.station_call(
             "StatusNotification", {"connectorId": 1, "errorCode": "NoError", "status": "Available"}
