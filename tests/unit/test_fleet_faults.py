@@ -31,7 +31,7 @@ store starts and the stations reconnect within 10 s. EVs of 1 or 3 phases change
 The CSMS adds future periods to the grid limit (down and up, at whole seconds, at least the lead ahead,
 known through ``limits_at`` / ``next_limit_change``); a crash that would leave a scheduled drop inside its
 outage plus reconnection plus the lead is put off until just after that drop (a controller that is down
-cannot lower anything). ``EVENTS`` (500) events per seed, 20 seeds: 1,000 per seed cost ~115 s on this
+cannot lower anything). ``EVENTS`` (1,000) events per seed, 20 seeds: ~115 s on a quiet
 2-core box, nearly all of it the loop's own reallocations.
 
 Why the property can hold exactly: the maxima of any ``MAX_FAULTY`` stations fit every configured
