@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -40,6 +40,7 @@ from .transport import (
     MESSAGE_TOO_BIG,
     NORMAL,
     UNSUPPORTED_DATA,
+    ByteCounter,
     ConnectionClosed,
     WebSocket,
 )
@@ -59,6 +60,17 @@ _RELAYABLE_CODES: Final = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1
 
 def _relayable(code: int) -> bool:
     return code in _RELAYABLE_CODES or 3000 <= code <= 4999
+
+
+class CsmsLeg(Protocol):
+    """What the link needs of its CSMS leg: a :class:`WebSocket`, or one that outlives the CSMS (site
+    autonomy, :class:`router.autonomy.upstream.AutonomousUpstream`, which keeps that leg alive itself)."""
+
+    async def send_text(self, text: str) -> None: ...
+    async def receive_text(self) -> str: ...
+    async def aclose(self, code: int = NORMAL, reason: str = "") -> None: ...
+    async def abort(self) -> None: ...
+    def count_bytes(self, sent: ByteCounter, received: ByteCounter) -> None: ...
 
 
 class LinkError(Exception):
@@ -223,7 +235,7 @@ class StationLink:
         self,
         station_id: str,
         station: WebSocket,
-        csms: WebSocket,
+        csms: CsmsLeg,
         *,
         metrics: RouterMetrics,
         hub: ObserverHub,
@@ -367,13 +379,14 @@ class StationLink:
                         self._timings.station_ping_interval_s,
                         self._timings.station_ping_timeout_s,
                     )
-                    nursery.start_soon(
-                        self._keepalive,
-                        self._csms,
-                        "csms",
-                        self._timings.csms_ping_interval_s,
-                        self._timings.csms_ping_timeout_s,
-                    )
+                    if isinstance(self._csms, WebSocket):  # an autonomous leg keeps itself alive
+                        nursery.start_soon(
+                            self._keepalive,
+                            self._csms,
+                            "csms",
+                            self._timings.csms_ping_interval_s,
+                            self._timings.csms_ping_timeout_s,
+                        )
         except Exception:
             log.exception("[%s] unexpected error; closing the pair", self.station_id)
             self._metrics.handler_errors.inc()
