@@ -203,20 +203,17 @@ class AutonomousUpstream:
             self._stopped.set()
 
     def _start_real(self, real: WebSocket) -> None:
+        """Read and keep alive ``real`` until it is lost (then :meth:`_lost` cancels both)."""
         assert self._nursery is not None
-        self._real_scope = trio.CancelScope()
-        scope = self._real_scope
+        scope = self._real_scope = trio.CancelScope()
 
-        async def reader() -> None:
+        async def serve() -> None:
             with scope:
-                await self._read(real)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read, real)
+                    nursery.start_soon(self._keepalive, real)
 
-        async def keepalive() -> None:
-            with scope:
-                await self._keepalive(real)
-
-        self._nursery.start_soon(reader)
-        self._nursery.start_soon(keepalive)
+        self._nursery.start_soon(serve)
 
     async def _read(self, real: WebSocket) -> None:
         while True:

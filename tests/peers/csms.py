@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import sys
 import urllib.parse
 from typing import Any
@@ -220,6 +221,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-deflate", action="store_true", help="refuse permessage-deflate")
     parser.add_argument("--path-prefix", default="", help="refuse (HTTP 404) paths that are not <prefix>/<identity>")
     parser.add_argument("--ping-interval", type=float, default=20.0, help="seconds; 0 disables")
+    parser.add_argument(
+        "--set-response",
+        action="append",
+        default=[],
+        help="a set_response command as JSON, applied before the first connection (repeatable)",
+    )
     return parser.parse_args(argv)
 
 
@@ -227,6 +234,8 @@ async def amain(args: argparse.Namespace) -> int:
     split = (header.partition(":") for header in args.reject_header)
     reject_headers = [(name.strip(), value.strip()) for name, _, value in split]
     csms = Csms([p for p in args.subprotocols.split(",") if p], args.reject_status, args.path_prefix, reject_headers)
+    for command in args.set_response:
+        csms.behaviour.apply({"cmd": "set_response", **json.loads(command)})
     stop = asyncio.Event()
     stop_on_signals(stop)
     async with serve(
