@@ -26,7 +26,6 @@ from tests.integration.conftest import (
     IO_TIMEOUT_S,
     OCPP201,
     STRICT_6_3,
-    TASKS_PER_PAIR,
     TASKS_PER_STRICT_PAIR,
     FakeCsms,
     Lab,
