@@ -420,11 +420,9 @@ class StationServer:
         try:
             csms = await self._connect_upstream(incoming, raw_segment, incoming.subprotocols)
         except HandshakeFailed as exc:
-            # Unreachable, timed out, or a server error (a proxy in front of a CSMS that is down): under
-            # autonomy the station is served locally; an HTTP refusal of the station itself is passed on.
-            outage = exc.status is None or exc.status >= 500
-            if exc.status is not None and not (outage and self._autonomous(incoming, station_id)):
-                # The station sees what it would have seen connecting directly.
+            if exc.status is not None:
+                # The CSMS is there and refuses (401, 404, 503 with Retry-After ...): the station sees
+                # what it would have seen connecting directly, autonomy or not.
                 self._refuse("csms_refused")
                 log.info("[%s] CSMS refused the connection with HTTP %d", station_id, exc.status)
                 body = exc.body.decode("utf-8", "replace").strip() or f"CSMS refused with HTTP {exc.status}"
@@ -434,7 +432,7 @@ class StationServer:
                 event = security_event(exc, "csms")
                 self._metrics.security_events.labels(event, "csms").inc()
                 log.warning("[%s] security event %s: CSMS TLS failed: %s", station_id, event, exc.reason)
-            elif exc.status is None:
+            else:
                 log.warning("[%s] CSMS unreachable: %s", station_id, exc.reason)
             if self._autonomous(incoming, station_id):
                 log.warning("[%s] CSMS unreachable: the station is served locally until it is back", station_id)
