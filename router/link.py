@@ -17,7 +17,10 @@ The CSMS leg's reader never waits for the call slot: CSMS calls queue (boundedly
 while answers to the station's own calls, pings and pongs keep flowing.
 
 When either socket ends, the other is closed with a deliberate code and reason (§6.3) and the link
-is done. Nothing about a station outlives its link.
+is done. Nothing about a station outlives its link. Under site autonomy the CSMS leg is not a socket
+but a :class:`router.autonomy.upstream.AutonomousUpstream` (a :class:`CsmsLeg`), which answers the
+station itself while the CSMS is gone and restores its socket; the link still just relays, and sees
+that leg end only where the strict rule applies again.
 """
 
 from __future__ import annotations
