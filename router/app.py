@@ -155,6 +155,8 @@ class App:
             "limits": self.limits.status(),
             "balancing": None if self.balancer is None else self.balancer.status(),
             "upstream": {"csms_url": self.settings.csms.url, "link_up": own.get("link_up")},
+            # Which stations are served locally (site autonomy) and what waits for the CSMS.
+            "autonomy": None if self.autonomy is None else self.autonomy.status(),
             "shutting_down": self.shutting_down,
         }
 

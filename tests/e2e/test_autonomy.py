@@ -218,6 +218,9 @@ async def test_the_site_charges_through_a_csms_outage_and_the_csms_learns_everyt
             await transaction("CS3", tx_event("CS3", "Updated", 1, "ChargingStateChanged"), offline=True)
             assert relay.app.autonomy is not None
             assert {s.station_id for s in relay.app.autonomy.stations()} == set(stations)
+            view = relay.app.status()["autonomy"]
+            assert {(s["station_id"], s["mode"]) for s in view["stations"]} == {(s, "local") for s in stations}
+            assert view["queue_messages"] >= 7  # 6 transaction messages and CS3's status at least
         assert_stayed_connected(stations)
 
         # The CSMS is back: each station's messages are replayed, then the pairs relay again.
