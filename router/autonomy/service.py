@@ -142,6 +142,7 @@ class Autonomy:
         self.pacer = ReconnectPacer(settings.reconnect_rate_per_s, self.rng)
         self.metrics = AutonomyMetrics(registry)
         self._modes: dict[str, Mode] = {}
+        self._owners: dict[str, object] = {}
         # When each station's CSMS leg was lost (trio clock), until it is relayed again. Kept across the
         # station's reconnections, so that max_offline_s bounds the outage, not one connection.
         self._offline_since_s: dict[str, float] = {}
@@ -183,9 +184,21 @@ class Autonomy:
 
     # -- what pairs report -------------------------------------------------------------------------
 
-    def set_mode(self, station_id: str, mode: Mode | None) -> None:
-        """Record ``station_id``'s mode (None: its pair ended)."""
+    def claim(self, station_id: str, owner: object, mode: Mode) -> None:
+        """A new pair ``owner`` of ``station_id`` begins in ``mode``; from now on only it reports the station.
+
+        A station that connects again replaces its older pair, which ends after the new one began: what
+        the older one still reports must not overwrite what the newer one did, hence the owner.
+        """
+        self._owners[station_id] = owner
+        self.set_mode(station_id, mode, owner)
+
+    def set_mode(self, station_id: str, mode: Mode | None, owner: object) -> None:
+        """Record ``station_id``'s mode as its current pair ``owner`` reports it (None: that pair ended)."""
+        if self._owners.get(station_id) is not owner:
+            return
         if mode is None:
+            self._owners.pop(station_id, None)
             self._modes.pop(station_id, None)
         else:
             self._modes[station_id] = mode

@@ -123,7 +123,7 @@ class AutonomousUpstream:
         self._counters: tuple[ByteCounter, ByteCounter] | None = None
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
-        autonomy.set_mode(station_id, self._mode)
+        autonomy.claim(station_id, self, self._mode)
 
     @property
     def mode(self) -> Mode:
@@ -171,7 +171,7 @@ class AutonomousUpstream:
                 await real.aclose(code, reason)
             for dead in self._dead:
                 await dead.abort()
-            self._autonomy.set_mode(self.station_id, None)
+            self._autonomy.set_mode(self.station_id, None, self)
 
     async def abort(self) -> None:
         """Drop the real websocket at once (shutdown after a close the peers did not complete)."""
@@ -351,7 +351,7 @@ class AutonomousUpstream:
 
     def _set_mode(self, mode: Mode) -> None:
         self._mode = mode
-        self._autonomy.set_mode(self.station_id, mode)
+        self._autonomy.set_mode(self.station_id, mode, self)
 
     # -- the replay --------------------------------------------------------------------------------
 

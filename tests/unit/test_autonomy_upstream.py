@@ -254,3 +254,16 @@ async def test_the_pacer_spreads_reconnections_over_the_site(autojump_clock: tri
     offsets = sorted(t - start_s for t in turns)
     # Eight stations at 4 a second: one in each quarter-second slot, two seconds in all.
     assert [int(offset // 0.25) for offset in offsets] == list(range(8))
+
+
+async def test_a_replaced_pair_ending_late_does_not_erase_the_mode_of_its_successor(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "state") as store:
+        autonomy = Autonomy(AutonomySettings(), store, registry=CollectorRegistry(), wall_clock=lambda: NOW)
+        older, newer = object(), object()
+        autonomy.claim("CS01", older, "local")
+        autonomy.claim("CS01", newer, "local")  # the station connected again
+        autonomy.set_mode("CS01", "replaying", older)  # the older pair, still winding down
+        autonomy.set_mode("CS01", None, older)  # and its end, after the newer one began
+        assert [(s.station_id, s.mode) for s in autonomy.stations()] == [("CS01", "local")]
+        autonomy.set_mode("CS01", None, newer)
+        assert autonomy.stations() == []
