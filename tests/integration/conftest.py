@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from prometheus_client import CollectorRegistry
 
 from router.app import App, run_app
@@ -315,6 +316,13 @@ def pair_tasks() -> list[str]:
         for name in live_task_names()
         if "StationServer._handle" in name or "StationLink." in name or "AutonomousUpstream." in name
     ]
+
+
+async def settled_pair_tasks() -> list[str]:
+    """:func:`pair_tasks` once every task has run as far as it can (a handler that saw its pair end may
+    need a scheduling turn more to return: leaving a nursery is a schedule point in trio)."""
+    await trio.testing.wait_all_tasks_blocked()
+    return pair_tasks()
 
 
 class Lab:

@@ -30,7 +30,7 @@ from tests.integration.conftest import (
     call,
     metric,
     next_link_event,
-    pair_tasks,
+    settled_pair_tasks,
 )
 
 
@@ -279,7 +279,7 @@ async def test_station_without_a_common_subprotocol_is_closed_after_the_handshak
     assert metric(app, "ocpp_lc_stations_connected") == 1
     assert metric(app, "ocpp_lc_upstream_links_up") == 1
     assert app.links.get("NOPROTO") is None
-    assert len(pair_tasks()) == TASKS_PER_PAIR  # only the healthy station's
+    assert len(await settled_pair_tasks()) == TASKS_PER_PAIR  # only the healthy station's
 
 
 async def test_plain_http_and_garbage_are_answered_or_closed_and_counted(lab: Lab, csms: FakeCsms) -> None:
@@ -365,7 +365,7 @@ async def test_a_hundred_stations_dropping_mid_message_release_everything(lab: L
     assert metric(app, "ocpp_lc_pair_closes_total", reason="station_lost") == count
     assert metric(app, "ocpp_lc_stations_connected") == 1
     assert metric(app, "ocpp_lc_upstream_links_up") == 1
-    assert len(pair_tasks()) == TASKS_PER_PAIR  # only the healthy station's
+    assert len(await settled_pair_tasks()) == TASKS_PER_PAIR  # only the healthy station's
 
 
 async def test_csms_that_never_answers_leaves_timing_to_the_station(lab: Lab, csms: FakeCsms) -> None:
@@ -400,7 +400,7 @@ async def test_csms_that_never_answers_leaves_timing_to_the_station(lab: Lab, cs
     assert event.reason == "station_closed"
     assert metric(app, "ocpp_lc_stations_connected") == 0
     assert metric(app, "ocpp_lc_upstream_links_up") == 0
-    assert pair_tasks() == []
+    assert await settled_pair_tasks() == []
 
 
 async def test_unreachable_csms_refuses_the_station_with_502(lab: Lab) -> None:
