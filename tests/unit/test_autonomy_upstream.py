@@ -267,3 +267,43 @@ async def test_a_replaced_pair_ending_late_does_not_erase_the_mode_of_its_succes
         assert [(s.station_id, s.mode) for s in autonomy.stations()] == [("CS01", "local")]
         autonomy.set_mode("CS01", None, newer)
         assert autonomy.stations() == []
+
+
+async def test_during_the_replay_new_calls_queue_behind_and_csms_calls_reach_the_station(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_site(tmp_path) as site:
+        with trio.fail_after(60):
+            await boot_online(site)
+            assert site.csms is not None
+            await site.csms.aclose(1001, "bye")
+            await site.mode("local")
+            await site.station_call("t-1", "TransactionEvent", tx("Updated", 1))
+            assert await site.station_receives() == [3, "t-1", {}]
+            csms = await site.restored.receive()
+            first = json.loads(await csms.receive_text())
+            assert first[3]["seqNo"] == 1
+            # Before the CSMS answers: the station's next event is answered locally at once ...
+            await site.station_call("t-2", "TransactionEvent", tx("Updated", 2))
+            assert await site.station_receives() == [3, "t-2", {}]
+            # ... and a call of the CSMS's reaches the station, whose answer goes back to the CSMS.
+            get = ocppj.encode_call(
+                "g-1", "GetVariables", {"getVariableData": [{"component": {"name": "X"}, "variable": {"name": "Y"}}]}
+            )
+            await csms.send_text(get)
+            assert await site.station.receive_text() == get
+            result = ocppj.encode_result(
+                "g-1",
+                {
+                    "getVariableResult": [
+                        {"attributeStatus": "Accepted", "component": {"name": "X"}, "variable": {"name": "Y"}}
+                    ]
+                },
+            )
+            await site.station.send_text(result)
+            assert await csms.receive_text() == result
+            await csms.send_text(ocppj.encode_result(first[1], {}))
+            second = json.loads(await csms.receive_text())  # one outstanding at a time, in order
+            assert second[3]["seqNo"] == 2 and second[1] != first[1]
+            await csms.send_text(ocppj.encode_result(second[1], {}))
+            await site.mode("relaying")
