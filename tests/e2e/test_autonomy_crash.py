@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from router.store import Store
 from tests.e2e.conftest import OCPP_PATH
 from tests.e2e.test_autonomy import PHASE_S, TOKEN, call, requests, tx_event
 from tests.e2e.test_readme_installer import UP_LINE, ocpp_lc
@@ -119,3 +120,21 @@ async def test_a_controller_killed_during_an_outage_loses_nothing_it_acknowledge
     for station in stations:
         validate_frames(station.frames(identity="CS1"))
     assert b"Traceback" not in bytes(log), log.decode()
+
+
+async def test_a_damaged_queue_row_stops_the_start_like_a_damaged_store(tmp_path: Path) -> None:
+    """Done-when 5 (second half): a row of the replay queue that is not one of ours is reported by name."""
+    state_dir = tmp_path / "state"
+    with Store.open(state_dir) as store:
+        store.outbox("autonomy.queue/CS1").append({"action": "TransactionEvent", "payload": "not an object"})
+    config = tmp_path / "lc.toml"
+    config.write_text(controller_config(9, state_dir), encoding="utf-8")
+    with trio.fail_after(PHASE_S):
+        refused = await trio.run_process(
+            [*ocpp_lc(), "run", "--config", str(config)], capture_stdout=True, capture_stderr=True, check=False
+        )
+    message = refused.stderr.decode()
+    assert refused.returncode == 3, message
+    assert "is damaged" in message and "autonomy.queue/CS1" in message, message
+    assert "--recover-state" in message
+    assert "Traceback" not in message
