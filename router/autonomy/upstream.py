@@ -5,7 +5,10 @@ leg: it sends and receives text frames. Behind that it has three modes (:data:`.
 
 * **relaying** — a real websocket to the CSMS is open; frames pass byte for byte both ways. On the side
   it notes the station's calls, so that the CSMS's answers to BootNotification, Authorize and
-  TransactionEvent feed the boot and authorization caches (:meth:`.service.Autonomy.learn`).
+  TransactionEvent feed the boot and authorization caches (:meth:`.service.Autonomy.learn`). This is
+  done here rather than through :mod:`router.observers`: an observer that falls behind loses events by
+  design, and a lost BootNotificationResponse would make an accepted station Pending in the next outage.
+  The cost is a second parse of the station's calls and of the CSMS's answers while relaying.
 * **local** — the CSMS leg is gone (closed, silent past its ping timeout, or not reachable when the
   station connected). The station's socket stays open; each CALL it sends is answered by
   :class:`.local.LocalService` (durable before the answer is handed to the link); calls it had sent to
