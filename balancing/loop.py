@@ -134,10 +134,21 @@ class Balancer(SessionTracking, ProfileRenewal):
         station.disconnected_at_s = None
         self.wake()
 
-    def station_steerable(self, station_id: str, steerable: bool, why: str = "") -> None:
-        """Whether the station can be steered with charging profiles at all (a 1.6 station says so in its
-        SupportedFeatureProfiles): one that cannot is counted at its maximum and never sent to."""
+    def station_asked_steerable(self, station_id: str) -> None:
+        """The station is being asked whether it can be steered (a 1.6 one, GetConfiguration): until it has
+        said so once, it is counted at its maximum and sent nothing, so no profile planned meanwhile can
+        reach a station that turns out to lack SmartCharging."""
         station = self._station(station_id)
+        if not station.steerability_known and station.steerable is not None:
+            station.steerable = None
+            self.wake()
+
+    def station_steerable(self, station_id: str, steerable: bool, why: str = "", *, known: bool = True) -> None:
+        """Whether the station can be steered with charging profiles at all (a 1.6 station says so in its
+        SupportedFeatureProfiles): one that cannot is counted at its maximum and never sent to. ``known``
+        false: no answer, it is tried like any station, and asked again when it reconnects."""
+        station = self._station(station_id)
+        station.steerability_known = station.steerability_known or known
         if station.steerable != steerable:
             station.steerable = steerable
             if not steerable:
@@ -277,6 +288,7 @@ class Balancer(SessionTracking, ProfileRenewal):
         wall = self._wall()
         self._forget_gone(now_s)
         self._lapse(wall)
+        self._count_defaults_under_transactions()
         self.limits = self._limits_ahead(wall)
         governed = self._csms.governed(self._stations.values(), wall) | self._unsteerable()
         sessions = [self._session(record, wall) for record in self._records()]
@@ -301,7 +313,8 @@ class Balancer(SessionTracking, ProfileRenewal):
             self._dirty.add(step.station_id)  # written before it goes out: a crash never forgets it
             self.metrics.profiles.labels(step.kind, "sent").inc()
             nursery.start_soon(self._send, step, purpose, payload, record.generation, valid_to)
-        self._renew_defaults_under_transactions(nursery, wall, valid_to)
+        calm = not steps.decreases and not self._decrease_in_flight()
+        self._renew_defaults_under_transactions(nursery, wall, valid_to, {s.station_id for s in steps.steps}, calm)
         self._flush()
         self.last_duration_s = time.perf_counter() - started
         self.metrics.reallocations.inc()
@@ -396,6 +409,7 @@ class Balancer(SessionTracking, ProfileRenewal):
         self._dirty.add(step.station_id)
         if accepted and purpose == "TxDefaultProfile":
             record.default_amperes = step.current_amperes
+            record.default_phases = step.phases
         if accepted:
             record.valid_until[purpose] = valid_to
         if record.generation != generation:

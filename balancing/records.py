@@ -29,6 +29,7 @@ class EvseRecord:
     station_id: str
     evse_id: int
     default_amperes: float | None = None  # our TxDefaultProfile as the station accepted it (None: unknown)
+    default_phases: int | None = None  # its numberPhases (None: every phase, or not known since a restart)
     transaction_id: str | None = None
     started_at: datetime | None = None
     charging_state: str | None = None
@@ -43,12 +44,17 @@ class EvseRecord:
     tx_profile_accepted: bool = False  # a TxProfile of ours for the current transaction was accepted
     #: Per purpose, the validTo of the profile of ours the station last accepted.
     valid_until: dict[Purpose, datetime] = field(default_factory=dict)
-    #: Set while a renewal of the TxDefaultProfile under a running TxProfile is under way.
-    renewing: bool = False
+    #: While a TxDefaultProfile of ours is sent under a running TxProfile: its limit and numberPhases.
+    renewing_to: tuple[float, int | None] | None = None
 
     @property
     def key(self) -> tuple[str, int]:
         return (self.station_id, self.evse_id)
+
+    @property
+    def renewing(self) -> bool:
+        """A TxDefaultProfile of ours is under way beside the running TxProfile (one call per EVSE)."""
+        return self.renewing_to is not None
 
     @property
     def governing(self) -> Purpose:
@@ -67,8 +73,11 @@ class StationRecord:
     forgotten: bool = False
     #: The OCPP version it speaks (the websocket subprotocol), when the router said.
     protocol: str | None = None
-    #: False for a station that cannot be steered (a 1.6 one without SmartCharging): counted at its maximum.
-    steerable: bool = True
+    #: False for a station that cannot be steered (a 1.6 one without SmartCharging), None while that is
+    #: being asked: either way counted at its maximum and sent nothing.
+    steerable: bool | None = True
+    #: The station has said whether it can be steered (in this run); until then a 1.6 one is unknown.
+    steerability_known: bool = False
 
     @property
     def connected(self) -> bool:

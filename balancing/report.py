@@ -80,7 +80,7 @@ def evse_rows(balancer: Balancer) -> list[dict[str, Any]]:
                 "station_id": record.station_id,
                 "evse_id": record.evse_id,
                 "protocol": None if station is None else station.protocol,
-                "steerable": station is None or station.steerable,
+                "steerable": True if station is None else station.steerable,
                 "connected": balancer.connected(record.station_id),
                 "transaction_id": record.transaction_id,
                 "charging_state": record.charging_state,
@@ -212,7 +212,8 @@ class BalancingCollector(Collector):
         counts = {"noncompliant": 0, "sessions": 0, "overdrawing": 0, "unconfirmed": 0}
         for row in evse_rows(balancer):
             labels = [row["station_id"], str(row["evse_id"])]
-            kind = (row["protocol"] or "unknown", "true" if row["steerable"] else "false")
+            steerable = {True: "true", False: "false"}.get(row["steerable"], "unknown")
+            kind = (row["protocol"] or "unknown", steerable)
             by_kind[kind] = by_kind.get(kind, 0) + 1
             counts["noncompliant"] += not row["compliant"]
             counts["overdrawing"] += row["overdrawing"]

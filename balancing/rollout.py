@@ -10,7 +10,9 @@ send *now*, given what every EVSE *may* draw at this instant. For each EVSE the 
 
 What an EVSE may draw, its *bound*, is the accepted limit, raised to a limit in flight (a station may
 apply an increase before it answers, so an increase counts from the moment it is sent; a decrease counts
-only once accepted). An unconfirmed EVSE, or one whose limit is unknown, is bound at its maximum: a
+only once accepted), and raised to our TxDefaultProfile under a running TxProfile (``fallback_amperes``:
+it governs the instant the transaction ends, before the controller hears of it).
+An unconfirmed EVSE, or one whose limit is unknown, is bound at its maximum: a
 station that rejects or does not answer is treated as drawing its maximum until it complies (issue 5).
 The bound loads each grid phase the EVSE's session uses (an idle EVSE: every phase of its station, since
 any EV may arrive) and, times that phase count, each power constraint on its path.
@@ -84,6 +86,10 @@ class EvseApplied:
     overdraw_amperes: float | None = None
     # Taken back from the store after a restart and not confirmed by the station since (a stale belief).
     restored: bool = False
+    # Our TxDefaultProfile under a running TxProfile: it governs again the moment the transaction ends, which
+    # the station decides alone (K02.FR.05), so it counts in the bound beside the TxProfile (None: none known).
+    fallback_amperes: float | None = None
+    fallback_phases: int | None = None  # its numberPhases (None: every phase of the station)
 
     @property
     def trusted(self) -> bool:
@@ -247,6 +253,12 @@ class RolloutState:
             restored=True,
         )
 
+    def fallback(self, key: EvseKey, amperes: float | None, phases: int | None = None) -> None:
+        """Our TxDefaultProfile under the EVSE's running TxProfile (``None``: none, or no transaction)."""
+        applied = self.evses[key]
+        if (applied.fallback_amperes, applied.fallback_phases) != (amperes, phases):
+            self.evses[key] = replace(applied, fallback_amperes=amperes, fallback_phases=phases)
+
     def overdraw(self, key: EvseKey, amperes: float | None) -> None:
         """The EVSE is measured drawing ``amperes``, above what it may (``None``: it complies again)."""
         self.evses[key] = replace(self.evses[key], overdraw_amperes=amperes)
@@ -304,13 +316,24 @@ def _more_phases(a: int | None, b: int | None) -> int | None:
     return None if a is None or b is None else max(a, b)
 
 
-def counted_phases(station: StationConfig, applied: EvseApplied) -> int:
-    """How many phases an EVSE may load: the most of what its EV uses (all while idle or unknown), what
-    its installed profile allows (numberPhases; all while unknown) and what a profile in flight allows."""
+def session_phases(station: StationConfig, applied: EvseApplied) -> int:
+    """How many phases an EVSE's own profile lets it load: the most of what its EV uses (all while idle or
+    unknown), what its installed profile allows (numberPhases; all while unknown) and what a profile in
+    flight allows."""
     used = applied.phases_used if applied.in_session and applied.phases_used is not None else station.phases
     allowed = station.phases if applied.accepted_phases is None else applied.accepted_phases
     flight = applied.in_flight_phases if applied.in_flight_amperes is not None else None
     return max(1, min(station.phases, max(used, allowed, flight or 0)))
+
+
+def counted_phases(station: StationConfig, applied: EvseApplied) -> int:
+    """How many phases an EVSE may load: :func:`session_phases`, widened to those of our TxDefaultProfile
+    under its running TxProfile (which governs the instant the transaction ends)."""
+    phases = session_phases(station, applied)
+    if applied.fallback_amperes is not None and applied.fallback_amperes > 0:
+        fallback = station.phases if applied.fallback_phases is None else applied.fallback_phases
+        phases = max(phases, min(station.phases, fallback))
+    return phases
 
 
 def grid_phases_of(station: StationConfig, applied: EvseApplied) -> tuple[int, ...]:
@@ -325,9 +348,12 @@ def bound_amperes(station: StationConfig, applied: EvseApplied) -> float:
         return max(maximum, applied.overdraw_amperes)
     if not applied.confirmed or applied.accepted_amperes is None:
         return maximum
+    bound = applied.accepted_amperes
     if applied.in_flight_amperes is not None:
-        return max(applied.accepted_amperes, applied.in_flight_amperes)
-    return applied.accepted_amperes
+        bound = max(bound, applied.in_flight_amperes)
+    if applied.fallback_amperes is not None:
+        bound = max(bound, applied.fallback_amperes)
+    return bound
 
 
 def target_phases(station: StationConfig, allocation: Allocation, key: EvseKey, in_session: bool) -> int | None:
@@ -479,6 +505,7 @@ def plan(
         elif fewer_phases:
             # Same current on fewer phases (the EV went from 3 to 1): enforce it (K01.FR.49).
             decreases.append(Step(applied.station_id, applied.evse_id, accepted, "decrease", phases[key]))
+    retries = _retries_within_capacity(retries, state, stations, paths, load, capacity)
 
     increases: list[Step] = []
     waiting: list[EvseKey] = []
@@ -539,3 +566,31 @@ def plan(
         waiting=tuple(waiting),
         next_due_s=min(next_due, default=None),
     )
+
+
+def _retries_within_capacity(
+    retries: list[Step],
+    state: RolloutState,
+    stations: Mapping[EvseKey, StationConfig],
+    paths: Mapping[EvseKey, list[tuple[ConstraintKey, float]]],
+    load: Mapping[ConstraintKey, float],
+    capacity: Mapping[ConstraintKey, float],
+) -> list[Step]:
+    """Retries at what the EVSEs last accepted, unless a constraint on the path would still be over its
+    capacity with every retry accepted: those ask for 0 instead (what they get once trusted comes as an
+    increase). After a restart every EVSE is retried at what it had, and together they fit; an unreliable
+    station retried while the site is over its limit would otherwise be one more round trip above it (it
+    is retried only every ``min_interval_s``)."""
+    relieved = dict(load)
+    for step in retries:
+        applied = state.evses[step.key]
+        lowered = bound_amperes(stations[step.key], applied) - step.current_amperes
+        for constraint, weight in paths[step.key]:
+            relieved[constraint] -= weight * lowered
+    still_over = {c for c, value in relieved.items() if value > capacity[c] + EPSILON_AMPERES}
+    return [
+        replace(step, current_amperes=0.0)
+        if step.current_amperes > 0 and any(c in still_over for c, _ in paths[step.key])
+        else step
+        for step in retries
+    ]

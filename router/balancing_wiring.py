@@ -10,6 +10,7 @@ off, the clearing of what an earlier run left (``balancing.clearing``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +29,8 @@ from .link import OCPP16, CallRejected, CallTimeout, LinkClosed, UnsupportedVers
 from .observers import LinkEvent, ObservedMessage, ObserverHub
 from .ocppj import MessageType
 from .server import LinkRegistry
+
+log = logging.getLogger(__name__)
 
 
 def build_balancer(
@@ -114,11 +117,17 @@ def link_caller(links: LinkRegistry) -> Caller:
 
 async def probe_smart_charging(caller: Caller, balancer: Balancer, station_id: str) -> None:
     """Ask a 1.6 station whether it does smart charging (SupportedFeatureProfiles); one that says it does
-    not is counted at its maximum and never sent profiles. No answer: it is tried like any station."""
+    not is counted at its maximum and never sent profiles. Until it answers it is counted at its maximum
+    and sent nothing; no answer (or one that does not say): it is tried like any station."""
+    balancer.station_asked_steerable(station_id)
     outcome = await caller(station_id, "GetConfiguration", {"key": ["SupportedFeatureProfiles"]})
     supported = ocpp16.smart_charging_supported(outcome.payload) if outcome.status == "answered" else None
     if supported is not None:
         balancer.station_steerable(station_id, supported, "SupportedFeatureProfiles without SmartCharging")
+    else:
+        why = outcome.detail or outcome.status
+        log.info("[%s] did not say whether it does smart charging (%s): tried like any station", station_id, why)
+        balancer.station_steerable(station_id, True, known=False)
 
 
 def observe(balancer: Balancer, item: ObservedMessage) -> None:
@@ -164,14 +173,24 @@ async def feed_balancer(
             task_status.started()
             async for item in observations:
                 if isinstance(item, ObservedMessage):
-                    observe(balancer, item)
+                    try:
+                        observe(balancer, item)
+                    except Exception:  # defence in depth: one message must never stop the appliance
+                        log.exception("[%s] balancing could not read a %s; relayed all the same", *_what(item))
+                        balancer.metrics.ignored.labels(item.action or "unknown").inc()
                 elif isinstance(item, LinkEvent):
                     if item.kind == "connected":
                         balancer.station_connected(item.station_id, item.subprotocol)
                         if caller is not None and item.subprotocol == OCPP16:
+                            # Unknown from this instant, before the loop can plan anything for it.
+                            balancer.station_asked_steerable(item.station_id)
                             nursery.start_soon(probe_smart_charging, caller, balancer, item.station_id)
                     else:
                         balancer.station_disconnected(item.station_id)
+
+
+def _what(item: ObservedMessage) -> tuple[str, str]:
+    return item.station_id, f"{item.subprotocol or 'unknown'} {item.action or 'message'}"
 
 
 async def clear_leftovers(

@@ -361,6 +361,8 @@ def _evse_state(row: dict[str, Any]) -> str:
         return ""
     if row.get("steerable") is False:
         return "  (unsteerable: no smart charging; counted at its maximum)"
+    if row.get("steerable") is None and "steerable" in row:
+        return "  (asking whether it does smart charging: counted at its maximum)"
     if row.get("overdrawing"):
         return "  (OVERDRAWING: counted at its measured draw)"
     if row.get("unconfirmed_since_restart"):

@@ -25,7 +25,7 @@ import trio
 
 from router.app import App, run_app
 from router.config import parse_settings
-from tests.support.peers import Peer, open_csms, open_station
+from tests.support.peers import Peer, open_csms, open_station, open_station16
 
 #: The base path stations use and the CSMS is told to accept (anything else gets 404 from it).
 OCPP_PATH = "/ocpp"
@@ -53,6 +53,10 @@ class Relay:
     def station(self, identity: str, *args: str) -> AbstractAsyncContextManager[Peer]:
         """Start a station peer against the appliance (yielded at once; wait for its events)."""
         return open_station(self.station_url, identity, *args)
+
+    def station16(self, identity: str, *args: str) -> AbstractAsyncContextManager[Peer]:
+        """Start an OCPP 1.6J station peer (`tests/peers/station16.py`) against the appliance."""
+        return open_station16(self.station_url, identity, *args)
 
     def metric(self, name: str, **labels: str) -> float:
         """A sample of the appliance's registry; 0 when the labelled child was never touched."""

@@ -60,6 +60,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ocpp import v16
 from ocpp.exceptions import OCPPError
 from ocpp.messages import Call, CallError, CallResult, MessageType, unpack, validate_payload
 from ocpp.v201 import ChargePoint
@@ -318,6 +319,19 @@ class Ocpp16Echo(PeerChargePoint):
 
     async def answer_by_default(self, msg: Call) -> None:
         await self._send(CallResult(msg.unique_id, {}).to_json())
+
+
+class Peer16ChargePoint(PeerChargePoint):
+    """An OCPP 1.6J endpoint on the `ocpp` library: the same harness on the library's v16 messages.
+
+    Incoming CALLs are routed to `@on` handlers and checked against the library's 1.6 schemas, as the
+    2.0.1 peers' are against 2.0.1's (the handlers see snake_case keys; a charging schedule's numbers
+    arrive as the `Decimal`s the library's 1.6 check makes of them).
+    """
+
+    _call = v16.call
+    _call_result = v16.call_result
+    _ocpp_version = "1.6"
 
 
 @dataclass(frozen=True)

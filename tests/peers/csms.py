@@ -5,7 +5,10 @@ described in `tests/peers/common.py` and in `tests/support/peers.py`, which driv
 
 Every station CALL listed in `CsmsChargePoint` gets a schema-valid canned answer from the library's
 routing; `set_response` replaces it. Connections that negotiate `ocpp1.6` get an echo peer that
-answers every CALL with an empty CALLRESULT, enough for tests that relay 1.6 traffic.
+answers every CALL with an empty CALLRESULT, enough for tests that relay 1.6 traffic; with
+`--ocpp16 library` they get `Csms16ChargePoint` instead, a 1.6 Central System on the library's v16
+messages (schema-checked both ways), so one CSMS serves a mixed fleet (issue 15). It gives each
+StartTransaction the next integer transactionId (from `--first-transaction-id`), unique in the process.
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import sys
 import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 from ocpp.routing import on
+from ocpp.v16 import call_result as call_result16
 from ocpp.v201 import call_result
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
@@ -30,6 +36,7 @@ from tests.peers.common import (
     Behaviour,
     FrameLog,
     Ocpp16Echo,
+    Peer16ChargePoint,
     PeerChargePoint,
     configure_logging,
     emit,
@@ -121,6 +128,59 @@ class CsmsChargePoint(PeerChargePoint):
         return call_result.NotifyEVChargingSchedule(status="Accepted")
 
 
+class Csms16ChargePoint(Peer16ChargePoint):
+    """The Central System end of one OCPP 1.6J connection: canned answers for the station's CALLs."""
+
+    def __init__(
+        self, identity: str, connection: FrameLog, behaviour: Behaviour, transaction_ids: Iterator[int]
+    ) -> None:
+        super().__init__(identity, connection, behaviour)
+        self.transaction_ids = transaction_ids
+
+    @on("BootNotification")
+    def on_boot_notification(self, **_: Any) -> call_result16.BootNotification:
+        return call_result16.BootNotification(current_time=utc_now(), interval=300, status="Accepted")
+
+    @on("Heartbeat")
+    def on_heartbeat(self, **_: Any) -> call_result16.Heartbeat:
+        return call_result16.Heartbeat(current_time=utc_now())
+
+    @on("StatusNotification")
+    def on_status_notification(self, **_: Any) -> call_result16.StatusNotification:
+        return call_result16.StatusNotification()
+
+    @on("Authorize")
+    def on_authorize(self, **_: Any) -> call_result16.Authorize:
+        return call_result16.Authorize(id_tag_info={"status": "Accepted"})
+
+    @on("StartTransaction")
+    def on_start_transaction(self, **_: Any) -> call_result16.StartTransaction:
+        # 1.6: the Central System gives the transaction its (integer) id.
+        return call_result16.StartTransaction(
+            transaction_id=next(self.transaction_ids), id_tag_info={"status": "Accepted"}
+        )
+
+    @on("StopTransaction")
+    def on_stop_transaction(self, **_: Any) -> call_result16.StopTransaction:
+        return call_result16.StopTransaction(id_tag_info={"status": "Accepted"})
+
+    @on("MeterValues")
+    def on_meter_values(self, **_: Any) -> call_result16.MeterValues:
+        return call_result16.MeterValues()
+
+    @on("DataTransfer")
+    def on_data_transfer(self, **_: Any) -> call_result16.DataTransfer:
+        return call_result16.DataTransfer(status="UnknownVendorId")
+
+    @on("FirmwareStatusNotification")
+    def on_firmware_status_notification(self, **_: Any) -> call_result16.FirmwareStatusNotification:
+        return call_result16.FirmwareStatusNotification()
+
+    @on("DiagnosticsStatusNotification")
+    def on_diagnostics_status_notification(self, **_: Any) -> call_result16.DiagnosticsStatusNotification:
+        return call_result16.DiagnosticsStatusNotification()
+
+
 def identity_of(path: str) -> str:
     """The station identity: the percent-decoded last segment of the request path."""
     return urllib.parse.unquote(urllib.parse.urlsplit(path).path.rsplit("/", 1)[-1])
@@ -144,12 +204,17 @@ class Csms:
         reject_status: int | None,
         path_prefix: str,
         reject_headers: list[tuple[str, str]] | None = None,
+        ocpp16: str = "echo",
+        first_transaction_id: int = 1,
     ) -> None:
         self.subprotocols = subprotocols
         self.reject_status = reject_status
         self.reject_headers = reject_headers or []
         self.path_prefix = path_prefix.rstrip("/")
         self.behaviour = Behaviour()
+        #: How `ocpp1.6` connections are served: "echo" (Ocpp16Echo) or "library" (Csms16ChargePoint).
+        self.ocpp16 = ocpp16
+        self.transaction_ids = itertools.count(first_transaction_id)
         # The latest connection of each identity; calls go there.
         self.sessions: dict[str, PeerChargePoint] = {}
 
@@ -194,8 +259,12 @@ class Csms:
             if ws.subprotocol is None:
                 await ws.close(1002, "no common OCPP subprotocol")
                 return
-            session_type = Ocpp16Echo if ws.subprotocol == "ocpp1.6" else CsmsChargePoint
-            session = session_type(identity, FrameLog(ws, identity), self.behaviour)
+            session: PeerChargePoint
+            if ws.subprotocol == "ocpp1.6" and self.ocpp16 == "library":
+                session = Csms16ChargePoint(identity, FrameLog(ws, identity), self.behaviour, self.transaction_ids)
+            else:
+                session_type = Ocpp16Echo if ws.subprotocol == "ocpp1.6" else CsmsChargePoint
+                session = session_type(identity, FrameLog(ws, identity), self.behaviour)
             self.sessions[identity] = session
             try:
                 await session.serve()
@@ -222,6 +291,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--path-prefix", default="", help="refuse (HTTP 404) paths that are not <prefix>/<identity>")
     parser.add_argument("--ping-interval", type=float, default=20.0, help="seconds; 0 disables")
     parser.add_argument(
+        "--ocpp16",
+        choices=("echo", "library"),
+        default="echo",
+        help="serve ocpp1.6 connections with an echo ({} to every CALL) or the ocpp library's 1.6 Central System",
+    )
+    parser.add_argument("--first-transaction-id", type=int, default=1, help="the first 1.6 transactionId given")
+    parser.add_argument(
         "--set-response",
         action="append",
         default=[],
@@ -233,7 +309,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 async def amain(args: argparse.Namespace) -> int:
     split = (header.partition(":") for header in args.reject_header)
     reject_headers = [(name.strip(), value.strip()) for name, _, value in split]
-    csms = Csms([p for p in args.subprotocols.split(",") if p], args.reject_status, args.path_prefix, reject_headers)
+    csms = Csms(
+        [p for p in args.subprotocols.split(",") if p],
+        args.reject_status,
+        args.path_prefix,
+        reject_headers,
+        args.ocpp16,
+        args.first_transaction_id,
+    )
     for command in args.set_response:
         csms.behaviour.apply({"cmd": "set_response", **json.loads(command)})
     stop = asyncio.Event()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,9 @@ from balancing.site import GRID_NODE_ID, SiteConfig, StationConfig
 from tests.unit.test_fleet_balancer import ROTATIONS
 
 SEEDS = range(20)
-EVENTS = 500  # per seed: 1,000 take ~115 s for 20 seeds on this 2-core box (the loop's own cost)
+# Per seed (OCPP_LC_FLEET_EVENTS for a longer run by hand): 1,000 take ~115 s for 20 seeds on this 2-core box,
+# nearly all of it the loop's own reallocations.
+EVENTS = int(os.environ.get("OCPP_LC_FLEET_EVENTS", "500"))
 MEAN_GAP_S = 3.0
 VOLTAGE = 230.0
 CALL_TIMEOUT_S = 5.0

@@ -1,4 +1,5 @@
-"""Drive the independent test peers (`tests/peers/csms.py`, `tests/peers/station.py`) from trio tests.
+"""Drive the independent test peers (`tests/peers/csms.py`, `tests/peers/station.py`, and the OCPP 1.6J
+station `tests/peers/station16.py`) from trio tests.
 
 A peer runs as a subprocess. It prints one JSON event per line on stdout and reads one JSON command
 per line on stdin; `Peer` keeps every event in order and lets a test wait for one. Nothing here
@@ -262,5 +263,17 @@ async def open_station(url: str, identity: str, *args: str) -> AsyncIterator[Pee
     """
     async with _open_peer(
         "tests.peers.station", f"station {identity}", ["--url", url, "--identity", identity, *args]
+    ) as peer:
+        yield peer
+
+
+@asynccontextmanager
+async def open_station16(url: str, identity: str, *args: str) -> AsyncIterator[Peer]:
+    """Start an OCPP 1.6J station peer (`tests/peers/station16.py`) connecting to `<url>/<identity>`.
+
+    Yielded without waiting, like `open_station`.
+    """
+    async with _open_peer(
+        "tests.peers.station16", f"station16 {identity}", ["--url", url, "--identity", identity, *args]
     ) as peer:
         yield peer

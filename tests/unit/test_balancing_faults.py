@@ -9,7 +9,7 @@ profile lets an EVSE draw more, that the site stays within its limit, K14.FR.01)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,11 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
-from balancing.allocator import SiteLimits
+from balancing.allocator import Session, SiteLimits, allocate
 from balancing.clearing import LeftoverProfiles
 from balancing.loop import Balancer, CallOutcome, LoopSettings
 from balancing.overdraw import OverdrawPolicy
-from balancing.rollout import RolloutPolicy
+from balancing.rollout import EvseApplied, RolloutPolicy, RolloutState, Step, bound_amperes, counted_phases, plan
 from balancing.site import SiteConfig
 from router.store import Store
 from tests.support.schemas import validate_call
@@ -442,3 +442,82 @@ async def test_the_default_under_a_long_transaction_is_renewed_and_holds_when_it
         balancer.station_call("CS1", "TransactionEvent", transaction_event("Ended", "TX-1", seq_no=1))
         assert row(balancer, "CS1")["installed_amperes"] == 6.0  # known at once: no count at its maximum
         assert row(balancer, "CS1")["compliant"] is True
+
+
+def default_period(profile: dict[str, Any]) -> dict[str, Any]:
+    period: dict[str, Any] = profile["chargingSchedule"][0]["chargingSchedulePeriod"][0]
+    return period
+
+
+async def test_the_default_under_a_one_phase_transaction_is_counted_on_its_phases_and_narrowed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Found by the faulty-fleet run at 1,000 events (seed 10): our TxDefaultProfile of 6 A on three phases
+    stayed under a 1-phase EV's TxProfile, so when that transaction ended the station could load the two
+    phases the session was not counted on (K02.FR.05: the default governs at once). It is counted on its
+    own phases until it is narrowed to the session's phase (K01.FR.49 numberPhases 1), never above the
+    transaction's share."""
+    fake = Recording(limit_amperes=40.0)
+    settings = loop_settings(idle_current_amperes=6.0, min_interval_s=0)
+    balancer = Balancer(GRID_SITE, fake.limits_at, fake, settings, wall_clock=wall_clock)
+    async with running(balancer):
+        balancer.station_connected("CS1")
+        balancer.station_call("CS1", "StatusNotification", status_notification(1))
+        await settle()
+        (first,) = fake.set_profiles("CS1")
+        assert "numberPhases" not in default_period(first)  # idle: any EV may come, on every phase
+        balancer.station_call("CS1", "TransactionEvent", transaction_event("Started", "TX-1", numberOfPhasesUsed=1))
+        await settle()
+        tx = [p for p in fake.set_profiles("CS1") if p["chargingProfilePurpose"] == "TxProfile"]
+        assert default_period(tx[-1]) == {"startPeriod": 0, "limit": 32.0, "numberPhases": 1}
+        defaults = [p for p in fake.set_profiles("CS1") if p["chargingProfilePurpose"] == "TxDefaultProfile"]
+        assert default_period(defaults[-1]) == {"startPeriod": 0, "limit": 6.0, "numberPhases": 1}
+        assert balancer.phase_bounds_amperes() == (32.0, 0.0, 0.0)
+
+
+def test_a_default_under_a_transaction_counts_on_its_own_phases_and_at_its_own_limit() -> None:
+    """The rollout's bound (pure): our TxDefaultProfile under a running TxProfile raises what the EVSE is
+    counted at to its limit, and widens the phases counted to its numberPhases, until it is narrowed."""
+    station = GRID_SITE.station("CS1")
+    session = EvseApplied("CS1", 1, accepted_amperes=4.0, in_session=True, phases_used=1, accepted_phases=1)
+    assert (bound_amperes(station, session), counted_phases(station, session)) == (4.0, 1)
+    under = replace(session, fallback_amperes=6.0)  # 6 A on every phase
+    assert (bound_amperes(station, under), counted_phases(station, under)) == (6.0, 3)
+    narrowed = replace(session, fallback_amperes=4.0, fallback_phases=1)
+    assert (bound_amperes(station, narrowed), counted_phases(station, narrowed)) == (4.0, 1)
+    assert counted_phases(station, replace(session, fallback_amperes=0.0)) == 1  # 0 A loads no phase
+
+
+def test_a_retry_while_the_site_stays_over_its_limit_asks_for_nothing() -> None:
+    """Found by the mixed fleet run: an unreliable station that rejected (counted at its maximum, retried
+    only every min_interval_s) was retried at what it last accepted while the others still counted at
+    their maximum kept the grid over a limit that had just dropped; once trusted again it was above its
+    share for one more round trip. With every due retry accepted the path would still be over, so the
+    retry asks for 0 (its share comes as an increase). Where the retries together fit (a restart: all
+    counted at their maximum, each retried at what it had) they keep what they had."""
+    site = SiteConfig.model_validate(
+        {
+            "grid": {"max_current_amperes": 48},
+            "stations": [{"station_id": s, "evse_max_current_amperes": 16.0} for s in ("A", "B", "C")],
+        }
+    )
+    state = RolloutState()
+    for station_id, accepted in (("A", 16.0), ("B", 9.3), ("C", 16.0)):
+        state.add_evse(station_id, 1, accepted)
+        state.session_started((station_id, 1), 3)
+        state.rejected(Step(station_id, 1, accepted, "decrease"))  # untrusted: counted at 16 A
+    state.last_change_s.update({"A": 100.0, "C": 100.0})  # retried a moment ago; B is due
+    sessions = [Session(station_id=s, evse_id=1, transaction_id=f"tx-{s}", phases_used=3) for s in "ABC"]
+    limits = SiteLimits.uniform(34.0)
+    allocation = allocate(site, limits, state.allocator_sessions(sessions), 110.0)
+    steps = plan(site, limits, allocation, state, 110.0, RolloutPolicy(min_interval_s=30.0))
+    assert [(s.station_id, s.current_amperes, s.kind) for s in steps.retries] == [("B", 0.0, "retry")]
+
+    state.last_change_s.clear()  # all due: A 16 + B 9.3 + C 16 = 41.3 A still over 34 A: all ask for 0
+    steps = plan(site, limits, allocation, state, 110.0, RolloutPolicy(min_interval_s=30.0))
+    assert [s.current_amperes for s in steps.retries] == [0.0, 0.0, 0.0]
+
+    roomy = SiteLimits.uniform(48.0)  # no limit below the grid's 48 A: together they fit, each at what it had
+    allocation = allocate(site, roomy, state.allocator_sessions(sessions), 110.0)
+    steps = plan(site, roomy, allocation, state, 110.0, RolloutPolicy(min_interval_s=30.0))
+    assert [s.current_amperes for s in steps.retries] == [16.0, 9.3, 16.0]

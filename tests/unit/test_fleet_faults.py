@@ -315,9 +315,6 @@ async def test_a_faulty_fleet_stays_within_its_limits_and_is_served(
 # --- what the simulation found ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="balancing defect: our TxDefaultProfile under a running TxProfile is not counted"
-)
 async def test_a_transaction_ending_leaves_no_default_above_what_the_station_may_draw(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -355,3 +352,52 @@ async def test_a_transaction_ending_leaves_no_default_above_what_the_station_may
         balancer.station_call("CS1", "TransactionEvent", loop_transaction_event("Ended", "TX-2", 2, seq_no=1))
         in_force = (fake.effective(("CS1", 1)) or 0.0) + (fake.effective(("CS1", 2)) or 0.0)
         assert in_force <= 32.0, f"CS1 may draw {in_force} A at once, over its 32 A limit"
+
+
+async def test_a_transaction_ending_while_its_default_is_lowered_counts_what_the_answer_leaves(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Under a running transaction our TxDefaultProfile goes to 0 once the transaction's share falls under
+    it (found by the fleet run at 1,000 events, seed 1: a version that also raised it again was counted at
+    the old limit when the transaction ended with the raise on its way). When the transaction ends while
+    the change is on its way, the station may or may not have applied it (K02.FR.05: the default governs at
+    once): the EVSE counts at the larger limit until the answer comes, then at what the answer leaves."""
+    site = SiteConfig.model_validate(
+        {"stations": [{"station_id": "CS1", "max_current_amperes": 32.0, "evses": [{"evse_id": 1}, {"evse_id": 2}]}]}
+    )
+    fake = FakeStations(limit_amperes=100.0)
+    settings = fault_loop_settings(idle_current_amperes=6.0, min_interval_s=0)
+    balancer = Balancer(site, fake.limits_at, fake, settings, wall_clock=loop_wall_clock)
+    async with running(balancer):
+        balancer.station_connected("CS1")
+        for evse_id in (1, 2):
+            balancer.station_call("CS1", "StatusNotification", status_notification(evse_id))
+        await settle()
+        balancer.station_call("CS1", "TransactionEvent", loop_transaction_event("Started", "TX-2", 2))
+        await settle()
+        assert fake.installed[("CS1", 2)] == {"TxDefaultProfile": 6.0, "TxProfile": 32.0}
+        fake.delay_s["CS1"] = 5.0
+        started = loop_transaction_event("Started", "TX-1", 1)
+        balancer.station_call("CS1", "TransactionEvent", started)
+        balancer.csms_answer(
+            "CS1", "TransactionEvent", {"idTokenInfo": {"status": "Accepted"}, "chargingPriority": 1}, started
+        )
+
+        def lowering() -> bool:
+            return any(
+                (c.evse_id, c.purpose, c.limit_amperes, c.answered_at_s) == (2, "TxDefaultProfile", 0.0, None)
+                for c in fake.calls
+            )
+
+        while not lowering():
+            await balancer.reallocated.wait()
+            await trio.testing.wait_all_tasks_blocked()  # the calls it started are on their way
+        # EVSE 2's default is being lowered to 0 when TX-2 ends.
+        fake.end_transaction(("CS1", 2))
+        balancer.station_call("CS1", "TransactionEvent", loop_transaction_event("Ended", "TX-2", 2, seq_no=1))
+        (evse_2,) = [r for r in balancer.evse_rows() if r["evse_id"] == 2]
+        assert evse_2["installed_amperes"] == 6.0  # it may not have taken the change yet
+        await trio.sleep(6)  # the answer (5 s), not yet any step after it
+        (evse_2,) = [r for r in balancer.evse_rows() if r["evse_id"] == 2]
+        assert evse_2["installed_amperes"] == fake.effective(("CS1", 2)) == 0.0
+        assert evse_2["compliant"] is True
