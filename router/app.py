@@ -38,6 +38,7 @@ from balancing.upstream import EmsReporter
 from firmware_cache import FirmwareCache, FirmwareSettings, RequestInvalid
 from firmware_cache.service import STATUS_ACTION
 
+from .autonomy.service import Autonomy
 from .balancing_wiring import build_balancer, clear_leftovers, feed_balancer, link_caller, release_document
 from .config import Settings
 from .ems_api import EmsApi
@@ -81,6 +82,8 @@ class App:
     leftover_profiles: LeftoverProfiles | None = None
     #: Reports EMS limits to the CSMS (K14); needs the own identity.
     ems_reporter: EmsReporter | None = None
+    #: Site autonomy (errata 4.13 to §6.3); None when ``[autonomy] enabled`` is false.
+    autonomy: Autonomy | None = None
     station_port: int = 0
     http_port: int = 0
     #: Why the appliance was asked to restart (e.g. "RemoteReset"); None for a plain shutdown.
@@ -152,6 +155,8 @@ class App:
             "limits": self.limits.status(),
             "balancing": None if self.balancer is None else self.balancer.status(),
             "upstream": {"csms_url": self.settings.csms.url, "link_up": own.get("link_up")},
+            # Which stations are served locally (site autonomy) and what waits for the CSMS.
+            "autonomy": None if self.autonomy is None else self.autonomy.status(),
             "shutting_down": self.shutting_down,
         }
 
@@ -216,6 +221,10 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         if app.own is not None:
             app.own.security_events.report(event_type, tech_info, source="station")
 
+    # Site autonomy: built before the server, which hands it every OCPP 2.0.1 pair's CSMS leg.
+    autonomy = (
+        Autonomy(settings.autonomy, store, registry=registry, wall_clock=utc_now) if settings.autonomy.enabled else None
+    )
     server = StationServer(
         base_path=settings.stations.path,
         upstream=upstream,
@@ -231,6 +240,7 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         own_identity=settings.controller.identity if settings.controller.connect else None,
         certificate_organization=settings.stations.security.organization,
         security_event=station_security_event,
+        autonomy=autonomy,
     )
     own_settings = own_identity_settings(settings, csms_context)
     grid = settings.site.grid
@@ -261,7 +271,7 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         registry=registry,
     )
     csms_book.other_limits = limit_steps(limits.effective, limits.next_change_after)
-    app = App(settings, registry, metrics, hub, links, server, store, limits, csms_book)
+    app = App(settings, registry, metrics, hub, links, server, store, limits, csms_book, autonomy=autonomy)
     if settings.balancing.enabled:
         app.balancer = build_balancer(settings, limits, links, registry, store.namespace(BALANCING_NAMESPACE))
         listeners.append(app.balancer.wake)

@@ -26,6 +26,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from balancing.site import SiteConfig
 
+from .autonomy.settings import AutonomySettings
 from .own.device_model import PASSWORD_STRING
 from .tls import CsmsTlsSettings, StationTlsSettings
 
@@ -530,6 +531,7 @@ class Settings(BaseModel):
     ems: EmsSettings = EmsSettings()
     site: SiteConfig = SiteConfig()
     balancing: BalancingSettings = BalancingSettings()
+    autonomy: AutonomySettings = AutonomySettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="after")

@@ -17,6 +17,7 @@ from balancing.site import (
     StationConfig,
     StationDefaults,
 )
+from router.autonomy.settings import AutonomySettings
 from router.config import (
     BalancingSettings,
     ConfigError,
@@ -134,6 +135,7 @@ def test_the_shipped_example_documents_every_key() -> None:
         "ems": EmsSettings,
         "site": SiteConfig,
         "balancing": BalancingSettings,
+        "autonomy": AutonomySettings,
         "log": LogSettings,
     }
     assert set(sections) == set(Settings.model_fields)
