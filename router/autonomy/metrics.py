@@ -53,7 +53,12 @@ class AutonomyMetrics:
     """The counters, histogram and event-driven gauges the autonomy parts keep."""
 
     def __init__(
-        self, registry: CollectorRegistry, *, queue_max_bytes: int, queue_max_messages_per_station: int
+        self,
+        registry: CollectorRegistry,
+        *,
+        queue_max_bytes: int,
+        queue_max_messages_per_station: int,
+        max_offline_s: float,
     ) -> None:
         self.stations = Gauge(
             "ocpp_lc_autonomy_stations",
@@ -93,8 +98,14 @@ class AutonomyMetrics:
             "The bound on the messages kept for one station ([autonomy] queue_max_messages_per_station).",
             registry=registry,
         )
+        self.max_offline = Gauge(
+            "ocpp_lc_autonomy_max_offline_seconds",
+            "How long a station is served locally at most ([autonomy] max_offline_s); then it is closed.",
+            registry=registry,
+        )
         self.queue_limit_bytes.set(queue_max_bytes)
         self.queue_limit_messages.set(queue_max_messages_per_station)
+        self.max_offline.set(max_offline_s)
         self.replayed = Counter(
             "ocpp_lc_autonomy_replayed_total",
             "Kept messages delivered to the CSMS after an outage, by its answer (result, error).",

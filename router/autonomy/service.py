@@ -105,6 +105,7 @@ class Autonomy:
             registry,
             queue_max_bytes=settings.queue_max_bytes,
             queue_max_messages_per_station=settings.queue_max_messages_per_station,
+            max_offline_s=settings.max_offline_s,
         )
         self.local = LocalService(
             LocalResponder(self.boots, self.auth, wall_clock=wall_clock),
