@@ -194,7 +194,8 @@ RULE_TESTS: dict[str, Any] = {
                 },
                 # Station messages refused for want of room from minute 6 to minute 10.
                 {
-                    "series": 'ocpp_lc_autonomy_local_answers_total{instance="lc:8080",job="ocpp-lc",kept="queue_full"}',
+                    "series": 'ocpp_lc_autonomy_local_answers_total{instance="lc:8080",job="ocpp-lc",'
+                    'kept="queue_full"}',
                     "values": "0x5 3+3x5 18x20",
                 },
                 {
