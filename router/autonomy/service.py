@@ -148,6 +148,8 @@ class Autonomy:
             "stations": [vars(station) for station in self.stations()],
             "queue_messages": self.queue.total_messages,
             "queue_bytes": self.queue.total_bytes,
+            "queue_max_bytes": self.settings.queue_max_bytes,
+            "queue_max_messages_per_station": self.settings.queue_max_messages_per_station,
         }
 
     def mode_of(self, station_id: str) -> Mode | None:
