@@ -416,6 +416,24 @@ def test_dashboard_takes_its_datasource_as_a_variable() -> None:
     titles = " ".join(panel["title"] for panel in panels)
     for needed in ("Stations connected", "Own link", "Boot status", "Outbox", "Frames per second", "p99", "Firmware"):
         assert needed in titles
+    # Site autonomy (issue 12): its row shows stations local and replaying, the queue, the replay and
+    # the local authorisations, each panel on the metric it names.
+    rows = [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"]
+    assert "Site autonomy (CSMS unreachable)" in rows
+    autonomy_exprs = {
+        panel["title"]: " ".join(target["expr"] for target in panel["targets"])
+        for panel in panels
+        if "ocpp_lc_autonomy_" in " ".join(target["expr"] for target in panel["targets"])
+    }
+    for title, metric in (
+        ("Served locally", 'ocpp_lc_autonomy_stations{instance=~"$instance", mode="local"}'),
+        ("Replaying", 'ocpp_lc_autonomy_stations{instance=~"$instance", mode="replaying"}'),
+        ("Queue for the CSMS", "ocpp_lc_autonomy_queue_bytes"),
+        ("Queue used", "ocpp_lc_autonomy_queue_limit_bytes"),
+        ("Replay", "ocpp_lc_autonomy_replay_duration_seconds_bucket"),
+        ("Local authorisations", "ocpp_lc_autonomy_local_authorizations_total"),
+    ):
+        assert metric in autonomy_exprs[title], title
 
 
 #: Grafana's variables, as Grafana would fill them in, so that Prometheus's parser can read the queries.
