@@ -48,7 +48,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from operator import attrgetter, itemgetter
+from operator import attrgetter
+from typing import Any
 
 import numpy as np
 
@@ -254,25 +255,21 @@ def _lower(a: float | None, b: float | None) -> float | None:
     return min(a, b)
 
 
-_FIELDS = attrgetter(
-    "station_id",
-    "evse_id",
-    "priority",
-    "phases_used",
-    "measured_current_amperes",
-    "underdraw_since_s",
-    "compliant",
-    "served_since_s",
-    "waiting_since_s",
-    "max_current_amperes",
-    "fixed_amperes",
-    "reserve_amperes",
-)
-_BY_KEY = itemgetter(0, 1)
+_BY_KEY = attrgetter("station_id", "evse_id")
 
 
-def _floats(column: tuple[float | None, ...]) -> FloatArray:
-    return np.array(column, dtype=np.float64)  # None becomes NaN
+def _column(ordered: list[Session], name: str) -> list[Any]:
+    return list(map(attrgetter(name), ordered))
+
+
+def _floats(column: list[float | None]) -> FloatArray:
+    """A float column with ``None`` as NaN (most optional fields are ``None`` for almost every EVSE)."""
+    nones = column.count(None)
+    if nones == len(column):
+        return np.full(len(column), np.nan)
+    if nones:
+        column = [np.nan if value is None else value for value in column]
+    return np.array(column, dtype=np.float64)
 
 
 def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], now_s: float) -> Allocation:
@@ -280,18 +277,18 @@ def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], 
 
     Raises ValueError if two sessions name the same EVSE.
     """
-    rows = sorted(map(_FIELDS, sessions), key=_BY_KEY)
-    if not rows:
+    ordered = sorted(sessions, key=_BY_KEY)
+    if not ordered:
         return Allocation(evses={}, overcommitted=False, computed_at_s=now_s)
-    (station_ids, evse_ids, priority, phases_used, measured, underdraw, compliant_col, served, waiting, max_current,
-     fixed_col, reserve) = zip(*rows, strict=True)  # fmt: skip
+    station_ids: list[str] = _column(ordered, "station_id")
+    evse_ids: list[int] = _column(ordered, "evse_id")
     keys = list(zip(station_ids, evse_ids, strict=True))
     if len(set(keys)) != len(keys):
         for before, after in itertools.pairwise(keys):
             if before == after:
                 raise ValueError(f"two sessions on station {after[0]!r} EVSE {after[1]}")
     index = site_index(site)
-    number = np.array(index.station_numbers(list(station_ids)), dtype=np.intp)
+    number = np.array(index.station_numbers(station_ids), dtype=np.intp)
     station_priority, station_phases, station_low, station_high, overrides = index.station_arrays()
     policy = site.policy
 
@@ -301,16 +298,16 @@ def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], 
     for position in np.flatnonzero(overrides[number]).tolist():
         station = index.columns.stations[number[position]]
         low[position], high[position] = station.evse_range_amperes(evse_ids[position])
-    cap = _floats(max_current)
+    cap = _floats(_column(ordered, "max_current_amperes"))
     capped = ~np.isnan(cap)
     high[capped] = np.maximum(0.0, np.minimum(high[capped], cap[capped]))
     low[capped] = np.minimum(low[capped], high[capped])
-    compliant = np.array(compliant_col, dtype=np.bool_)
-    reserve_amperes = _floats(reserve)
+    compliant = np.array(_column(ordered, "compliant"), dtype=np.bool_)
+    reserve_amperes = _floats(_column(ordered, "reserve_amperes"))
     idle = compliant & ~np.isnan(reserve_amperes)
     high[idle] = low[idle] = np.maximum(0.0, np.minimum(high[idle], reserve_amperes[idle]))
-    measured_amperes = _floats(measured)
-    underdraw_since = _floats(underdraw)
+    measured_amperes = _floats(_column(ordered, "measured_current_amperes"))
+    underdraw_since = _floats(_column(ordered, "underdraw_since_s"))
     with np.errstate(invalid="ignore"):
         under = compliant & ~idle & ~np.isnan(measured_amperes) & (now_s - underdraw_since >= policy.underdraw_grace_s)
     high[under] = np.maximum(
@@ -318,7 +315,7 @@ def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], 
     )
 
     # Each EVSE's constraints: one row per (station, phase count), compiled once per site.
-    used = _floats(phases_used)
+    used = _floats(_column(ordered, "phases_used"))
     phases_of_station = station_phases[number]
     count = np.where(np.isnan(used), phases_of_station, np.clip(np.nan_to_num(used), 1, phases_of_station))
     row = 3 * number + count.astype(np.intp) - 1
@@ -332,7 +329,7 @@ def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], 
     allocated = np.zeros(len(keys))
     fixed = ~compliant
     if fixed.any():
-        drawing = _floats(fixed_col)
+        drawing = _floats(_column(ordered, "fixed_amperes"))
         allocated[fixed] = np.where(np.isnan(drawing), high, np.maximum(high, np.nan_to_num(drawing)))[fixed]
         entries = weight[fixed] > 0
         slack -= np.bincount(
@@ -346,9 +343,9 @@ def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], 
         np.maximum(slack, 0.0, out=slack)
 
     # Rules 2 and 4: levels from the highest, each in turn order (ties: station id, EVSE id).
-    level = np.array(priority, dtype=np.int64) + station_priority[number]
-    served_since = _floats(served)
-    waiting_since = _floats(waiting)
+    level = np.array(_column(ordered, "priority"), dtype=np.int64) + station_priority[number]
+    served_since = _floats(_column(ordered, "served_since_s"))
+    waiting_since = _floats(_column(ordered, "waiting_since_s"))
     has_turn = ~np.isnan(served_since)
     with np.errstate(invalid="ignore"):
         keeps_turn = has_turn & (now_s - served_since < policy.rotation_period_s)

@@ -62,6 +62,11 @@ def admit(candidates: IntArray, amount: FloatArray, index: IntArray, weight: Flo
 
     ``index``/``weight`` are the rows of every EVSE (indexed by EVSE number); ``slack`` is updated.
     """
+    if len(candidates) == 0:
+        return candidates
+    # What does not fit now never will (slack only shrinks): drop it before any sorting.
+    fits = (slack[index[candidates]] + EPSILON_AMPERES >= weight[candidates] * amount[candidates][:, None]).all(axis=1)
+    candidates = candidates[fits]
     count = len(candidates)
     if count == 0:
         return candidates
@@ -71,7 +76,7 @@ def admit(candidates: IntArray, amount: FloatArray, index: IntArray, weight: Flo
     entry_position = np.broadcast_to(np.arange(count)[:, None], rows_index.shape)[used]
     entry_constraint = rows_index[used]
     entry_need = need[used]
-    order = np.lexsort((entry_position, entry_constraint))  # by constraint, then turn
+    order = np.argsort(entry_constraint, kind="stable")  # by constraint, then turn (entries come in turn order)
     entry_position = entry_position[order]
     entry_constraint = entry_constraint[order]
     entry_need = entry_need[order]
@@ -131,7 +136,8 @@ def water_fill(
     event_point = np.concatenate((lows[entry_member], highs[entry_member]))
     event_change = np.concatenate((entry_weight, -entry_weight))
     event_member = np.concatenate((entry_member, entry_member))
-    order = np.lexsort((event_change, event_point, event_constraint))
+    # By constraint, then point (at one point the order of changes does not move the level found).
+    order = np.lexsort((event_point, event_constraint))
     event_constraint = event_constraint[order]
     event_point = event_point[order]
     event_change = event_change[order]
