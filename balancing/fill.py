@@ -87,16 +87,19 @@ def admit(candidates: IntArray, amount: FloatArray, index: IntArray, weight: Flo
     while True:
         live = undecided[entry_position]
         # What does not fit now never will: slack only shrinks.
-        failing = live & (slack[entry_constraint] + EPSILON_AMPERES < entry_need)
-        undecided[entry_position[failing]] = False
+        live &= slack[entry_constraint] + EPSILON_AMPERES >= entry_need
+        undecided[entry_position[~live]] = False
         if not undecided.any():
             break
         live &= undecided[entry_position]
-        values = np.where(live, entry_need, 0.0)
-        inclusive = np.cumsum(values)
-        exclusive = inclusive - values
+        if not live.all():  # keep only the undecided candidates' entries: later rounds cost what is left
+            entry_position, entry_constraint = entry_position[live], entry_constraint[live]
+            entry_need = entry_need[live]
+            starts = _group_starts(entry_constraint)
+        inclusive = np.cumsum(entry_need)
+        exclusive = inclusive - entry_need
         before = exclusive - exclusive[starts]  # taken by earlier candidates on the same constraint
-        misfit = live & (slack[entry_constraint] - before + EPSILON_AMPERES < entry_need)
+        misfit = slack[entry_constraint] - before + EPSILON_AMPERES < entry_need
         first_misfit = int(entry_position[misfit].min()) if misfit.any() else count
         now = undecided & (positions < first_misfit)
         chosen = candidates[now]
@@ -142,38 +145,29 @@ def water_fill(
     event_point = event_point[order]
     event_change = event_change[order]
     event_member = event_member[order]
-    starts = _group_starts(event_constraint)
-    previous_point = np.empty_like(event_point)
-    if len(event_point):
-        previous_point[0] = event_point[0]
-        previous_point[1:] = event_point[:-1]
-    step = np.where(starts == np.arange(len(event_point)), 0.0, event_point - previous_point)
-    last = np.ones(len(event_point), dtype=np.bool_)
-    last[:-1] = event_constraint[1:] != event_constraint[:-1]
+    starts, previous_point, step, last = _layout(event_constraint, event_point)
     alive = np.ones(count, dtype=np.bool_)
-    while alive.any():
-        live = alive[event_member]
-        change = np.where(live, event_change, 0.0)
-        slope_inclusive = np.cumsum(change)
-        slope = slope_inclusive - change
+    while True:
+        slope = np.cumsum(event_change) - event_change
         slope -= slope[starts]  # slope just before each event, within its constraint
         area = slope * step
         area_inclusive = np.cumsum(area)
+        # The load above the minimums at each event's point (the area under the slope so far).
         filled = area_inclusive - (area_inclusive[starts] - area[starts])
-        # ``filled``: load above the minimums at each event's point (the area under the slope so far).
         group_slack = slack[event_constraint]
         total = np.zeros(len(slack))
         total[event_constraint[last]] = filled[last]
-        over = total[event_constraint] > group_slack
-        crossing = over & (filled >= group_slack) & (slope > 0)
-        level_of = np.full(len(slack), math.inf)
+        crossing = (total[event_constraint] > group_slack) & (filled >= group_slack) & (slope > 0)
+        level = math.inf
         if crossing.any():
             where = np.flatnonzero(crossing)
-            constraints, first = np.unique(event_constraint[where], return_index=True)
+            crossed = event_constraint[where]
+            first = np.ones(len(where), dtype=np.bool_)
+            first[1:] = crossed[1:] != crossed[:-1]  # the first crossing of each constraint
             at = where[first]
-            filled_before = filled[at] - area[at]
-            level_of[constraints] = previous_point[at] + (group_slack[at] - filled_before) / slope[at]
-        level = float(level_of.min()) if crossing.any() else math.inf
+            level_of = np.full(len(slack), math.inf)
+            level_of[crossed[first]] = previous_point[at] + (group_slack[at] - (filled[at] - area[at])) / slope[at]
+            level = float(level_of.min())
         if math.isinf(level):
             frozen = alive.copy()
         else:
@@ -187,3 +181,26 @@ def water_fill(
         allocated[active[frozen]] = target
         _take(slack, rows_index[frozen], rows_weight[frozen], target - lows[frozen])
         alive &= ~frozen
+        if not alive.any():
+            return
+        # Only the members still rising take part in the next round.
+        keep = alive[event_member]
+        event_constraint, event_point = event_constraint[keep], event_point[keep]
+        event_change, event_member = event_change[keep], event_member[keep]
+        starts, previous_point, step, last = _layout(event_constraint, event_point)
+        keep = alive[entry_member]
+        entry_member, entry_constraint = entry_member[keep], entry_constraint[keep]
+
+
+def _layout(constraint: IntArray, point: FloatArray) -> tuple[IntArray, FloatArray, FloatArray, BoolArray]:
+    """For events sorted by constraint then point: group starts, the previous event's point, the step
+    from it (0 at a group's start) and whether each event is its group's last."""
+    starts = _group_starts(constraint)
+    previous = np.empty_like(point)
+    if len(point):
+        previous[0] = point[0]
+        previous[1:] = point[:-1]
+    step = np.where(starts == np.arange(len(point)), 0.0, point - previous)
+    last = np.ones(len(constraint), dtype=np.bool_)
+    last[:-1] = constraint[1:] != constraint[:-1]
+    return starts, previous, step, last
