@@ -275,8 +275,14 @@ def _floats(column: list[float | None]) -> FloatArray:
 def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], now_s: float) -> Allocation:
     """Share the site's capacity among the sessions; see the module docstring for the rules.
 
-    Raises ValueError if two sessions name the same EVSE.
+    Raises ValueError if two sessions name the same EVSE. Safe to call from any thread: the compiled
+    site it shares with other calls is used under its lock (:mod:`balancing.scheduling` runs it in one).
     """
+    with site_index(site).lock:
+        return _allocate(site, limits, sessions, now_s)
+
+
+def _allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], now_s: float) -> Allocation:
     ordered = sorted(sessions, key=_BY_KEY)
     if not ordered:
         return Allocation(evses={}, overcommitted=False, computed_at_s=now_s)

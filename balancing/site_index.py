@@ -16,6 +16,7 @@ sentinel constraint (the last, of infinite capacity) at weight 0, so a session's
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,6 +83,8 @@ class SiteIndex:
 
     def __init__(self, site: SiteConfig) -> None:
         self.site = site
+        #: Held by each allocation: stations seen for the first time extend the tables below.
+        self.lock = threading.Lock()
         self._node_number: dict[str, int] = {GRID_NODE_ID: 0}
         for circuit in site.circuits:
             self._node_number["circuit:" + circuit.circuit_id] = len(self._node_number)
