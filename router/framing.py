@@ -125,21 +125,27 @@ class Deflater:
     """Compresses our messages (RFC 7692) with a window of ``window_bits`` and zlib's ``mem_level``.
 
     Without ``keep_context`` every message is compressed on its own by a compressor made for it and
-    dropped after it, so an idle connection holds no zlib state.
+    dropped after it, so an idle connection holds no zlib state. Such a compressor gains little on
+    a short message (~1.9-fold on 400 bytes of OCPP) for ~45 µs of CPU, several times what the rest
+    of relaying it costs: messages under ``min_bytes`` are then sent uncompressed, which RFC 7692
+    allows message by message (RSV1 clear). With the context kept, compressing is cheap and pays.
     """
 
-    def __init__(self, window_bits: int, mem_level: int, *, keep_context: bool) -> None:
+    def __init__(self, window_bits: int, mem_level: int, *, keep_context: bool, min_bytes: int = 1024) -> None:
         self.window_bits = window_bits
         self.mem_level = mem_level
         self.keep_context = keep_context
+        self.min_bytes = 0 if keep_context else min_bytes
         self._zlib: zlib._Compress | None = None
 
     def _new(self) -> zlib._Compress:
         # zlib has no 8-bit raw deflate window; RFC 7692 allows 9-15 only anyway.
         return zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -self.window_bits, self.mem_level)
 
-    def deflate(self, data: bytes) -> bytes:
-        """One message's compressed payload, its RFC 7692 tail removed."""
+    def deflate(self, data: bytes) -> bytes | None:
+        """One message's compressed payload, its RFC 7692 tail removed; None: send it uncompressed."""
+        if len(data) < self.min_bytes:
+            return None
         compressor = self._zlib if self._zlib is not None else self._new()
         if self.keep_context:
             self._zlib = compressor

@@ -19,6 +19,7 @@ short while so the peer sees it, then closes the stream; call it only once its r
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from typing import Final, Protocol, cast
 
@@ -86,6 +87,10 @@ class WebSocket:
         leftover: bytes = b"",
     ) -> None:
         self._stream = stream
+        # A plain TCP stream is read and written through its descriptor: the same non-blocking
+        # calls and waits trio's SocketStream makes, without its layers of context managers (which
+        # cost a measurable part of relaying a small message). TLS streams go through trio.
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._mask = client
         self.subprotocol = subprotocol
         self.compressed = codecs is not None
@@ -146,14 +151,14 @@ class WebSocket:
             lock.acquire_nowait()  # free: the send below is the checkpoint
         try:
             if len(data) <= WRITE_PIECE_BYTES:
-                await self._stream.send_all(data)
+                await self._send_all(data)
                 self.drained_at_s = trio.current_time()
                 self._pulse()
             else:
                 view = memoryview(data)
                 # In pieces, so that a large message draining slowly still shows progress.
                 for start in range(0, len(view), WRITE_PIECE_BYTES):
-                    await self._stream.send_all(view[start : start + WRITE_PIECE_BYTES])
+                    await self._send_all(view[start : start + WRITE_PIECE_BYTES])
                     self.drained_at_s = trio.current_time()
                     self._pulse()
         except _LOST as exc:
@@ -164,6 +169,56 @@ class WebSocket:
         self.bytes_sent += len(data)
         if self._sent_counter is not None:
             self._sent_counter.inc(len(data))
+
+    async def _send_all(self, data: bytes | memoryview) -> None:
+        # The scheduling is trio's own (a cancellation check first; one checkpoint after a send
+        # that completed at once; none after one that had to wait), without its layers.
+        sock = self._socket
+        if sock is None:
+            await self._stream.send_all(data)
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        view = memoryview(data)
+        sent = 0
+        waited = False
+        while True:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the stream was closed")
+            try:
+                sent += os.write(fd, view[sent:])
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket failed: {exc}") from exc
+            if sent >= len(view):
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+            await trio.lowlevel.wait_writable(sock)
+            waited = True
+
+    async def _receive_some(self) -> bytes:
+        sock = self._socket
+        if sock is None:
+            return bytes(await self._stream.receive_some(RECEIVE_CHUNK_BYTES))
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        while True:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the stream was closed")
+            try:
+                data = os.read(fd, RECEIVE_CHUNK_BYTES)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket failed: {exc}") from exc
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # data was there: let others run
+            return data
 
     def _mark_closed(self, code: int, reason: str, *, by_peer: bool) -> None:
         if self._closed is None:
@@ -178,7 +233,9 @@ class WebSocket:
     def _encode_text(self, text: str) -> bytes:
         payload = text.encode()
         if self._deflater is not None:
-            return framing.encode_frame(framing.OP_TEXT, self._deflater.deflate(payload), mask=self._mask, rsv1=True)
+            compressed = self._deflater.deflate(payload)
+            if compressed is not None:
+                return framing.encode_frame(framing.OP_TEXT, compressed, mask=self._mask, rsv1=True)
         return framing.encode_frame(framing.OP_TEXT, payload, mask=self._mask)
 
     async def send_text(self, text: str) -> None:
@@ -275,7 +332,7 @@ class WebSocket:
         else:
             with trio.move_on_at(math.inf if deadline_s is None else deadline_s):
                 try:
-                    data = await self._stream.receive_some(RECEIVE_CHUNK_BYTES)
+                    data = await self._receive_some()
                 except _LOST:
                     data = b""
             if data is None:
@@ -364,7 +421,7 @@ class WebSocket:
                 with trio.move_on_after(CLOSE_DRAIN_S):
                     while not self._parser.done and not self._stream_closed:
                         try:
-                            data = self._leftover or await self._stream.receive_some(RECEIVE_CHUNK_BYTES)
+                            data = self._leftover or await self._receive_some()
                         except _LOST:
                             break
                         self._leftover = b""

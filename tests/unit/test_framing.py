@@ -186,10 +186,11 @@ def test_compressed_sequences_read_like_wsproto(case: tuple[bytes, list[tuple[st
 @given(text=texts, compressed=st.booleans(), keep=st.booleans(), masked=st.booleans())
 def test_what_we_encode_the_other_side_decodes(text: str, compressed: bool, keep: bool, masked: bool) -> None:
     # Our writer (frames, mask, deflate) read back by our parser and by wsproto, both sides.
-    deflater = Deflater(12, 4, keep_context=keep)
+    deflater = Deflater(12, 4, keep_context=keep, min_bytes=0)
     wire = b""
     for _ in range(2):  # twice: the second message depends on the kept context, if any
         payload = deflater.deflate(text.encode()) if compressed else text.encode()
+        assert payload is not None
         wire += framing.encode_frame(framing.OP_TEXT, payload, mask=masked, rsv1=compressed)
     inflater = Inflater(12, keep_context=keep, max_message_bytes=MAX) if compressed else None
     parser = FrameParser(peer_masks=masked, max_message_bytes=MAX, inflater=inflater)
@@ -202,6 +203,17 @@ def test_what_we_encode_the_other_side_decodes(text: str, compressed: bool, keep
     decoder = FrameProtocol(client=not masked, extensions=extensions)
     decoder.receive_bytes(wire)
     assert [received.payload for received in decoder.received_frames()] == [text, text]
+
+
+def test_short_messages_go_uncompressed_only_without_a_kept_context() -> None:
+    # RFC 7692 decides per message (RSV1); a fresh compressor costs more than it saves on short ones.
+    assert Deflater(10, 3, keep_context=False).deflate(b'[3,"1",{}]') is None
+    assert Deflater(10, 3, keep_context=False).deflate(b"x" * 2000) is not None
+    assert Deflater(12, 4, keep_context=True).deflate(b'[3,"1",{}]') is not None
+    parser = FrameParser(
+        peer_masks=False, max_message_bytes=MAX, inflater=Inflater(15, keep_context=False, max_message_bytes=MAX)
+    )
+    assert parser.receive(framing.encode_frame(framing.OP_TEXT, b"[]", mask=False)) == [(TEXT, "[]")]
 
 
 def test_the_pure_python_mask_equals_the_c_one() -> None:
