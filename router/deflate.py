@@ -12,10 +12,11 @@ inflater ``2**window_bits`` plus ~7 KiB, for as long as its context is kept.
   with ``server_no_context_takeover``), so it exists only while a message is compressed; a station
   that lets us limit its window (``client_max_window_bits``) gets :data:`STATION_WINDOW_BITS`.
 * Toward the CSMS (the WAN, often metered): our compressor keeps its context, the part that makes
-  repetitive OCPP traffic shrink ~20-fold, with a 4 KiB window and ``mem_level`` 4 (~30 KiB instead
+  repetitive OCPP traffic shrink ~20-fold, with a 4 KiB window and ``mem_level`` 3 (~26 KiB instead
   of zlib's default ~260 KiB: on OCPP messages, which are mostly shorter than 4 KiB and repeat
-  their neighbours, the ratio is within a few percent of the default's; the forwarding benchmark
-  prints the measured figures), and we ask the CSMS for the same window (``server_max_window_bits``).
+  their neighbours, the ratio is that of the default; ``tests/bench/versus_nginx.py`` prints the
+  measured figures), and we ask the CSMS for a 2 KiB window (``server_max_window_bits=11``: its
+  messages are mostly short answers).
 
 Whatever the peer sends is inflated to at most the message size limit (the framer's Inflater).
 """
@@ -29,15 +30,18 @@ from wsproto.extensions import PerMessageDeflate
 
 from .framing import Deflater, Inflater
 
-#: The window the station's compressor is asked to stay within, when it lets us choose (LAN leg).
-STATION_WINDOW_BITS: Final = 12
+#: The window the station's compressor is asked to stay within, when it lets us choose (LAN leg:
+#: its ratio matters little there, and inflating it costs 1 KiB of window instead of 32).
+STATION_WINDOW_BITS: Final = 10
 #: Our compressor toward stations: its context is dropped after every message, so a small window
 #: loses nothing (OCPP messages are mostly shorter than 1 KiB) and the transient state stays small.
 STATION_DEFLATE_WINDOW_BITS: Final = 10
 STATION_DEFLATE_MEM_LEVEL: Final = 3
-#: The window both ends of the CSMS leg (WAN) compress with, and our compressor's memory level.
+#: Our compressor toward the CSMS (WAN): its window and memory level (~26 KiB of zlib state).
 CSMS_WINDOW_BITS: Final = 12
-CSMS_DEFLATE_MEM_LEVEL: Final = 4
+CSMS_DEFLATE_MEM_LEVEL: Final = 3
+#: The window the CSMS is asked to compress with (our inflater keeps it: ~9 KiB instead of ~39).
+CSMS_PEER_WINDOW_BITS: Final = 11
 _ZLIB_MAX_BITS: Final = 15
 
 
@@ -84,7 +88,7 @@ class NegotiatedDeflate(PerMessageDeflate):
     # -- client ---------------------------------------------------------------------------------
 
     def offer(self) -> str:
-        parts = [f"client_max_window_bits={CSMS_WINDOW_BITS}", f"server_max_window_bits={CSMS_WINDOW_BITS}"]
+        parts = [f"client_max_window_bits={CSMS_WINDOW_BITS}", f"server_max_window_bits={CSMS_PEER_WINDOW_BITS}"]
         if not self.keep_context:
             parts.append("client_no_context_takeover")
         return "; ".join(parts)

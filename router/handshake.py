@@ -94,7 +94,7 @@ class IncomingHandshake:
     """A station's opening handshake, read but not yet answered."""
 
     stream: trio.abc.Stream
-    connection: WSConnection
+    connection: WSConnection | None  # None once accepted
     target: str
     subprotocols: list[str]
     extensions: list[str]
@@ -110,16 +110,21 @@ class IncomingHandshake:
         extensions: list[Extension] = [
             deflate(server=True, keep_context=keep_compression_context, max_message_bytes=self.max_message_bytes)
         ]
-        data = self.connection.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
+        assert self.connection is not None, "the handshake was already answered"
+        connection = self.connection
+        data = connection.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
         websocket = _opened(
             self.stream,
-            self.connection,
+            connection,
             client=False,
             subprotocol=subprotocol,
             extensions=extensions,
             max_message_bytes=self.max_message_bytes,
         )
         await websocket._write(data)
+        # wsproto's part is over: its h11 and frame state need not stay with the station while it is
+        # connected (the handler keeps this object that long).
+        self.connection = None
         return websocket
 
     async def reject(self, status: int, reason: str, *, headers: Sequence[tuple[str, str]] = ()) -> None:
@@ -129,6 +134,7 @@ class IncomingHandshake:
         must not pass framing headers (content-length, connection, transfer-encoding).
         """
         body = (reason.strip() + "\n").encode()[:MAX_REJECT_BODY_BYTES]
+        assert self.connection is not None, "the handshake was already answered"
         try:
             data = self.connection.send(
                 RejectConnection(
