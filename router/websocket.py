@@ -18,7 +18,6 @@ short while so the peer sees it, then closes the stream; call it only once its r
 
 from __future__ import annotations
 
-import math
 import os
 from collections import deque
 from typing import Final, Protocol, cast
@@ -376,11 +375,14 @@ class WebSocket:
         if self._leftover:
             data, self._leftover = self._leftover, b""
         else:
-            with trio.move_on_at(math.inf if deadline_s is None else deadline_s):
-                try:
+            try:
+                if deadline_s is None:  # the pump: no cancel scope per read (it costs ~10 µs)
                     data = await self._receive_some()
-                except _LOST:
-                    data = b""
+                else:
+                    with trio.move_on_at(deadline_s):
+                        data = await self._receive_some()
+            except _LOST:
+                data = b""
             if data is None:
                 return  # the deadline passed with nothing read
             if not data:
