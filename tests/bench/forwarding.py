@@ -251,7 +251,8 @@ async def _connect_all(url_base: str, stations: int, compression: str | None, pr
                 failures.append(f"{type(exc).__name__}: {exc}")
                 return None
 
-    async with asyncio.timeout(CONNECT_DEADLINE_S):
+    # At least 50 handshakes a second (through a proxy, two each): thousands of stations take minutes.
+    async with asyncio.timeout(max(CONNECT_DEADLINE_S, stations / 50)):
         connections = await asyncio.gather(*(one(index) for index in range(stations)))
     if failures:
         emit({"event": "connect_failures", "count": len(failures), "first": failures[:3]})
