@@ -327,6 +327,7 @@ def memory(children: fw.Children, args: argparse.Namespace, ports: dict[str, int
                 args.layout.controller,
                 f"mem-ctrl-{compression}-{stations}",
                 max_stations=stations + 100,
+                balancing=args.memory_balancing == "on",
             )
             try:
                 url = f"ws://{fw.HOST}:{controller.station_port}{fw.PATH}"
@@ -444,6 +445,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--compression", default="deflate,none")
     parser.add_argument("--balancing", default="on,off")
     parser.add_argument("--memory", default="1000,9500", help="station counts for idle memory ('' skips)")
+    parser.add_argument("--memory-balancing", choices=("on", "off"), default="on", help="balancing in memory runs")
     parser.add_argument("--storm", type=int, default=1000, help="stations in the reconnect storm (0 skips)")
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--json", action="store_true")
