@@ -355,7 +355,13 @@ def memory(children: fw.Children, args: argparse.Namespace, ports: dict[str, int
 def storm(children: fw.Children, args: argparse.Namespace, ports: dict[str, int]) -> dict[str, Any]:
     result: dict[str, Any] = {"stations": args.storm}
     controller = fw.start_controller(
-        children, args.controller, ports["port"], args.layout.controller, "storm-ctrl", max_stations=args.storm + 100
+        children,
+        args.controller,
+        ports["port"],
+        args.layout.controller,
+        "storm-ctrl",
+        max_stations=args.storm + 100,
+        balancing=args.memory_balancing == "on",
     )
     nginx, nginx_port = start_nginx(children, ports["port"], args.layout.controller, "storm-nginx")
     try:
@@ -445,7 +451,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--compression", default="deflate,none")
     parser.add_argument("--balancing", default="on,off")
     parser.add_argument("--memory", default="1000,9500", help="station counts for idle memory ('' skips)")
-    parser.add_argument("--memory-balancing", choices=("on", "off"), default="on", help="balancing in memory runs")
+    parser.add_argument(
+        "--memory-balancing", choices=("on", "off"), default="on", help="balancing in the memory and storm runs"
+    )
     parser.add_argument("--storm", type=int, default=1000, help="stations in the reconnect storm (0 skips)")
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--json", action="store_true")
