@@ -53,6 +53,7 @@ from .loop_types import (
     CallOutcome,
     LoopSettings,
     log,
+    reason_code,
     timestamp,
 )
 from .observe import charging_priority, evse_of, measurement, transaction_facts
@@ -395,8 +396,13 @@ class Balancer(SessionTracking, ProfileRenewal):
         record = None if station is None else station.evses.get(step.evse_id)
         # A TxProfile for a transaction that ended meanwhile is rightly refused (K01.FR.09): not a fault.
         overtaken = record is None or record.generation != generation
-        if not accepted and not self._stopping and not overtaken:
-            status_info = (outcome.payload or {}).get("statusInfo") if outcome.status == "answered" else None
+        status_info = (outcome.payload or {}).get("statusInfo") if outcome.status == "answered" else None
+        ended_there = purpose == "TxProfile" and reason_code(status_info) == "TxNotFound"
+        if not accepted and not self._stopping and not overtaken and ended_there:
+            # The transaction ended at the station before the profile arrived; its TransactionEvent is on its
+            # way: counted at its maximum until that comes, but not a fault worth a warning.
+            log.info("[%s] TxProfile on EVSE %d: the transaction has ended there", step.station_id, step.evse_id)
+        elif not accepted and not self._stopping and not overtaken:
             log.warning(
                 "[%s] %s of %.1f A on EVSE %d: %s%s; counted at its maximum until it accepts one",
                 step.station_id,
