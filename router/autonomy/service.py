@@ -147,6 +147,7 @@ class Autonomy:
         # station's reconnections, so that max_offline_s bounds the outage, not one connection.
         self._offline_since_s: dict[str, float] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._replay_locks: dict[str, trio.Lock] = {}
         self.refresh_gauges()
 
     # -- the view ----------------------------------------------------------------------------------
@@ -219,6 +220,10 @@ class Autonomy:
         """Whether ``station_id`` has been without its CSMS for longer than max_offline_s (strict rule)."""
         since_s = self._offline_since_s.get(station_id)
         return since_s is not None and trio.current_time() - since_s >= self.settings.max_offline_s
+
+    def replay_lock(self, station_id: str) -> trio.Lock:
+        """Held by the pair that replays ``station_id``'s kept messages: one replay per station at a time."""
+        return self._replay_locks.setdefault(station_id, trio.Lock())
 
     def has_kept(self, station_id: str) -> bool:
         """Whether anything waits for ``station_id``'s CSMS (then the pair replays before it relays)."""

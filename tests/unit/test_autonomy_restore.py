@@ -95,8 +95,9 @@ async def test_a_replayed_boot_answered_rejected_closes_the_csms_leg_until_its_i
             answered_s = trio.current_time()
             with pytest.raises(ConnectionClosed):
                 await csms.receive_text()  # closed by the controller, the queued event not sent
+            # Still connected, answered as the CSMS would answer a rejected station (B03.FR.07).
             await site.station_call("h-1", "Heartbeat", {})
-            assert (await site.station_receives())[0] == 3
+            assert (await site.station_receives())[:3] == [4, "h-1", "SecurityError"]
             csms = await site.restored.receive()
             assert site.attempts_s[-1] - answered_s >= 40
             again, again_s = await receive_call(csms)
