@@ -18,9 +18,9 @@ leg: it sends and receives text frames. Behind that it has three modes (:data:`.
 * **replaying** — the CSMS leg is back. The kept messages go to it in order with ids of the
   controller's own, one outstanding at a time (§4.1.1), a kept boot before anything else (and until the
   CSMS accepts it: :meth:`_replay_boot`), one pair per station at a time; its answers stay here (they
-  feed the caches, and may stop a transaction whose idToken it refuses). The station is still answered locally, its
-  new messages queue behind. Calls the CSMS sends meanwhile are relayed to the station and its answers
-  go back. Once nothing is kept, the pair relays again.
+  feed the caches, and may stop a transaction whose idToken it refuses). The station is still answered
+  locally, its new messages queue behind. Calls the CSMS sends meanwhile are relayed to the station and
+  its answers go back. Once nothing is kept, the pair relays again.
 
 Ending: past ``max_offline_s`` without the CSMS, or when the CSMS refuses the station's handshake on
 restore (HTTP 4xx: 401, 403, 404 …), or agrees to no subprotocol, :meth:`receive_text` and
