@@ -26,7 +26,7 @@ from router.link import LinkTimings, StationLink
 from router.metrics import RouterMetrics
 from router.observers import ObserverHub
 from router.store import Store
-from router.transport import ConnectionClosed, WebSocket
+from router.transport import ConnectionClosed, HandshakeFailed, WebSocket
 from tests.support.schemas import validate_frame
 from tests.unit.test_autonomy_upstream import NOW, Site, T, boot_online, open_site, tx
 from tests.unit.test_link import ws_pair
@@ -223,3 +223,65 @@ async def test_a_station_reconnecting_during_the_replay_repeats_no_message(
                     await changed.wait()
                 assert autonomy.queue.messages("CS01") == 0
                 new_link.close("test over")
+
+
+async def test_once_one_station_reaches_the_csms_again_the_others_stop_backing_off(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Found by tests/bench/outage.py: with a reconnect rate the site does not saturate, stations sat out
+    # their backoff (up to reconnect_backoff_max_s) after the CSMS was back. One station getting through
+    # now wakes the others, which then come at the pacer's rate.
+    back_at_s = 100.0
+    with Store.open(tmp_path / "state") as store:
+        registry = CollectorRegistry()
+        metrics = RouterMetrics(registry)
+        autonomy = Autonomy(
+            AutonomySettings(reconnect_backoff_max_s=600.0, reconnect_rate_per_s=10.0),
+            store,
+            registry=registry,
+            wall_clock=lambda: NOW,
+            rng=random.Random(7),
+        )
+        restored: dict[str, float] = {}
+        done = trio.Event()
+
+        def connector(station_id: str) -> Any:
+            async def connect() -> WebSocket:
+                if trio.current_time() < back_at_s:
+                    raise HandshakeFailed("connection refused", kind="unreachable")
+                restored.setdefault(station_id, trio.current_time())
+                if len(restored) == 2:
+                    done.set()
+                client, _server = await ws_pair()
+                return client
+
+            return connect
+
+        with trio.fail_after(1000):
+            async with trio.open_nursery() as nursery:
+                for index, station_id in enumerate(("CS01", "CS02")):
+                    autonomy.boots.learn(station_id, {"status": "Accepted", "interval": 300})
+                    _station_end, lc_station = await ws_pair()
+                    upstream = AutonomousUpstream(
+                        station_id,
+                        "ocpp2.0.1",
+                        None,
+                        autonomy=autonomy,
+                        connect=connector(station_id),
+                        timings=UpstreamTimings(ping_interval_s=0),
+                    )
+                    link = StationLink(
+                        station_id,
+                        lc_station,
+                        upstream,
+                        metrics=metrics,
+                        hub=ObserverHub(metrics),
+                        timings=LinkTimings(station_ping_interval_s=0, csms_ping_interval_s=0),
+                    )
+                    await nursery.start(upstream.run)
+                    nursery.start_soon(link.run)
+                    await trio.sleep(7.0 * index)  # their backoffs out of step
+                await done.wait()
+                nursery.cancel_scope.cancel()
+        first, second = sorted(restored.values())
+        assert back_at_s <= first and second - first < 1.0, restored
