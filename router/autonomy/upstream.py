@@ -14,7 +14,8 @@ leg: it sends and receives text frames. Behind that it has three modes (:data:`.
   :class:`.local.LocalService` (durable before the answer is handed to the link); calls it had sent to
   the CSMS and got no answer for are answered that way too. Meanwhile a restore task re-opens the
   CSMS leg with the station's original handshake (kept in memory only, in the ``connect`` callable),
-  paced site-wide (:class:`.service.ReconnectPacer`), with a doubling, jittered wait between attempts.
+  paced site-wide (:class:`.service.ReconnectPacer`), with a doubling, jittered wait between attempts
+  that ends early once another station got through.
 * **replaying** — the CSMS leg is back. The kept messages go to it in order with ids of the
   controller's own, one outstanding at a time (§4.1.1), a kept boot before anything else (and until the
   CSMS accepts it: :meth:`_replay_boot`), one pair per station at a time; its answers stay here (they
@@ -355,6 +356,7 @@ class AutonomousUpstream:
                 else:
                     if real.subprotocol == self.subprotocol:
                         log.info("[%s] CSMS connection restored", self.station_id)
+                        self._autonomy.pacer.reached()
                         return real
                     await real.aclose(NORMAL, "")
                     log.warning(
@@ -362,8 +364,10 @@ class AutonomousUpstream:
                     )
                     self._fail(ABNORMAL, "CSMS accepted none of the offered subprotocols")
                     return None
-                await trio.sleep(wait_s * self._autonomy.rng.uniform(0.5, 1.0))
-                wait_s = min(2 * wait_s, settings.reconnect_backoff_max_s)
+                if await self._autonomy.pacer.back_off(wait_s * self._autonomy.rng.uniform(0.5, 1.0)):
+                    wait_s = FIRST_RETRY_S  # another station got through: the CSMS seems back
+                else:
+                    wait_s = min(2 * wait_s, settings.reconnect_backoff_max_s)
         log.warning(
             "[%s] CSMS unreachable for longer than max_offline_s (%g s): closing the station",
             self.station_id,
