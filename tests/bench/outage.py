@@ -112,6 +112,7 @@ class Csms:
 
     port: int = 0
     accepts_s: list[float] = field(default_factory=list)  # perf_counter of every accepted WebSocket
+    requests_s: list[float] = field(default_factory=list)  # and of every opening handshake request read
     replayed: Counter[str] = field(default_factory=Counter)  # replayed calls by action
     last_replay_answer_s: float = math.nan
     first_replay_s: float = math.nan
@@ -128,6 +129,7 @@ class Csms:
             self._handle,
             HOST,
             self.port,
+            process_request=self._on_request,
             subprotocols=[Subprotocol(SUBPROTOCOL)],
             ping_interval=None,
             close_timeout=2,
@@ -142,6 +144,9 @@ class Csms:
         for connection in list(server.connections):
             connection.transport.abort()
         await server.wait_closed()
+
+    def _on_request(self, connection: Any, request: Any) -> None:
+        self.requests_s.append(time.perf_counter())
 
     async def _handle(self, connection: Any) -> None:
         from websockets.exceptions import ConnectionClosed
@@ -557,6 +562,7 @@ async def run(children: Children, args: argparse.Namespace, cpus: set[int] | Non
             }
             result["store_bytes_after_replay"] = store_bytes(args.state_dir)
             result["accepts"] = accept_rates(csms.accepts_s, returned)
+            result["requests"] = accept_rates(csms.requests_s, returned)
             result["checks"] = check_transactions(csms, stations, args.updates + 2)
             result["offline_flags"] = {str(key): value for key, value in csms.offline_flags.items()}
             result["local_token_statuses"] = dict(Counter(str(s.local_token_status) for s in stations))
@@ -576,6 +582,7 @@ async def run(children: Children, args: argparse.Namespace, cpus: set[int] | Non
 
 def report(result: dict[str, Any]) -> list[str]:
     accepts = result["accepts"]
+    requests = result["requests"]
     rate = result["reconnect_rate_per_s"]
     answers = result["local_answers"]
     checks = result["checks"]
@@ -622,6 +629,8 @@ def report(result: dict[str, Any]) -> list[str]:
         f"{accepts['last_s']:.2f} s: peak {accepts['peak_per_bucket']} in a 1 s bucket "
         f"({accepts['peak_sliding_1s']} in the busiest sliding second) against reconnect_rate_per_s = {rate:g}",
         f"  accepts per 1 s bucket: {accepts['buckets']}",
+        f"  opening handshake requests read (before the CSMS answers them): peak {requests['peak_per_bucket']} in a "
+        f"1 s bucket, {requests['peak_sliding_1s']} in the busiest sliding second",
         "",
         "checks",
         f"  TransactionEvents at the CSMS: {checks['duplicates']} repeated, {checks['missing']} missing, "
