@@ -25,6 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, Va
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from balancing.site import SiteConfig
+from meters.settings import MeterSettings, site_problems
 
 from .own.device_model import PASSWORD_STRING
 from .tls import CsmsTlsSettings, StationTlsSettings
@@ -531,6 +532,13 @@ class Settings(BaseModel):
     site: SiteConfig = SiteConfig()
     balancing: BalancingSettings = BalancingSettings()
     log: LogSettings = LogSettings()
+    meters: tuple[MeterSettings, ...] = Field(default=(), strict=False)  # [[meters]]: see meters/settings.py
+
+    @model_validator(mode="after")
+    def _meters_fit_the_site(self) -> Settings:
+        for field, message in site_problems(self.meters, self.site)[:1]:
+            raise _problem(message, field=field)
+        return self
 
     @model_validator(mode="after")
     def _ports_do_not_clash(self) -> Settings:
