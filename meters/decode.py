@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .settings import WIDTH, DataType, Order, RegisterMap
@@ -129,14 +129,16 @@ def decode_meter_model(registers: Sequence[int]) -> MeterReading:
     return MeterReading((phases[0], phases[1], phases[2]), power_watts=power, total_current_amperes=total)
 
 
-def decode_register_map(registers: Sequence[int], first_address: int, layout: RegisterMap) -> MeterReading:
-    """A reading from one read of ``layout.span()`` (``registers[0]`` is at ``first_address``)."""
+def decode_register_map(registers: Mapping[int, int], layout: RegisterMap) -> MeterReading:
+    """A reading from the registers read (address → value) of ``layout.reads()``."""
 
     def at(address: int, data_type: DataType) -> float:
-        offset = address - first_address
-        if offset < 0 or offset + WIDTH[data_type] > len(registers):
+        words = [registers.get(address + offset) for offset in range(WIDTH[data_type])]
+        if any(word is None for word in words):
             raise MeterFault("short_read", f"register {address} is not in the read")
-        return decode_value(registers[offset:], data_type, layout.byte_order, layout.word_order)
+        return decode_value(
+            [word for word in words if word is not None], data_type, layout.byte_order, layout.word_order
+        )
 
     current_scale = layout.current_scale
     if layout.current_scale_factor_register is not None:

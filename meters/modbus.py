@@ -147,16 +147,18 @@ class SunSpecMeter:
 
 
 class MappedMeter:
-    """A meter read through an explicit :class:`RegisterMap`, in one request."""
+    """A meter read through an explicit :class:`RegisterMap` (one request per run of adjacent values)."""
 
     def __init__(self, reader: RegisterReader, layout: RegisterMap) -> None:
         self.reader = reader
         self._layout = layout
 
     async def read(self) -> MeterReading:
-        first, count = self._layout.span()
-        registers = await self.reader.read(self._layout.table, first, count)
-        return decode_register_map(registers, first, self._layout)
+        registers: dict[int, int] = {}
+        for first, count in self._layout.reads():
+            values = await self.reader.read(self._layout.table, first, count)
+            registers.update(zip(range(first, first + count), values, strict=False))
+        return decode_register_map(registers, self._layout)
 
 
 class Meter(Protocol):

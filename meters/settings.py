@@ -18,8 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from balancing.site import GRID_NODE_ID, SiteConfig
 
 _MODEL = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-#: One Modbus read covers at most 125 registers (the protocol's limit for function codes 3 and 4).
-MAX_READ_REGISTERS = 125
 #: Where a SunSpec device may start its register map ("SunS" marker), tried in this order.
 SUNSPEC_BASES = (40000, 40001, 0, 1, 50000)
 
@@ -36,7 +34,7 @@ class RegisterMap(BaseModel):
 
     ``current_scale`` / ``power_scale`` multiply the raw value (0.001 for a meter that counts mA);
     a ``*_scale_factor_register`` holds a signed power of ten (int16) applied on top, as SunSpec does.
-    Every address must lie within 125 registers of the others: the meter is read in one request.
+    Values at adjacent addresses are read in one request, others each in their own.
     """
 
     model_config = _MODEL
@@ -60,21 +58,20 @@ class RegisterMap(BaseModel):
         spans += [(address, 1) for address in (self.current_scale_factor_register, self.power_scale_factor_register)]
         return [(address, count) for address, count in spans if address is not None]
 
-    def span(self) -> tuple[int, int]:
-        """(first address, register count) of the one read that covers every value."""
-        spans = self.value_addresses()
-        first = min(address for address, _ in spans)
-        end = max(address + count for address, count in spans)
-        return first, end - first
+    def reads(self) -> list[tuple[int, int]]:
+        """(first address, register count) of each request: values that touch share one, gaps are not read
+        (many meters refuse a read that spans registers they do not have)."""
+        merged: list[list[int]] = []
+        for address, count in sorted(set(self.value_addresses())):
+            if merged and address <= merged[-1][0] + merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], address + count - merged[-1][0])
+            else:
+                merged.append([address, count])
+        return [(address, count) for address, count in merged]
 
     @model_validator(mode="after")
-    def _one_read(self) -> RegisterMap:
-        first, count = self.span()
-        if count > MAX_READ_REGISTERS:
-            raise ValueError(
-                f"the registers span {count} registers from {first}; they must fit in {MAX_READ_REGISTERS}"
-            )
-        if first + count > 65536:
+    def _within_the_map(self) -> RegisterMap:
+        if any(address + count > 65536 for address, count in self.value_addresses()):
             raise ValueError("a value runs past register 65535")
         return self
 
