@@ -33,6 +33,7 @@ from .decode import MeterFault, Phases3, check_reading
 from .headroom import HeadroomPolicy, NodeHeadroom
 from .modbus import Meter, RegisterReader, open_meter
 from .settings import MeterSettings
+from .status import amperes as _amperes
 
 if TYPE_CHECKING:
     from balancing.loop import Balancer
@@ -322,7 +323,3 @@ def ev_amperes_beneath(balancer: Balancer, site: SiteConfig, node: str) -> Phase
 
 def _moved(before: Phases3, after: Phases3) -> bool:
     return any(abs(a - b) >= WAKE_AMPERES for a, b in zip(before, after, strict=True))
-
-
-def _amperes(values: Phases3) -> str:
-    return "/".join(f"{value:.1f}" for value in values) + " A"

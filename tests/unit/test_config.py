@@ -17,6 +17,7 @@ from balancing.site import (
     StationConfig,
     StationDefaults,
 )
+from meters.settings import MeterSettings, RegisterMap
 from router.config import (
     BalancingSettings,
     ConfigError,
@@ -135,9 +136,10 @@ def test_the_shipped_example_documents_every_key() -> None:
         "site": SiteConfig,
         "balancing": BalancingSettings,
         "log": LogSettings,
+        "meters": MeterSettings,
     }
     assert set(sections) == set(Settings.model_fields)
-    tables = {"security", "grid", "circuits", "stations", "defaults", "policy"}
+    tables = {"security", "grid", "circuits", "stations", "defaults", "policy", "registers"}
     expected = {name: set(model.model_fields) - tables for name, model in sections.items()}
     expected |= {"site.grid": set(NodeLimits.model_fields), "site.defaults": set(StationDefaults.model_fields)}
     expected |= {"site.policy": set(AllocationPolicy.model_fields), "site.circuits": set(CircuitConfig.model_fields)}
@@ -145,6 +147,7 @@ def test_the_shipped_example_documents_every_key() -> None:
     expected |= {"site.stations.evses": set(EvseConfig.model_fields)}
     expected |= {"stations.security": set(StationTlsSettings.model_fields)}
     expected |= {"csms.security": set(CsmsTlsSettings.model_fields)}
+    expected |= {"meters.registers": set(RegisterMap.model_fields)}
     assert documented == expected
 
 
