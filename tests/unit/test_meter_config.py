@@ -76,3 +76,22 @@ def test_two_meters_on_one_node_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load(tmp_path, meter.format("a") + meter.format("b"))
     assert "'grid' already has a meter" in str(caught.value)
+
+
+def test_the_readme_meter_examples_load(tmp_path: Path) -> None:
+    """The installer's SunSpec and register-map examples in README.md, as written, with the circuit they name."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Site meters (Modbus TCP)", 1)[1].split("\n### ", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in section.split("```toml\n")[1:]]
+    assert len(blocks) == 2
+    circuit = '\n[[site.circuits]]\ncircuit_id = "carpark-north"\nmax_current_amperes = 125\n'
+    path = tmp_path / "ocpp-lc.toml"
+    path.write_text(blocks[0] + circuit + blocks[1], encoding="utf-8")
+    settings = load_settings(path)
+    assert [(meter.name, meter.node) for meter in settings.meters] == [
+        ("grid-main", "grid"),
+        ("feeder-north", "carpark-north"),
+    ]
+    assert settings.site.other_load_amperes == 120
+    registers = settings.meters[1].registers
+    assert registers is not None and registers.reads() == [(6, 6), (52, 2)]
