@@ -4,12 +4,13 @@ pymodbus's clients are asyncio (``AsyncModbusTcpClient``) or blocking (``ModbusT
 cannot await the former, and trio-asyncio would put a second event loop under every other part of the
 appliance for one meter read a second. So each read runs the blocking client in a worker thread
 (``trio.to_thread.run_sync``), one thread at a time per meter (a ``CapacityLimiter`` of 1: the client
-is not shared between threads), with the client's own socket timeout set to the meter's timeout. The
-caller bounds the whole read with ``trio.fail_after``; a read cancelled there is abandoned to finish on
-its thread (its socket timeout ends it), and the next read waits for that thread to let go.
+is never used by two threads at once), with the client's own socket timeout a little inside the
+meter's timeout, so a silent meter normally ends the read on its thread. The caller bounds the whole
+read (SunSpec discovery included) with ``trio.fail_after``; a read cancelled there is abandoned to
+finish on its thread (its socket timeout ends it), and the next read waits for that thread to let go.
 
-After any failure the connection is closed, so the next read starts on a fresh one: a late answer to
-a timed-out request can never be taken for the answer to the next.
+After any failure the connection is closed, on the thread that used it, so the next read starts on a
+fresh one: a late answer to a timed-out request can never be taken for the answer to the next.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from .settings import SUNSPEC_BASES, MeterSettings, RegisterMap
 Table = Literal["holding", "input"]
 #: Models walked before giving up on a SunSpec map (real devices have a handful).
 MAX_MODELS = 64
+#: The client's socket timeout as a share of the meter's timeout: its own timeout fires first.
+SOCKET_TIMEOUT_SHARE = 0.8
 
 
 class RegisterReader(Protocol):
@@ -55,7 +58,8 @@ class PymodbusReader:
     """:class:`RegisterReader` over pymodbus's blocking TCP client, run in a worker thread."""
 
     def __init__(self, host: str, port: int, unit_id: int, timeout_s: float) -> None:
-        self._client = ModbusTcpClient(host, port=port, timeout=timeout_s, retries=0, reconnect_delay=0)
+        socket_timeout_s = timeout_s * SOCKET_TIMEOUT_SHARE
+        self._client = ModbusTcpClient(host, port=port, timeout=socket_timeout_s, retries=0, reconnect_delay=0)
         self._unit_id = unit_id
         self._where = f"{host}:{port} unit {unit_id}"
         self._limiter = trio.CapacityLimiter(1)
@@ -66,7 +70,10 @@ class PymodbusReader:
         )
 
     def close(self) -> None:
-        self._client.close()  # type: ignore[no-untyped-call]
+        # Not under a read still running on its thread (abandoned by a timeout): that one closes the
+        # connection itself when it fails, and a socket must not be closed under a thread blocked on it.
+        if self._limiter.borrowed_tokens == 0:
+            self._client.close()  # type: ignore[no-untyped-call]
 
     def _read_blocking(self, table: Table, address: int, count: int) -> list[int]:
         try:

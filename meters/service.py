@@ -220,7 +220,6 @@ class MeterService:
         except MeterFault as fault:
             changed = self._failed(task, fault.outcome, fault.detail)
         except trio.TooSlowError:
-            task.meter.reader.close()
             changed = self._failed(task, "timeout", f"no answer within {task.settings.timeout_s:g} s")
         except Exception as error:  # defence in depth: a meter must never stop the appliance
             log.exception("meter %s: reading failed unexpectedly", name)

@@ -275,6 +275,8 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         listeners.append(app.balancer.wake)
         csms_book.on_change(app.balancer.wake)
     else:
+        if settings.meters:
+            log.warning("[[meters]] configured but [balancing] enabled = false: the meters are not read")
         # Balancing switched off: what an earlier run installed is taken off the stations as they connect.
         leftovers = LeftoverProfiles(
             store.namespace(BALANCING_NAMESPACE), link_caller(links), settings.balancing.profile_id_base

@@ -138,6 +138,7 @@ class ModbusMeterServer:
         self.requests = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: ModbusTcpServer | None = None
+        self._released: asyncio.Event | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="modbus-meter", daemon=True)
 
@@ -146,7 +147,9 @@ class ModbusMeterServer:
     ) -> ExcCodes | None:
         self.requests += 1
         if self.silent:
-            await asyncio.sleep(3600)
+            assert self._released is not None
+            await self._released.wait()  # never answered (until the server stops)
+            return ExcCodes.DEVICE_BUSY
         if any(address + offset not in self.image for offset in range(count)):
             return ExcCodes.ILLEGAL_ADDRESS
         for offset in range(count):
@@ -158,6 +161,7 @@ class ModbusMeterServer:
         self._loop = loop
 
         async def serve() -> None:
+            self._released = asyncio.Event()
             device = SimDevice(
                 self.unit_id,
                 simdata=[SimData(0, count=65535, values=0, datatype=DataType.REGISTERS)],
@@ -187,6 +191,8 @@ class ModbusMeterServer:
     def __exit__(self, *exc: object) -> None:
         loop, server = self._loop, self._server
         if loop is not None and server is not None:
+            if self._released is not None:
+                loop.call_soon_threadsafe(self._released.set)
             future = asyncio.run_coroutine_threadsafe(server.shutdown(), loop)
             # A hung silent request may keep it from stopping cleanly: the thread is a daemon, move on.
             with contextlib.suppress(Exception):
