@@ -292,3 +292,32 @@ async def test_a_circuit_meter_limits_the_evs_on_that_circuit_only(autojump_cloc
         await steady(site, balancer)
         assert installed(fake) == [9.0, 9.0, 32.0]
         assert balancer.site.node_limits("feeder").max_current_amperes == pytest.approx(18.0)
+
+
+async def test_stale_ev_meter_values_do_not_talk_the_building_load_down(autojump_clock: trio.abc.Clock) -> None:
+    """EV meter values come every minute or so, the grid meter every second. After the building rises
+    and the EVs are lowered to 16 A, their last meter values still say 29.3 A: taken at face value, the
+    building would seem to have shrunk by the 40 A the EVs gave up, and the EVs would be raised again
+    over the connection. What the controller subtracts for an EV is at most what it may draw (the limit
+    it accepted), so the estimate stays at the 50 A the building really draws."""
+    fake = FakeStations(limit_amperes=GRID_AMPERES)
+    site = Site(fake, building_amperes=10.0)
+
+    def physical_image() -> dict[int, int]:  # the meter sees what the EVs really draw: what they may
+        total = site.building_amperes + sum(fake.drawable((station_id, 1)) for station_id in STATIONS)
+        return sunspec_image((total, total, total))
+
+    registry = CollectorRegistry()
+    reader = ImageReader(physical_image)
+    async with metered_site(make_site(), meter_settings(), reader, fake, registry) as (balancer, service):
+        await start_sessions(balancer)
+        await steady(site, balancer)
+        assert all(value is not None and value >= 28.3 for value in installed(fake))
+        site.building_amperes += 40.0  # and from now on the EVs send no meter values
+        with trio.fail_after(POLL_S * 1.01):
+            await until(balancer, service, lambda: installed(fake) == [16.0, 16.0, 16.0])
+        for _ in range(120):
+            await trio.sleep(POLL_S / 2)
+            drawn = site.building_amperes + fake.total_drawable()
+            assert drawn <= GRID_AMPERES - MARGIN_AMPERES + 1e-6, (trio.current_time(), installed(fake))
+        assert installed(fake) == [16.0, 16.0, 16.0]
