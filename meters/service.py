@@ -27,6 +27,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from balancing.allocator import SiteLimits
+from balancing.rollout import bound_amperes
 from balancing.site import GRID_NODE_ID, SiteConfig
 
 from .decode import MeterFault, Phases3, check_reading
@@ -302,8 +303,12 @@ class MeterService:
 def ev_amperes_beneath(balancer: Balancer, site: SiteConfig, node: str) -> Phases3:
     """What the EVs in sessions beneath ``node`` draw per grid phase, from their own meter values.
 
-    An EV's highest phase current counts on every grid phase it uses (as the loop's own sums do); an
-    EV that has not reported counts as 0 here, so its draw counts as other load: the safe side.
+    An EV's highest phase current counts on every grid phase it uses (as the loop's own sums do), but
+    never more than it may draw now (:func:`balancing.rollout.bound_amperes`): EV meter values come far
+    less often than the grid meter's, and an EV just lowered still shows its old draw, which taken as it
+    is would make the building's load look smaller by what the EVs gave up. An EV that has not
+    reported counts as 0 here, so its draw counts as other load: the safe side, as is any error of this
+    estimate downwards.
     """
     totals = [0.0, 0.0, 0.0]
     for record in balancer.records():
@@ -315,6 +320,9 @@ def ev_amperes_beneath(balancer: Balancer, site: SiteConfig, node: str) -> Phase
         station = site.station(record.station_id)
         if node != GRID_NODE_ID and node not in site.circuit_path(station.circuit_id):
             continue
+        applied = balancer.rollout.evses.get(record.key)
+        if applied is not None:
+            measured = min(measured, bound_amperes(station, applied))
         for phase in station.grid_phases(record.phases_used):
             totals[phase] += measured
     return (totals[0], totals[1], totals[2])

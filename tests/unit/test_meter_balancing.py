@@ -312,7 +312,9 @@ async def test_stale_ev_meter_values_do_not_talk_the_building_load_down(autojump
     async with metered_site(make_site(), meter_settings(), reader, fake, registry) as (balancer, service):
         await start_sessions(balancer)
         await steady(site, balancer)
-        assert all(value is not None and value >= 28.3 for value in installed(fake))
+        # Near their 29.3 A share: the meter sees an increase the moment it goes out, the EVs report it
+        # later, so the estimate of the building errs high for a while (the safe side).
+        assert all(value is not None and value >= 27.0 for value in installed(fake)), installed(fake)
         site.building_amperes += 40.0  # and from now on the EVs send no meter values
         with trio.fail_after(POLL_S * 1.01):
             await until(balancer, service, lambda: installed(fake) == [16.0, 16.0, 16.0])
