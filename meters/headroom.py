@@ -90,13 +90,14 @@ class NodeHeadroom:
         return self._set((room[0], room[1], room[2]))
 
     def check_stale(self, now_s: float) -> bool:
-        """Fall back if no valid reading came for ``stale_after_s``; True if that changed the headroom."""
+        """Fall back if no valid reading came for ``stale_after_s``; True when it falls back now."""
         if self.fallback:
             return False
         if self.last_valid_at_s is not None and now_s - self.last_valid_at_s < self.policy.stale_after_s:
             return False
         self.fallback = True
-        return self._set(self.policy.fallback_headroom()) or True
+        self._set(self.policy.fallback_headroom())
+        return True
 
     def _set(self, headroom: Phases3) -> bool:
         changed = headroom != self.headroom_amperes
