@@ -213,6 +213,29 @@ def composite_limit_at(
     return PeriodLimit(amperes, "A", number_phases)
 
 
+def _origins(
+    profile: ChargingProfile, start: datetime, end: datetime | None, relative_start: datetime | None
+) -> list[datetime]:
+    """The instants ``profile``'s schedule counts its periods from: the transaction's start (Relative),
+    startSchedule (Absolute), or each occurrence of a Recurring one from the one in progress at ``start``
+    on, up to ``end`` (``None``: that one and the next, after which every later one starts later still)."""
+    schedule = profile.schedule
+    if profile.charging_profile_kind == "Relative":
+        return [] if relative_start is None else [relative_start]
+    assert schedule.start_schedule is not None
+    if profile.charging_profile_kind == "Absolute":
+        return [schedule.start_schedule]
+    period_s = _RECURRENCE_S[profile.recurrency_kind or "Daily"]
+    cycle = max(0, math.floor((start - schedule.start_schedule).total_seconds() / period_s))
+    if end is None:
+        return [schedule.start_schedule + timedelta(seconds=(cycle + extra) * period_s) for extra in (0, 1)]
+    origins = []
+    while (origin := schedule.start_schedule + timedelta(seconds=cycle * period_s)) < end:
+        origins.append(origin)
+        cycle += 1
+    return origins
+
+
 def _change_points(
     profile: ChargingProfile, start: datetime, end: datetime, relative_start: datetime | None
 ) -> set[datetime]:
@@ -222,21 +245,7 @@ def _change_points(
     offsets = [period.start_period for period in schedule.charging_schedule_period]
     if schedule.duration is not None:
         offsets.append(schedule.duration)
-    if profile.charging_profile_kind == "Relative":
-        origins = [] if relative_start is None else [relative_start]
-    elif profile.charging_profile_kind == "Absolute":
-        assert schedule.start_schedule is not None
-        origins = [schedule.start_schedule]
-    else:
-        assert schedule.start_schedule is not None
-        period_s = _RECURRENCE_S[profile.recurrency_kind or "Daily"]
-        first = max(0, math.floor((start - schedule.start_schedule).total_seconds() / period_s))
-        origins = []
-        cycle = first
-        while (origin := schedule.start_schedule + timedelta(seconds=cycle * period_s)) < end:
-            origins.append(origin)
-            cycle += 1
-    for origin in origins:
+    for origin in _origins(profile, start, end, relative_start):
         points.update(origin + timedelta(seconds=offset) for offset in offsets)
     return {point for point in points if start < point < end}
 
@@ -257,18 +266,8 @@ def next_change_point(
         return profile.valid_from  # nothing is imposed before it, so nothing changes before it
     schedule = profile.schedule
     offsets = sorted({period.start_period for period in schedule.charging_schedule_period} | {schedule.duration or 0})
-    if profile.charging_profile_kind == "Relative":
-        origins = [] if relative_start is None else [relative_start]
-    elif profile.charging_profile_kind == "Absolute":
-        assert schedule.start_schedule is not None
-        origins = [schedule.start_schedule]
-    else:
-        assert schedule.start_schedule is not None
-        period_s = _RECURRENCE_S[profile.recurrency_kind or "Daily"]
-        cycle = max(0, math.floor((now - schedule.start_schedule).total_seconds() / period_s))
-        origins = [schedule.start_schedule + timedelta(seconds=(cycle + extra) * period_s) for extra in (0, 1)]
     candidates = [] if profile.valid_to is None else [profile.valid_to]
-    for origin in origins:
+    for origin in _origins(profile, now, None, relative_start):
         later = (point for offset in offsets if (point := origin + timedelta(seconds=offset)) > now)
         first = next(later, None)
         if first is not None:

@@ -192,6 +192,12 @@ class SiteConfig(_Frozen):
         # Built once per unlisted station: the allocator asks for every EVSE on every reallocation.
         return {}
 
+    @cached_property
+    def derived_cache(self) -> dict[str, object]:
+        """Structures derived from this (immutable) configuration, kept with it: the allocator's compiled
+        site (:mod:`balancing.site_index`). Not configuration: never compared, copied or serialised."""
+        return {}
+
     def station(self, station_id: str) -> StationConfig:
         """The configuration of a station, or one built from :attr:`defaults` if it is not listed."""
         found = self._stations_by_id.get(station_id) or self._unlisted.get(station_id)

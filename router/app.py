@@ -39,6 +39,7 @@ from firmware_cache import FirmwareCache, FirmwareSettings, RequestInvalid
 from firmware_cache.service import STATUS_ACTION
 from meters.service import MeterService
 
+from .autonomy.service import Autonomy
 from .balancing_wiring import build_balancer, clear_leftovers, feed_balancer, link_caller, release_document
 from .config import Settings
 from .ems_api import EmsApi
@@ -82,6 +83,8 @@ class App:
     leftover_profiles: LeftoverProfiles | None = None
     #: Reports EMS limits to the CSMS (K14); needs the own identity.
     ems_reporter: EmsReporter | None = None
+    #: Site autonomy (errata 4.13 to §6.3); None when ``[autonomy] enabled`` is false.
+    autonomy: Autonomy | None = None
     #: The site meters (``[[meters]]``) that limit balancing; None without meters or balancing.
     meters: MeterService | None = None
     station_port: int = 0
@@ -156,6 +159,8 @@ class App:
             "balancing": None if self.balancer is None else self.balancer.status(),
             "meters": None if self.meters is None else self.meters.status(),
             "upstream": {"csms_url": self.settings.csms.url, "link_up": own.get("link_up")},
+            # Which stations are served locally (site autonomy) and what waits for the CSMS.
+            "autonomy": None if self.autonomy is None else self.autonomy.status(),
             "shutting_down": self.shutting_down,
         }
 
@@ -220,6 +225,10 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         if app.own is not None:
             app.own.security_events.report(event_type, tech_info, source="station")
 
+    # Site autonomy: built before the server, which hands it every OCPP 2.0.1 pair's CSMS leg.
+    autonomy = (
+        Autonomy(settings.autonomy, store, registry=registry, wall_clock=utc_now) if settings.autonomy.enabled else None
+    )
     server = StationServer(
         base_path=settings.stations.path,
         upstream=upstream,
@@ -235,6 +244,7 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         own_identity=settings.controller.identity if settings.controller.connect else None,
         certificate_organization=settings.stations.security.organization,
         security_event=station_security_event,
+        autonomy=autonomy,
     )
     own_settings = own_identity_settings(settings, csms_context)
     grid = settings.site.grid
@@ -265,7 +275,7 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         registry=registry,
     )
     csms_book.other_limits = limit_steps(limits.effective, limits.next_change_after)
-    app = App(settings, registry, metrics, hub, links, server, store, limits, csms_book)
+    app = App(settings, registry, metrics, hub, links, server, store, limits, csms_book, autonomy=autonomy)
     if settings.balancing.enabled:
         if settings.meters:
             failsafe = settings.ems.failsafe_current_amperes

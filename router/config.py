@@ -27,6 +27,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from balancing.site import SiteConfig
 from meters.settings import MeterSettings, site_problems
 
+from .autonomy.settings import AutonomySettings
 from .own.device_model import PASSWORD_STRING
 from .tls import CsmsTlsSettings, StationTlsSettings
 
@@ -531,6 +532,7 @@ class Settings(BaseModel):
     ems: EmsSettings = EmsSettings()
     site: SiteConfig = SiteConfig()
     balancing: BalancingSettings = BalancingSettings()
+    autonomy: AutonomySettings = AutonomySettings()
     log: LogSettings = LogSettings()
     meters: tuple[MeterSettings, ...] = Field(default=(), strict=False)  # [[meters]]: see meters/settings.py
 

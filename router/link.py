@@ -17,19 +17,22 @@ The CSMS leg's reader never waits for the call slot: CSMS calls queue (boundedly
 while answers to the station's own calls, pings and pongs keep flowing.
 
 When either socket ends, the other is closed with a deliberate code and reason (§6.3) and the link
-is done. Nothing about a station outlives its link.
+is done. Nothing about a station outlives its link. Under site autonomy the CSMS leg is not a socket
+but a :class:`router.autonomy.upstream.AutonomousUpstream` (a :class:`CsmsLeg`), which answers the
+station itself while the CSMS is gone and restores its socket; the link still just relays, and sees
+that leg end only where the strict rule applies again.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
 from . import ocppj
+from .call_slot import CallSlot
 from .liveness import probe
 from .metrics import RouterMetrics
 from .observers import LinkEvent, ObservedMessage, ObserverHub, RawFrame, Source
@@ -40,6 +43,7 @@ from .transport import (
     MESSAGE_TOO_BIG,
     NORMAL,
     UNSUPPORTED_DATA,
+    ByteCounter,
     ConnectionClosed,
     WebSocket,
 )
@@ -59,6 +63,17 @@ _RELAYABLE_CODES: Final = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1
 
 def _relayable(code: int) -> bool:
     return code in _RELAYABLE_CODES or 3000 <= code <= 4999
+
+
+class CsmsLeg(Protocol):
+    """What the link needs of its CSMS leg: a :class:`WebSocket`, or one that outlives the CSMS (site
+    autonomy, :class:`router.autonomy.upstream.AutonomousUpstream`, which keeps that leg alive itself)."""
+
+    async def send_text(self, text: str) -> None: ...
+    async def receive_text(self) -> str: ...
+    async def aclose(self, code: int = NORMAL, reason: str = "") -> None: ...
+    async def abort(self) -> None: ...
+    def count_bytes(self, sent: ByteCounter, received: ByteCounter) -> None: ...
 
 
 class LinkError(Exception):
@@ -105,54 +120,6 @@ class LinkTimings:
     csms_ping_interval_s: float = 60.0
     csms_ping_timeout_s: float = 30.0
     tracked_calls_max: int = 64
-
-
-class CallSlot:
-    """At most one call from our side outstanding at the station (§4.1.1).
-
-    Whoever sends a CALL to the station (the downstream pump for a CSMS call, or the controller)
-    first acquires the slot with that call's id; the station's answer releases it. A holder that is
-    never answered loses the slot at its deadline, so one lost answer does not block a station.
-    """
-
-    def __init__(self, metrics: RouterMetrics) -> None:
-        self._metrics = metrics
-        self._holder: str | None = None
-        self._deadline = math.inf
-        self._released = trio.Event()
-
-    @property
-    def holder(self) -> str | None:
-        """The id of the outstanding call, if any."""
-        return self._holder
-
-    async def acquire(self, message_id: str, hold_s: float) -> bool:
-        """Wait for the slot and take it for ``message_id``; return whether we had to wait."""
-        waited = False
-        while self._holder is not None:
-            waited = True
-            with trio.move_on_at(self._deadline):
-                await self._released.wait()
-            if self._holder is not None and trio.current_time() >= self._deadline:
-                log.warning("call %s was never answered by the station; releasing", self._holder)
-                self._metrics.unanswered_calls.inc()
-                self._free()
-        self._holder = message_id
-        self._deadline = trio.current_time() + hold_s
-        self._released = trio.Event()
-        return waited
-
-    def release(self, message_id: str) -> bool:
-        """Free the slot if ``message_id`` holds it; return whether it did."""
-        if self._holder != message_id:
-            return False
-        self._free()
-        return True
-
-    def _free(self) -> None:
-        self._holder = None
-        self._deadline = math.inf
-        self._released.set()
 
 
 @dataclass(slots=True)
@@ -223,7 +190,7 @@ class StationLink:
         self,
         station_id: str,
         station: WebSocket,
-        csms: WebSocket,
+        csms: CsmsLeg,
         *,
         metrics: RouterMetrics,
         hub: ObserverHub,
@@ -367,13 +334,14 @@ class StationLink:
                         self._timings.station_ping_interval_s,
                         self._timings.station_ping_timeout_s,
                     )
-                    nursery.start_soon(
-                        self._keepalive,
-                        self._csms,
-                        "csms",
-                        self._timings.csms_ping_interval_s,
-                        self._timings.csms_ping_timeout_s,
-                    )
+                    if isinstance(self._csms, WebSocket):  # an autonomous leg keeps itself alive
+                        nursery.start_soon(
+                            self._keepalive,
+                            self._csms,
+                            "csms",
+                            self._timings.csms_ping_interval_s,
+                            self._timings.csms_ping_timeout_s,
+                        )
         except Exception:
             log.exception("[%s] unexpected error; closing the pair", self.station_id)
             self._metrics.handler_errors.inc()

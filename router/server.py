@@ -15,16 +15,19 @@ identity) are counted, logged, and handed to the optional ``security_event`` cal
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final, cast
 from urllib.parse import unquote
 
 import trio
 
-from .link import LinkTimings, StationLink
+from .autonomy.service import Autonomy
+from .autonomy.upstream import AutonomousUpstream, UpstreamTimings
+from .link import OCPP201, CsmsLeg, LinkTimings, StationLink
 from .metrics import RouterMetrics
 from .observers import ObserverHub
 from .passthrough import forwarded_request_headers, mirrored_refusal_headers, upstream_target
@@ -41,6 +44,7 @@ from .transport import (
     PROTOCOL_ERROR,
     HandshakeFailed,
     IncomingHandshake,
+    WebSocket,
     connect,
     read_handshake,
     tls_server_handshake,
@@ -146,6 +150,7 @@ class StationServer:
         own_identity: str | None = None,
         certificate_organization: str | None = None,
         security_event: SecurityEventSink | None = None,
+        autonomy: Autonomy | None = None,
     ) -> None:
         self._base_path = base_path
         self._upstream = upstream
@@ -164,6 +169,19 @@ class StationServer:
         self._bind_certificates = ssl_context is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED
         #: Told ``(event_type, tech_info)`` of every station-leg security event (the own identity reports it).
         self._security_event = security_event
+        #: Site autonomy (None: the strict §6.3 rule); see :meth:`_autonomous`.
+        self._autonomy = autonomy
+        # An autonomous CSMS leg pings the CSMS itself (and restores the leg instead of ending the pair).
+        self._autonomous_timings = dataclasses.replace(timings, csms_ping_interval_s=0)
+        self._upstream_timings = UpstreamTimings(
+            ping_interval_s=timings.csms_ping_interval_s,
+            ping_timeout_s=timings.csms_ping_timeout_s,
+            replay_answer_timeout_s=timings.lc_call_timeout_s,
+            tracked_calls_max=timings.tracked_calls_max,
+        )
+        self._upstreams: dict[StationLink, AutonomousUpstream] = {}
+        if autonomy is not None:
+            autonomy.on_change(self._update_gauges)
         self._handlers: trio.Nursery | None = None
         self._listeners: list[trio.SocketListener] = []
         self._accepting = True
@@ -244,8 +262,18 @@ class StationServer:
             if link is None:
                 return
             try:
-                await link.run()
+                upstream = self._upstreams.get(link)
+                if upstream is None:
+                    await link.run()
+                else:
+                    # The autonomous CSMS leg's tasks live and die with the pair.
+                    async with trio.open_nursery() as pair:
+                        await pair.start(upstream.run)
+                        upstream.call_station = link.call
+                        await link.run()
+                        pair.cancel_scope.cancel()
             finally:
+                self._upstreams.pop(link, None)
                 if self.registry.links.get(station_id) is link:
                     del self.registry.links[station_id]
                 self._update_gauges()
@@ -357,47 +385,64 @@ class StationServer:
         station = await incoming.accept(None)
         await station.aclose(PROTOCOL_ERROR, "no common OCPP subprotocol")
 
-    async def _open_pair(self, incoming: IncomingHandshake, station_id: str, raw_segment: str) -> StationLink | None:
-        headers = forwarded_request_headers(incoming.headers)
+    async def _connect_upstream(
+        self, incoming: IncomingHandshake, raw_segment: str, subprotocols: Sequence[str]
+    ) -> WebSocket:
+        """Open the CSMS leg with the station's handshake; HandshakeFailed (status None on a timeout)."""
         upstream = self._upstream
-        target = upstream_target(upstream.path, raw_segment, incoming.target)
-        csms = None
         with trio.move_on_after(upstream.connect_timeout_s):
-            try:
-                csms = await connect(
-                    upstream.host,
-                    upstream.port,
-                    target,
-                    subprotocols=incoming.subprotocols,
-                    extra_headers=headers,
-                    ssl_context=upstream.ssl_context,
-                    max_message_bytes=self._max_message_bytes,
-                    # The CSMS leg is the site's WAN link (often cellular): keep the compression
-                    # context there, where bytes cost money. Toward stations (the site LAN) the
-                    # accept below drops it after every message, which saves ~200 KiB per station.
-                    keep_compression_context=True,
-                )
-            except HandshakeFailed as exc:
-                if exc.status is not None:
-                    # The station sees what it would have seen connecting directly.
-                    self._refuse("csms_refused")
-                    log.info("[%s] CSMS refused the connection with HTTP %d", station_id, exc.status)
-                    body = exc.body.decode("utf-8", "replace").strip() or f"CSMS refused with HTTP {exc.status}"
-                    await incoming.reject(exc.status, body, headers=mirrored_refusal_headers(exc.headers))
-                else:
-                    self._refuse("csms_unreachable")
-                    if exc.kind == "tls":
-                        event = security_event(exc, "csms")
-                        self._metrics.security_events.labels(event, "csms").inc()
-                        log.warning("[%s] security event %s: CSMS TLS failed: %s", station_id, event, exc.reason)
-                    else:
-                        log.warning("[%s] CSMS unreachable: %s", station_id, exc.reason)
-                    await incoming.reject(502, f"CSMS unreachable: {exc.reason}")
+            return await connect(
+                upstream.host,
+                upstream.port,
+                upstream_target(upstream.path, raw_segment, incoming.target),
+                subprotocols=subprotocols,
+                extra_headers=forwarded_request_headers(incoming.headers),
+                ssl_context=upstream.ssl_context,
+                max_message_bytes=self._max_message_bytes,
+                # The CSMS leg is the site's WAN link (often cellular): keep the compression
+                # context there, where bytes cost money. Toward stations (the site LAN) the
+                # accept below drops it after every message, which saves ~200 KiB per station.
+                keep_compression_context=True,
+            )
+        raise HandshakeFailed(f"CSMS did not answer within {upstream.connect_timeout_s:g} s", kind="timeout")
+
+    def _autonomous(self, incoming: IncomingHandshake, station_id: str) -> bool:
+        """Whether ``station_id`` may be served locally while its CSMS is unreachable (errata 4.13 to §6.3)."""
+        return (
+            self._autonomy is not None
+            and OCPP201 in incoming.subprotocols
+            and not self._autonomy.past_max_offline(station_id)
+        )
+
+    async def _open_pair(self, incoming: IncomingHandshake, station_id: str, raw_segment: str) -> StationLink | None:
+        upstream = self._upstream
+        csms: WebSocket | None = None
+        try:
+            csms = await self._connect_upstream(incoming, raw_segment, incoming.subprotocols)
+        except HandshakeFailed as exc:
+            if exc.status is not None:
+                # The CSMS is there and refuses (401, 404, 503 with Retry-After ...): the station sees
+                # what it would have seen connecting directly, autonomy or not.
+                self._refuse("csms_refused")
+                log.info("[%s] CSMS refused the connection with HTTP %d", station_id, exc.status)
+                body = exc.body.decode("utf-8", "replace").strip() or f"CSMS refused with HTTP {exc.status}"
+                await incoming.reject(exc.status, body, headers=mirrored_refusal_headers(exc.headers))
                 return None
-        if csms is None:
-            self._refuse("csms_timeout")
-            log.warning("[%s] CSMS did not answer within %g s", station_id, upstream.connect_timeout_s)
-            await incoming.reject(504, f"CSMS did not answer within {upstream.connect_timeout_s:g} s")
+            if exc.kind == "tls":
+                event = security_event(exc, "csms")
+                self._metrics.security_events.labels(event, "csms").inc()
+                log.warning("[%s] security event %s: CSMS TLS failed: %s", station_id, event, exc.reason)
+            else:
+                log.warning("[%s] CSMS unreachable: %s", station_id, exc.reason)
+            if self._autonomous(incoming, station_id):
+                log.warning("[%s] CSMS unreachable: the station is served locally until it is back", station_id)
+                return await self._accept(incoming, station_id, raw_segment, None)
+            if exc.kind == "timeout":
+                self._refuse("csms_timeout")
+                await incoming.reject(504, f"CSMS did not answer within {upstream.connect_timeout_s:g} s")
+            else:
+                self._refuse("csms_unreachable")
+                await incoming.reject(502, f"CSMS unreachable: {exc.reason}")
             return None
         if csms.subprotocol is None:
             # The CSMS agreed to none of the offered versions; it closes its side (§3.2), we close ours.
@@ -407,17 +452,49 @@ class StationServer:
                 incoming, station_id, "the CSMS accepted none of the offered subprotocols"
             )
             return None
+        return await self._accept(incoming, station_id, raw_segment, csms)
+
+    async def _accept(
+        self, incoming: IncomingHandshake, station_id: str, raw_segment: str, csms: WebSocket | None
+    ) -> StationLink:
+        """Complete the station's handshake and make the pair; ``csms`` None: served locally from the start."""
+        subprotocol = csms.subprotocol if csms is not None else OCPP201
         try:
-            station = await incoming.accept(csms.subprotocol)
+            station = await incoming.accept(subprotocol)
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await csms.aclose(GOING_AWAY, "charging station connection lost")
+            if csms is not None:
+                with trio.CancelScope(shield=True):
+                    await csms.aclose(GOING_AWAY, "charging station connection lost")
             raise
-        if csms.compressed:
+        if csms is not None and csms.compressed:
             self._metrics.compression.labels("csms").inc()
         if station.compressed:
             self._metrics.compression.labels("station").inc()
-        link = StationLink(station_id, station, csms, metrics=self._metrics, hub=self._hub, timings=self._timings)
+        leg: CsmsLeg
+        upstream: AutonomousUpstream | None = None
+        if self._autonomy is not None and subprotocol == OCPP201:
+            assert subprotocol is not None
+
+            async def reconnect() -> WebSocket:
+                # The station's original handshake (path, query, Authorization ...), held in memory only.
+                return await self._connect_upstream(incoming, raw_segment, [subprotocol])
+
+            upstream = AutonomousUpstream(
+                station_id,
+                subprotocol,
+                csms,
+                autonomy=self._autonomy,
+                connect=reconnect,
+                timings=self._upstream_timings,
+            )
+            leg = upstream
+        else:
+            assert csms is not None
+            leg = csms
+        timings = self._timings if upstream is None else self._autonomous_timings
+        link = StationLink(station_id, station, leg, metrics=self._metrics, hub=self._hub, timings=timings)
+        if upstream is not None:
+            self._upstreams[link] = upstream
         previous = self.registry.links.get(station_id)
         if previous is not None:
             log.warning("[%s] connected again; closing the older connection", station_id)
@@ -425,17 +502,19 @@ class StationServer:
         self.registry.links[station_id] = link
         self._update_gauges()
         log.info(
-            "[%s] connected (subprotocol %s, compression station=%s csms=%s)",
+            "[%s] connected (subprotocol %s, compression station=%s csms=%s%s)",
             station_id,
-            csms.subprotocol,
+            subprotocol,
             station.compressed,
-            csms.compressed,
+            csms.compressed if csms is not None else None,
+            "" if upstream is None else f", autonomy: {upstream.mode}",
         )
         return link
 
     def _update_gauges(self) -> None:
         self._metrics.stations_connected.set(len(self.registry))
-        self._metrics.upstream_links_up.set(len(self.registry))
+        local = 0 if self._autonomy is None else sum(1 for s in self._autonomy.stations() if s.mode == "local")
+        self._metrics.upstream_links_up.set(max(0, len(self.registry) - local))
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:

@@ -10,5 +10,10 @@ The building blocks, each without trio and each with a small interface, so that 
 * :mod:`.auth_cache` — the authorization cache learned from the CSMS's idTokenInfo (C10).
 * :mod:`.boot_cache` — the last BootNotification verdict the CSMS gave each station (B01, B02).
 * :mod:`.queue` — the durable per-station replay queue and latest-state table on the state store.
-* :mod:`.local` — the one call the link makes per station CALL while local: answer, store, reply.
+* :mod:`.local` — the one call made per station CALL while local: answer, store, reply.
+* :mod:`.service` — the site-wide parts (caches, queue, reconnect pacer, metrics) and the read-only view
+  of which stations are served locally.
+* :mod:`.upstream` — the CSMS leg of a pair under autonomy: relays while the CSMS is there, answers while
+  it is not, restores and replays; the seam to :class:`router.link.StationLink` is that it *is* the
+  link's CSMS leg (:class:`router.link.CsmsLeg`).
 """

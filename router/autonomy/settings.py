@@ -65,6 +65,13 @@ class AutonomySettings(BaseModel):
         description="CSMS connections re-opened for local stations once the CSMS is back, at most this many "
         "a second, with jitter (connections per second, 0.1 to 1000)",
     )
+    reconnect_backoff_max_s: float = Field(
+        default=30.0,
+        ge=1,
+        le=600,
+        description="while the CSMS stays unreachable, each local station tries again after a wait that "
+        "doubles from 1 s up to this, with jitter (seconds, 1 to 600)",
+    )
     auth_cache_max_entries: int = Field(
         default=10_000,
         ge=0,

@@ -574,7 +574,8 @@ async def test_station_closing_closes_its_csms_connection(open_relay: OpenRelay)
 
 
 async def test_csms_closing_closes_the_station_connection(open_relay: OpenRelay) -> None:
-    async with open_relay() as relay, relay.station("CS01", "--no-boot") as station:
+    # The strict §6.3 rule (site autonomy off); with it on, the station is served locally instead.
+    async with open_relay(autonomy={"enabled": False}) as relay, relay.station("CS01", "--no-boot") as station:
         with trio.fail_after(TIMEOUT_S):
             await round_trip(station)
             link = live_link(relay, "CS01")

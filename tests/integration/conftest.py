@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from prometheus_client import CollectorRegistry
 
 from router.app import App, run_app
@@ -243,6 +244,10 @@ def settings_for(csms_url: str, *, state_dir: Path, **sections: Any) -> Settings
     return parse_settings(data)
 
 
+#: ``[autonomy] enabled = false``: the strict §6.3 rule (a lost CSMS leg closes the station; an unreachable
+#: CSMS refuses it), for the tests of that rule (issue #12, Done-when 4).
+STRICT_6_3: dict[str, Any] = {"enabled": False}
+
 _message_ids = itertools.count(1)
 
 
@@ -299,14 +304,28 @@ def live_task_names() -> list[str]:
     return names
 
 
-#: A relayed station runs as its server handler plus five link tasks (two pumps, the CSMS-call sender,
-#: two keepalives).
-TASKS_PER_PAIR = 6
+#: A relayed station runs as its server handler, four link tasks (two pumps, the CSMS-call sender, the
+#: station keepalive) and, its CSMS leg being autonomous (the default), that leg's four (its supervisor,
+#: the real websocket's server, reader and keepalive).
+TASKS_PER_PAIR = 9
+#: The same with site autonomy off: the link keeps the CSMS leg alive itself (its second keepalive).
+TASKS_PER_STRICT_PAIR = 6
 
 
 def pair_tasks() -> list[str]:
     """Live tasks that belong to station handlers or pairs."""
-    return [name for name in live_task_names() if "StationServer._handle" in name or "StationLink." in name]
+    return [
+        name
+        for name in live_task_names()
+        if "StationServer._handle" in name or "StationLink." in name or "AutonomousUpstream." in name
+    ]
+
+
+async def settled_pair_tasks() -> list[str]:
+    """:func:`pair_tasks` once every task has run as far as it can (a handler that saw its pair end may
+    need a scheduling turn more to return: leaving a nursery is a schedule point in trio)."""
+    await trio.testing.wait_all_tasks_blocked()
+    return pair_tasks()
 
 
 class Lab:

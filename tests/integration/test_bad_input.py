@@ -22,6 +22,7 @@ from router.transport import ConnectionClosed, HandshakeFailed, client_handshake
 from tests.integration.conftest import (
     IO_TIMEOUT_S,
     OCPP201,
+    STRICT_6_3,
     TASKS_PER_PAIR,
     FakeCsms,
     Lab,
@@ -29,7 +30,7 @@ from tests.integration.conftest import (
     call,
     metric,
     next_link_event,
-    pair_tasks,
+    settled_pair_tasks,
 )
 
 
@@ -278,7 +279,7 @@ async def test_station_without_a_common_subprotocol_is_closed_after_the_handshak
     assert metric(app, "ocpp_lc_stations_connected") == 1
     assert metric(app, "ocpp_lc_upstream_links_up") == 1
     assert app.links.get("NOPROTO") is None
-    assert len(pair_tasks()) == TASKS_PER_PAIR  # only the healthy station's
+    assert len(await settled_pair_tasks()) == TASKS_PER_PAIR  # only the healthy station's
 
 
 async def test_plain_http_and_garbage_are_answered_or_closed_and_counted(lab: Lab, csms: FakeCsms) -> None:
@@ -364,7 +365,7 @@ async def test_a_hundred_stations_dropping_mid_message_release_everything(lab: L
     assert metric(app, "ocpp_lc_pair_closes_total", reason="station_lost") == count
     assert metric(app, "ocpp_lc_stations_connected") == 1
     assert metric(app, "ocpp_lc_upstream_links_up") == 1
-    assert len(pair_tasks()) == TASKS_PER_PAIR  # only the healthy station's
+    assert len(await settled_pair_tasks()) == TASKS_PER_PAIR  # only the healthy station's
 
 
 async def test_csms_that_never_answers_leaves_timing_to_the_station(lab: Lab, csms: FakeCsms) -> None:
@@ -399,7 +400,7 @@ async def test_csms_that_never_answers_leaves_timing_to_the_station(lab: Lab, cs
     assert event.reason == "station_closed"
     assert metric(app, "ocpp_lc_stations_connected") == 0
     assert metric(app, "ocpp_lc_upstream_links_up") == 0
-    assert pair_tasks() == []
+    assert await settled_pair_tasks() == []
 
 
 async def test_unreachable_csms_refuses_the_station_with_502(lab: Lab) -> None:
@@ -407,7 +408,8 @@ async def test_unreachable_csms_refuses_the_station_with_502(lab: Lab) -> None:
     with trio.socket.socket() as closed_port:
         await closed_port.bind(("127.0.0.1", 0))
         port = closed_port.getsockname()[1]
-        app = await lab.start_app(f"ws://127.0.0.1:{port}/csms")
+        # The strict §6.3 rule (site autonomy off); with it on, the station is served locally instead.
+        app = await lab.start_app(f"ws://127.0.0.1:{port}/csms", autonomy=STRICT_6_3)
         with trio.fail_after(IO_TIMEOUT_S), pytest.raises(HandshakeFailed) as refused:
             await lab.station(app, "CS01")
     assert refused.value.status == 502
@@ -418,7 +420,7 @@ async def test_unreachable_csms_refuses_the_station_with_502(lab: Lab) -> None:
 
 async def test_csms_that_never_answers_the_handshake_gets_the_station_a_504(lab: Lab) -> None:
     silent = await lab.start_csms(answer_handshake=False)
-    app = await lab.start_app(silent.url, csms={"connect_timeout_s": 0.5})
+    app = await lab.start_app(silent.url, csms={"connect_timeout_s": 0.5}, autonomy=STRICT_6_3)
     with trio.fail_after(IO_TIMEOUT_S):
         start_s = trio.current_time()
         with pytest.raises(HandshakeFailed) as refused:

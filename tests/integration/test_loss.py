@@ -25,13 +25,14 @@ from router.transport import ConnectionClosed, WebSocket, client_handshake, read
 from tests.integration.conftest import (
     IO_TIMEOUT_S,
     OCPP201,
-    TASKS_PER_PAIR,
+    STRICT_6_3,
+    TASKS_PER_STRICT_PAIR,
     FakeCsms,
     Lab,
     assert_still_served,
     metric,
     next_link_event,
-    pair_tasks,
+    settled_pair_tasks,
 )
 
 #: Virtual seconds: generous, since nothing here waits on the real world.
@@ -330,7 +331,7 @@ async def test_shutdown_closes_every_station_with_1001_within_the_grace_time(lab
     assert stopped_after_s <= grace_s + 0.5
     assert {conn.closed.code for conn in csms.connections if conn.closed} == {1001}
     assert metric(app, "ocpp_lc_pair_closes_total", reason="shutdown") == count
-    assert pair_tasks() == []
+    assert await settled_pair_tasks() == []
 
 
 async def test_shutdown_is_bounded_by_the_grace_time_even_with_a_station_that_stopped_reading(
@@ -355,8 +356,9 @@ async def test_shutdown_is_bounded_by_the_grace_time_even_with_a_station_that_st
 
 
 async def test_csms_closing_its_socket_closes_the_station_and_frees_the_pair(lab: Lab, csms: FakeCsms) -> None:
-    # §6.3 end to end over loopback: the CSMS ends one station's connection; only that station goes.
-    app = await lab.start_app(csms.url)
+    # §6.3 end to end over loopback: the CSMS ends one station's connection; only that station goes
+    # (the strict rule: site autonomy off).
+    app = await lab.start_app(csms.url, autonomy=STRICT_6_3)
     with app.hub.subscribe("test", 100) as events, trio.fail_after(IO_TIMEOUT_S):
         other = await lab.station(app, "OTHER")
         station = await lab.station(app, "CS01")
@@ -370,4 +372,4 @@ async def test_csms_closing_its_socket_closes_the_station_and_frees_the_pair(lab
     assert event.reason == "csms_closed"
     assert metric(app, "ocpp_lc_stations_connected") == 1
     assert metric(app, "ocpp_lc_upstream_links_up") == 1
-    assert len(pair_tasks()) == TASKS_PER_PAIR
+    assert len(await settled_pair_tasks()) == TASKS_PER_STRICT_PAIR

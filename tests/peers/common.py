@@ -410,6 +410,12 @@ async def read_commands() -> AsyncIterator[dict[str, Any]]:
         yield cmd
 
 
+async def close_on(stop: asyncio.Event, ws: Connection) -> None:
+    """Close the station's websocket normally once ``stop`` is set."""
+    await stop.wait()
+    await ws.close(1000, "station stopping")
+
+
 def stop_on_signals(stop: asyncio.Event) -> None:
     """SIGTERM and SIGINT ask for the same clean shutdown as a `stop` command or stdin EOF."""
     loop = asyncio.get_running_loop()

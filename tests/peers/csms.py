@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import json
 import sys
 import urllib.parse
 from collections.abc import Iterator
@@ -296,6 +297,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="serve ocpp1.6 connections with an echo ({} to every CALL) or the ocpp library's 1.6 Central System",
     )
     parser.add_argument("--first-transaction-id", type=int, default=1, help="the first 1.6 transactionId given")
+    parser.add_argument(
+        "--set-response",
+        action="append",
+        default=[],
+        help="a set_response command as JSON, applied before the first connection (repeatable)",
+    )
     return parser.parse_args(argv)
 
 
@@ -310,6 +317,8 @@ async def amain(args: argparse.Namespace) -> int:
         args.ocpp16,
         args.first_transaction_id,
     )
+    for command in args.set_response:
+        csms.behaviour.apply({"cmd": "set_response", **json.loads(command)})
     stop = asyncio.Event()
     stop_on_signals(stop)
     async with serve(

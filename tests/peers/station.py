@@ -58,6 +58,7 @@ from tests.peers.common import (
     FrameLog,
     Ocpp16Echo,
     PeerChargePoint,
+    close_on,
     configure_logging,
     emit,
     follow_commands,
@@ -444,7 +445,7 @@ async def amain(args: argparse.Namespace) -> int:
             station.tasks = tasks
         helpers = [
             tasks.create_task(follow_commands(station.behaviour, lambda _: station, stop, extra)),
-            tasks.create_task(_close_on(stop, ws)),
+            tasks.create_task(close_on(stop, ws)),
         ]
         if not args.no_boot:
             helpers.append(tasks.create_task(boot(station, args)))
@@ -463,11 +464,6 @@ async def amain(args: argparse.Namespace) -> int:
             if isinstance(station, StationChargePoint) and station.profiles is not None:
                 station.profiles.cancel()
     return 0
-
-
-async def _close_on(stop: asyncio.Event, ws: ClientConnection) -> None:
-    await stop.wait()
-    await ws.close(1000, "station stopping")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,7 @@ from tests.peers.common import (
     CallFailed,
     FrameLog,
     Peer16ChargePoint,
+    close_on,
     configure_logging,
     emit,
     follow_commands,
@@ -395,7 +396,7 @@ async def amain(args: argparse.Namespace) -> int:
         extra = {"advance_clock": station.profiles.advance_clock, "meter": meter}
         helpers = [
             tasks.create_task(follow_commands(station.behaviour, lambda _: station, stop, extra)),
-            tasks.create_task(_close_on(stop, ws)),
+            tasks.create_task(close_on(stop, ws)),
         ]
         if not args.no_boot:
             helpers.append(tasks.create_task(boot(station, args)))
@@ -410,11 +411,6 @@ async def amain(args: argparse.Namespace) -> int:
                 task.cancel()
             station.profiles.cancel()
     return 0
-
-
-async def _close_on(stop: asyncio.Event, ws: ClientConnection) -> None:
-    await stop.wait()
-    await ws.close(1000, "station stopping")
 
 
 def main(argv: list[str] | None = None) -> int:

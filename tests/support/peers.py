@@ -67,6 +67,15 @@ class Peer:
     def returncode(self) -> int | None:
         return self._process.returncode
 
+    def kill(self) -> None:
+        """SIGKILL the peer (a crash: no close frames, its sockets just vanish); its events stay readable."""
+        if self._process.returncode is None:
+            self._process.kill()
+
+    async def wait_exited(self) -> None:
+        """Wait until the peer process has ended and its output has been read."""
+        await self._exited.wait()
+
     def stderr_tail(self) -> str:
         return self._stderr_tail.decode(errors="replace")
 

@@ -18,6 +18,7 @@ from balancing.site import (
     StationDefaults,
 )
 from meters.settings import MeterSettings, RegisterMap
+from router.autonomy.settings import AutonomySettings
 from router.config import (
     BalancingSettings,
     ConfigError,
@@ -135,6 +136,7 @@ def test_the_shipped_example_documents_every_key() -> None:
         "ems": EmsSettings,
         "site": SiteConfig,
         "balancing": BalancingSettings,
+        "autonomy": AutonomySettings,
         "log": LogSettings,
         "meters": MeterSettings,
     }

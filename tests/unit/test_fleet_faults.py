@@ -315,6 +315,23 @@ async def test_a_faulty_fleet_stays_within_its_limits_and_is_served(
 # --- what the simulation found ----------------------------------------------------------------------------
 
 
+def two_evse_station() -> tuple[FakeStations, Balancer]:
+    """CS1: a 32 A station limit over two EVSEs, idle current 6 A, no rate limit."""
+    site = SiteConfig.model_validate(
+        {"stations": [{"station_id": "CS1", "max_current_amperes": 32.0, "evses": [{"evse_id": 1}, {"evse_id": 2}]}]}
+    )
+    fake = FakeStations(limit_amperes=100.0)
+    settings = fault_loop_settings(idle_current_amperes=6.0, min_interval_s=0)
+    return fake, Balancer(site, fake.limits_at, fake, settings, wall_clock=loop_wall_clock)
+
+
+async def connect_idle(balancer: Balancer) -> None:
+    balancer.station_connected("CS1")
+    for evse_id in (1, 2):
+        balancer.station_call("CS1", "StatusNotification", status_notification(evse_id))
+    await settle()
+
+
 async def test_a_transaction_ending_leaves_no_default_above_what_the_station_may_draw(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -326,17 +343,9 @@ async def test_a_transaction_ending_leaves_no_default_above_what_the_station_may
     transaction): 32 + 6 = 38 A may be drawn at a 32 A station until the decrease the loop sends only then
     is answered; an EV plugging in meanwhile draws it (what the fleet run saw). Expected: the default under
     a running transaction never allows more than the station could bear when it comes back into force."""
-    site = SiteConfig.model_validate(
-        {"stations": [{"station_id": "CS1", "max_current_amperes": 32.0, "evses": [{"evse_id": 1}, {"evse_id": 2}]}]}
-    )
-    fake = FakeStations(limit_amperes=100.0)
-    settings = fault_loop_settings(idle_current_amperes=6.0, min_interval_s=0)
-    balancer = Balancer(site, fake.limits_at, fake, settings, wall_clock=loop_wall_clock)
+    fake, balancer = two_evse_station()
     async with running(balancer):
-        balancer.station_connected("CS1")
-        for evse_id in (1, 2):
-            balancer.station_call("CS1", "StatusNotification", status_notification(evse_id))
-        await settle()
+        await connect_idle(balancer)
         assert fake.installed[("CS1", 2)] == {"TxDefaultProfile": 6.0}
         balancer.station_call("CS1", "TransactionEvent", loop_transaction_event("Started", "TX-2", 2))
         await settle()
@@ -362,17 +371,9 @@ async def test_a_transaction_ending_while_its_default_is_lowered_counts_what_the
     the old limit when the transaction ended with the raise on its way). When the transaction ends while
     the change is on its way, the station may or may not have applied it (K02.FR.05: the default governs at
     once): the EVSE counts at the larger limit until the answer comes, then at what the answer leaves."""
-    site = SiteConfig.model_validate(
-        {"stations": [{"station_id": "CS1", "max_current_amperes": 32.0, "evses": [{"evse_id": 1}, {"evse_id": 2}]}]}
-    )
-    fake = FakeStations(limit_amperes=100.0)
-    settings = fault_loop_settings(idle_current_amperes=6.0, min_interval_s=0)
-    balancer = Balancer(site, fake.limits_at, fake, settings, wall_clock=loop_wall_clock)
+    fake, balancer = two_evse_station()
     async with running(balancer):
-        balancer.station_connected("CS1")
-        for evse_id in (1, 2):
-            balancer.station_call("CS1", "StatusNotification", status_notification(evse_id))
-        await settle()
+        await connect_idle(balancer)
         balancer.station_call("CS1", "TransactionEvent", loop_transaction_event("Started", "TX-2", 2))
         await settle()
         assert fake.installed[("CS1", 2)] == {"TxDefaultProfile": 6.0, "TxProfile": 32.0}
