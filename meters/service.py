@@ -163,7 +163,11 @@ class MeterService:
 
     def site_now(self) -> SiteConfig:
         """The site model with every metered circuit's limit lowered to its headroom (its lowest phase)."""
-        metered = {task.settings.node: min(task.state.headroom_amperes) for task in self.tasks}
+        # Rounded down to 0.1 A (what a profile carries): a smoothed load that drifts by hundredths does
+        # not make a new site model (and a new compiled site index for the allocator) at every poll.
+        metered = {
+            task.settings.node: math.floor(min(task.state.headroom_amperes) * 10 + 1e-9) / 10 for task in self.tasks
+        }
         metered.pop(GRID_NODE_ID, None)
         if not metered:
             return self.site
@@ -183,7 +187,9 @@ class MeterService:
             return ev_amperes_beneath(balancer, self.site, node)
 
         def changed() -> None:
-            balancer.site = self.site_now()
+            site = self.site_now()
+            if site != balancer.site:
+                balancer.site = site
             balancer.wake()
 
         self._ev_amperes = ev_amperes
