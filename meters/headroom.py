@@ -33,7 +33,8 @@ def smooth(previous: float | None, value: float, elapsed_s: float, fall_time_con
     """The asymmetric filter: a rise at once, a fall by ``1 − exp(−elapsed/τ)`` of the way per step."""
     if previous is None or value >= previous or fall_time_constant_s <= 0:
         return value
-    return value + (previous - value) * math.exp(-max(0.0, elapsed_s) / fall_time_constant_s)
+    # Clamped: the sum may round one ulp above ``previous`` (found by the property test).
+    return min(previous, value + (previous - value) * math.exp(-max(0.0, elapsed_s) / fall_time_constant_s))
 
 
 @dataclass(frozen=True, slots=True)
