@@ -139,6 +139,9 @@ class SiteConfig(_Frozen):
     """The whole site: grid limits, circuits, stations, defaults and the nominal voltage."""
 
     nominal_voltage_volts: Annotated[float, Field(ge=50, le=1000, allow_inf_nan=False)] = 230.0
+    #: Non-EV load (A per phase) assumed at a metered node while its meter fails (``meters``); None: the
+    #: EVs there get the failsafe current instead.
+    other_load_amperes: _Amperes | None = None
     grid: NodeLimits = NodeLimits()
     circuits: tuple[CircuitConfig, ...] = ()
     stations: tuple[StationConfig, ...] = ()
