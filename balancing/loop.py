@@ -53,12 +53,14 @@ from .loop_types import (
     CallOutcome,
     LoopSettings,
     log,
+    reason_code,
     timestamp,
 )
 from .observe import charging_priority, evse_of, measurement, transaction_facts
 from .records import EvseRecord, Purpose, StationRecord, decode, encode
 from .renewal import ProfileRenewal
 from .rollout import RolloutState, Step, plan
+from .scheduling import AllocationRunner
 from .sessions import SessionTracking, evse_id_usable
 from .site import SiteConfig
 from .station_profiles import CsmsProfiles
@@ -104,6 +106,8 @@ class Balancer(SessionTracking, ProfileRenewal):
         #: Set after every reallocation (tests and benchmarks wait on it).
         self.reallocated = trio.Event()
         self.last_duration_s = 0.0
+        #: Runs the allocator off the event loop on a large site (#17, :mod:`balancing.scheduling`).
+        self.allocation_runner = AllocationRunner()
         self._state = state
         self._stopping = False
         #: Set by :meth:`release`: the controller's profiles are being (or were) cleared; nothing is sent.
@@ -233,7 +237,7 @@ class Balancer(SessionTracking, ProfileRenewal):
                 with trio.move_on_at(self._deadline()):
                     await self._wake.wait()
                 self._wake = trio.Event()
-                self.reallocate(nursery)
+                self.reallocate(nursery, await self._allocate_ahead())
                 # Let the tasks just started send before looking again (answers wake us).
                 await trio.lowlevel.checkpoint()
 
@@ -279,8 +283,18 @@ class Balancer(SessionTracking, ProfileRenewal):
             at = upcoming
         return limits
 
-    def reallocate(self, nursery: trio.Nursery) -> None:
-        """Allocate now and start sending the steps the rollout plan allows."""
+    async def _allocate_ahead(self) -> Allocation | None:
+        """The allocation for a snapshot of now, computed off the event loop on a large site (#17)."""
+        if self._stopping or self.released:
+            return None
+        now_s, wall = trio.current_time(), self._wall()
+        self._forget_gone(now_s)
+        self._lapse(wall)
+        sessions = self.rollout.allocator_sessions([self._session(record, wall) for record in self._records()])
+        return await self.allocation_runner.allocate(self.site, self._limits_ahead(wall), sessions, now_s)
+
+    def reallocate(self, nursery: trio.Nursery, ahead: Allocation | None = None) -> None:
+        """Allocate now (or take ``ahead``, computed moments ago) and start sending what the rollout plan allows."""
         if self._stopping or self.released:
             return
         started = time.perf_counter()
@@ -291,8 +305,10 @@ class Balancer(SessionTracking, ProfileRenewal):
         self._count_defaults_under_transactions()
         self.limits = self._limits_ahead(wall)
         governed = self._csms.governed(self._stations.values(), wall) | self._unsteerable()
-        sessions = [self._session(record, wall) for record in self._records()]
-        self.allocation = allocate(self.site, self.limits, self.rollout.allocator_sessions(sessions), now_s)
+        if ahead is None:
+            sessions = [self._session(record, wall) for record in self._records()]
+            ahead = allocate(self.site, self.limits, self.rollout.allocator_sessions(sessions), now_s)
+        self.allocation = ahead
         self._update_turns(now_s)
         renew_due = {record.key for record in self._records() if self._renewal_due(record, wall)}
         steps = plan(self.site, self.limits, self.allocation, self.rollout, now_s, self.settings.rollout, renew_due)
@@ -380,8 +396,13 @@ class Balancer(SessionTracking, ProfileRenewal):
         record = None if station is None else station.evses.get(step.evse_id)
         # A TxProfile for a transaction that ended meanwhile is rightly refused (K01.FR.09): not a fault.
         overtaken = record is None or record.generation != generation
-        if not accepted and not self._stopping and not overtaken:
-            status_info = (outcome.payload or {}).get("statusInfo") if outcome.status == "answered" else None
+        status_info = (outcome.payload or {}).get("statusInfo") if outcome.status == "answered" else None
+        ended_there = purpose == "TxProfile" and reason_code(status_info) == "TxNotFound"
+        if not accepted and not self._stopping and not overtaken and ended_there:
+            # The transaction ended at the station before the profile arrived; its TransactionEvent is on its
+            # way: counted at its maximum until that comes, but not a fault worth a warning.
+            log.info("[%s] TxProfile on EVSE %d: the transaction has ended there", step.station_id, step.evse_id)
+        elif not accepted and not self._stopping and not overtaken:
             log.warning(
                 "[%s] %s of %.1f A on EVSE %d: %s%s; counted at its maximum until it accepts one",
                 step.station_id,

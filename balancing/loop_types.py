@@ -128,3 +128,11 @@ class LoopCore:
 
     def _default_phases(self, record: EvseRecord) -> int | None:
         raise NotImplementedError
+
+
+def reason_code(status_info: Any) -> str | None:
+    """The reasonCode of a statusInfo (None where there is none or it is malformed)."""
+    if isinstance(status_info, dict):
+        reason = status_info.get("reasonCode")
+        return reason if isinstance(reason, str) else None
+    return None

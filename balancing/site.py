@@ -139,6 +139,9 @@ class SiteConfig(_Frozen):
     """The whole site: grid limits, circuits, stations, defaults and the nominal voltage."""
 
     nominal_voltage_volts: Annotated[float, Field(ge=50, le=1000, allow_inf_nan=False)] = 230.0
+    #: Non-EV load (A per phase) assumed at a metered node while its meter fails (``meters``); None: the
+    #: EVs there get the failsafe current instead.
+    other_load_amperes: _Amperes | None = None
     grid: NodeLimits = NodeLimits()
     circuits: tuple[CircuitConfig, ...] = ()
     stations: tuple[StationConfig, ...] = ()
@@ -187,6 +190,12 @@ class SiteConfig(_Frozen):
     @cached_property
     def _unlisted(self) -> dict[str, StationConfig]:
         # Built once per unlisted station: the allocator asks for every EVSE on every reallocation.
+        return {}
+
+    @cached_property
+    def derived_cache(self) -> dict[str, object]:
+        """Structures derived from this (immutable) configuration, kept with it: the allocator's compiled
+        site (:mod:`balancing.site_index`). Not configuration: never compared, copied or serialised."""
         return {}
 
     def station(self, station_id: str) -> StationConfig:

@@ -37,6 +37,7 @@ from balancing.schedules import PeriodLimit
 from balancing.upstream import EmsReporter
 from firmware_cache import FirmwareCache, FirmwareSettings, RequestInvalid
 from firmware_cache.service import STATUS_ACTION
+from meters.service import MeterService
 
 from .autonomy.service import Autonomy
 from .balancing_wiring import build_balancer, clear_leftovers, feed_balancer, link_caller, release_document
@@ -84,6 +85,8 @@ class App:
     ems_reporter: EmsReporter | None = None
     #: Site autonomy (errata 4.13 to §6.3); None when ``[autonomy] enabled`` is false.
     autonomy: Autonomy | None = None
+    #: The site meters (``[[meters]]``) that limit balancing; None without meters or balancing.
+    meters: MeterService | None = None
     station_port: int = 0
     http_port: int = 0
     #: Why the appliance was asked to restart (e.g. "RemoteReset"); None for a plain shutdown.
@@ -154,6 +157,7 @@ class App:
             "own_identity": own,
             "limits": self.limits.status(),
             "balancing": None if self.balancer is None else self.balancer.status(),
+            "meters": None if self.meters is None else self.meters.status(),
             "upstream": {"csms_url": self.settings.csms.url, "link_up": own.get("link_up")},
             # Which stations are served locally (site autonomy) and what waits for the CSMS.
             "autonomy": None if self.autonomy is None else self.autonomy.status(),
@@ -273,10 +277,16 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
     csms_book.other_limits = limit_steps(limits.effective, limits.next_change_after)
     app = App(settings, registry, metrics, hub, links, server, store, limits, csms_book, autonomy=autonomy)
     if settings.balancing.enabled:
-        app.balancer = build_balancer(settings, limits, links, registry, store.namespace(BALANCING_NAMESPACE))
+        if settings.meters:
+            failsafe = settings.ems.failsafe_current_amperes
+            app.meters = MeterService(settings.meters, settings.site, registry, failsafe_amperes=failsafe)
+        state = store.namespace(BALANCING_NAMESPACE)
+        app.balancer = build_balancer(settings, limits, links, registry, state, app.meters)
         listeners.append(app.balancer.wake)
         csms_book.on_change(app.balancer.wake)
     else:
+        if settings.meters:
+            log.warning("[[meters]] configured but [balancing] enabled = false: the meters are not read")
         # Balancing switched off: what an earlier run installed is taken off the stations as they connect.
         leftovers = LeftoverProfiles(
             store.namespace(BALANCING_NAMESPACE), link_caller(links), settings.balancing.profile_id_base
@@ -424,6 +434,8 @@ async def _serve(app: App, task_status: trio.TaskStatus[App]) -> None:
                     link_caller(app.links),
                 )
                 await nursery.start(app.balancer.run)
+                if app.meters is not None:
+                    await nursery.start(app.meters.run)
             elif app.leftover_profiles is not None:
                 await nursery.start(clear_leftovers, app.hub, app.leftover_profiles)
             stations = settings.stations.address

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry
 
 from balancing import ocpp16
+from balancing.allocator import SiteLimits
 from balancing.clearing import LeftoverProfiles
 from balancing.limits import LimitSources
 from balancing.loop import Balancer, BalancerState, Caller, CallOutcome, LoopSettings
 from balancing.overdraw import OverdrawPolicy
 from balancing.rollout import RolloutPolicy
+from meters.service import MeterService
 
 from .config import Settings
 from .link import OCPP16, CallRejected, CallTimeout, LinkClosed, UnsupportedVersion
@@ -39,8 +42,10 @@ def build_balancer(
     links: LinkRegistry,
     registry: CollectorRegistry,
     state: BalancerState | None = None,
+    meters: MeterService | None = None,
 ) -> Balancer:
-    """The balancing loop over the site model, the effective limits and the stations' links."""
+    """The balancing loop over the site model, the effective limits and the stations' links; with
+    ``meters``, the headroom they leave at their nodes limits it too (``meters.service``)."""
     config = settings.balancing
     loop_settings = LoopSettings(
         stack_level=config.stack_level,
@@ -57,9 +62,13 @@ def build_balancer(
         decrease_lead_s=config.decrease_lead_s,
         overdraw=OverdrawPolicy(margin_amperes=config.overdraw_margin_amperes, grace_s=config.overdraw_grace_s),
     )
-    return Balancer(
+
+    def limits_at(now: datetime) -> SiteLimits:
+        return limits.effective(now).site_limits()
+
+    balancer = Balancer(
         settings.site,
-        lambda now: limits.effective(now).site_limits(),
+        limits_at if meters is None else meters.limits_at(limits_at),
         link_caller(links),
         loop_settings,
         next_limit_change=limits.next_change_after,
@@ -68,6 +77,9 @@ def build_balancer(
         state=state,
         is_connected=lambda station_id: links.get(station_id) is not None,
     )
+    if meters is not None:
+        meters.attach(balancer)
+    return balancer
 
 
 def release_document(balancer: Balancer) -> Callable[[], Awaitable[dict[str, Any]]]:

@@ -34,6 +34,8 @@ import httpx
 import trio
 import typer
 
+from meters.status import status_lines as meter_status_lines
+
 from .config import ConfigError, Settings, load_settings
 from .store import Store, StoreError
 from .systemd import SystemdNotifier
@@ -349,6 +351,8 @@ def _print_status(document: dict[str, Any]) -> None:
                 f"{_amount(row.get('allocated_amperes'), 'A')}  installed {_amount(row.get('installed_amperes'), 'A')}"
                 f"  measured {_amount(row.get('measured_current_amperes'), 'A')}{steer}"
             )
+    for line in meter_status_lines(document.get("meters")):
+        typer.echo(line)
     upstream = document.get("upstream", {})
     link_up = upstream.get("link_up")
     state = "unknown (own connection off)" if link_up is None else ("up" if link_up else "down")

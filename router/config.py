@@ -25,6 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, Va
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from balancing.site import SiteConfig
+from meters.settings import MeterSettings, site_problems
 
 from .autonomy.settings import AutonomySettings
 from .own.device_model import PASSWORD_STRING
@@ -533,6 +534,13 @@ class Settings(BaseModel):
     balancing: BalancingSettings = BalancingSettings()
     autonomy: AutonomySettings = AutonomySettings()
     log: LogSettings = LogSettings()
+    meters: tuple[MeterSettings, ...] = Field(default=(), strict=False)  # [[meters]]: see meters/settings.py
+
+    @model_validator(mode="after")
+    def _meters_fit_the_site(self) -> Settings:
+        for field, message in site_problems(self.meters, self.site)[:1]:
+            raise _problem(message, field=field)
+        return self
 
     @model_validator(mode="after")
     def _ports_do_not_clash(self) -> Settings:

@@ -1,95 +1,176 @@
-"""permessage-deflate (RFC 7692) with inflation bounded by the message size limit.
+"""permessage-deflate (RFC 7692): what we offer and accept, and the zlib state that follows from it.
 
-wsproto's own extension inflates whatever arrives in one go: deflate expands up to ~1000-fold, so a
-16 KiB read of a hostile frame can become ~16 MiB before anyone looks at its size, and a thousand
-such stations exhaust the box. :class:`BoundedDeflate` inflates with ``max_length`` set to what is
-left of the configured maximum message size, and fails the connection with 1009 (message too big)
-as soon as one message's inflated size would pass it. Memory per connection then stays at the
-limit plus zlib's window, whatever the compression ratio.
+wsproto runs the handshake and calls this extension object to build the offer (client) or the
+answer (server); once the connection is open, :func:`codecs` turns the negotiated parameters into
+the :class:`router.framing.Inflater` and :class:`router.framing.Deflater` the framer uses.
 
-It relies on the hooks wsproto's frame decoder calls for every data frame
-(``frame_inbound_payload_data`` per chunk of payload, ``frame_inbound_complete`` at a frame's end)
-and on the decompressor state its ``PerMessageDeflate`` keeps (wsproto 1.2/1.3); negotiation and
-compression of what we send are wsproto's, unchanged.
+The parameters are chosen per leg, because zlib's state is most of an idle compressed connection's
+memory: a compressor costs ``2**(window_bits + 2) + 2**(mem_level + 9)`` bytes plus ~6 KiB, an
+inflater ``2**window_bits`` plus ~7 KiB, for as long as its context is kept.
+
+* Toward stations (the site LAN) our compressor drops its context after every message (declared
+  with ``server_no_context_takeover``), so it exists only while a message is compressed; a station
+  that lets us limit its window (``client_max_window_bits``) gets :data:`STATION_WINDOW_BITS`.
+* Toward the CSMS (the WAN, often metered): our compressor keeps its context, the part that makes
+  repetitive OCPP traffic shrink ~20-fold, with a 4 KiB window and ``mem_level`` 3 (~26 KiB instead
+  of zlib's default ~260 KiB: on OCPP messages, which are mostly shorter than 4 KiB and repeat
+  their neighbours, the ratio is that of the default; ``tests/bench/versus_nginx.py`` prints the
+  measured figures). The CSMS is asked for a 2 KiB window without a kept context
+  (``server_max_window_bits=11; server_no_context_takeover``): what it sends is mostly short
+  answers, which a kept context hardly shrinks, and our inflater then holds nothing between messages.
+
+Whatever the peer sends is inflated to at most the message size limit (the framer's Inflater).
 """
 
 from __future__ import annotations
 
-import zlib
+from dataclasses import dataclass
+from typing import Final
 
 from wsproto.extensions import PerMessageDeflate
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
-#: The four bytes a sender strips from the end of every compressed message (RFC 7692 §7.2.2).
-_TAIL = b"\x00\x00\xff\xff"
+from .framing import Deflater, Inflater
+
+#: The window the station's compressor is asked to stay within, when it lets us choose (LAN leg:
+#: its ratio matters little there, and inflating it costs 1 KiB of window instead of 32).
+STATION_WINDOW_BITS: Final = 10
+#: Our compressor toward stations: its context is dropped after every message, so a small window
+#: loses nothing (OCPP messages are mostly shorter than 1 KiB) and the transient state stays small.
+STATION_DEFLATE_WINDOW_BITS: Final = 10
+STATION_DEFLATE_MEM_LEVEL: Final = 3
+#: Our compressor toward the CSMS (WAN): its window and memory level (~26 KiB of zlib state).
+CSMS_WINDOW_BITS: Final = 12
+CSMS_DEFLATE_MEM_LEVEL: Final = 3
+#: The window the CSMS is asked to compress with (our inflater keeps it: ~9 KiB instead of ~39).
+CSMS_PEER_WINDOW_BITS: Final = 11
+_ZLIB_MAX_BITS: Final = 15
 
 
-class BoundedDeflate(PerMessageDeflate):
-    """permessage-deflate that never inflates one message past ``max_message_bytes``."""
+@dataclass(frozen=True, slots=True)
+class Parameters:
+    """What was agreed: the peer's window and context, ours."""
 
-    def __init__(self, max_message_bytes: int, **parameters: bool) -> None:
-        super().__init__(**parameters)
+    peer_window_bits: int
+    peer_keeps_context: bool
+    own_window_bits: int
+    own_keeps_context: bool
+
+
+def _parse(offer: str) -> dict[str, str | None] | None:
+    """The parameters of one extension offer or answer (None when malformed)."""
+    parameters: dict[str, str | None] = {}
+    for part in offer.split(";")[1:]:
+        name, _, value = part.strip().partition("=")
+        name = name.strip()
+        if not name or name in parameters:
+            return None
+        parameters[name] = value.strip().strip('"') or None
+    return parameters
+
+
+def _bits(value: str | None, default: int) -> int | None:
+    if value is None:
+        return default
+    if not value.isdigit() or not 9 <= int(value) <= _ZLIB_MAX_BITS:
+        return None
+    return int(value)
+
+
+class NegotiatedDeflate(PerMessageDeflate):
+    """permessage-deflate as we offer (client) or accept (server) it; see the module docstring."""
+
+    def __init__(self, *, server: bool, keep_context: bool, max_message_bytes: int) -> None:
+        super().__init__()
+        self.server = server
+        self.keep_context = keep_context
         self.max_message_bytes = max_message_bytes
-        self._inflated_bytes = 0  # of the message being received
+        self.parameters: Parameters | None = None
 
-    def _inflate(self, data: bytes) -> bytes | CloseReason:
-        assert self._decompressor is not None
-        room = self.max_message_bytes - self._inflated_bytes
-        try:
-            # One byte more than there is room for tells "exactly full" from "too big".
-            out = self._decompressor.decompress(data, room + 1)
-        except zlib.error:
-            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
-        self._inflated_bytes += len(out)
-        if self._inflated_bytes > self.max_message_bytes or self._decompressor.unconsumed_tail:
-            return CloseReason.MESSAGE_TOO_BIG
-        return out
+    # -- client ---------------------------------------------------------------------------------
 
-    def frame_inbound_header(
-        self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, payload_length: int
-    ) -> CloseReason | RsvBits:
-        if opcode.iscontrol():
-            # Control frames are never compressed (RFC 7692 §6.1) and, arriving between messages or
-            # between the fragments of one, must not touch the state of the data messages.
-            if rsv.rsv1:
-                return CloseReason.PROTOCOL_ERROR
-            self._inbound_is_compressible = False
-            return RsvBits(True, False, False)
-        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
+    def offer(self) -> str:
+        parts = [
+            f"client_max_window_bits={CSMS_WINDOW_BITS}",
+            f"server_max_window_bits={CSMS_PEER_WINDOW_BITS}",
+            # What a CSMS sends is mostly short answers, which a kept context hardly shrinks; without
+            # it our inflater exists only while a message arrives (~9 KiB less per idle station).
+            "server_no_context_takeover",
+        ]
+        if not self.keep_context:
+            parts.append("client_no_context_takeover")
+        return "; ".join(parts)
 
-    def frame_inbound_payload_data(self, proto: FrameDecoder | FrameProtocol, data: bytes) -> bytes | CloseReason:
-        if not self._inbound_compressed or not self._inbound_is_compressible:
-            return data
-        return self._inflate(bytes(data))
+    def finalize(self, offer: str) -> None:
+        answer = _parse(offer) or {}
+        # We asked for server_max_window_bits: a server that accepts must answer it (RFC 7692
+        # §7.1.2.1); if one does not, inflating with the largest window is still correct.
+        peer_bits = _bits(answer.get("server_max_window_bits"), _ZLIB_MAX_BITS) or _ZLIB_MAX_BITS
+        own_limit = _bits(answer.get("client_max_window_bits"), CSMS_WINDOW_BITS) or CSMS_WINDOW_BITS
+        self.parameters = Parameters(
+            peer_window_bits=peer_bits,
+            peer_keeps_context="server_no_context_takeover" not in answer,
+            own_window_bits=min(own_limit, CSMS_WINDOW_BITS),
+            own_keeps_context=self.keep_context and "client_no_context_takeover" not in answer,
+        )
+        self._enabled = True
 
-    def frame_inbound_complete(self, proto: FrameDecoder | FrameProtocol, fin: bool) -> bytes | CloseReason | None:
-        if not self._inbound_is_compressible:
-            return None  # a control frame (see frame_inbound_header)
-        if not fin:
-            return None
-        compressed = self._inbound_compressed
-        self._inbound_compressed = None
-        if not compressed:
-            self._inflated_bytes = 0
-            return None
-        out = self._inflate(_TAIL)
-        self._inflated_bytes = 0
-        no_context_takeover = self.server_no_context_takeover if proto.client else self.client_no_context_takeover
-        if no_context_takeover:
-            self._decompressor = None
-        return out
+    # -- server ---------------------------------------------------------------------------------
+
+    def accept(self, offer: str) -> str | None:
+        if self.parameters is not None:
+            return None  # wsproto asks about every offer; the first acceptable one was taken
+        asked = _parse(offer)
+        if asked is None or set(asked) - {
+            "client_max_window_bits",
+            "server_max_window_bits",
+            "client_no_context_takeover",
+            "server_no_context_takeover",
+        }:
+            return None  # decline what we do not understand (RFC 7692 §5.1); the next offer may do
+        answer: list[str] = []
+        peer_bits = _ZLIB_MAX_BITS
+        if "client_max_window_bits" in asked:
+            offered = _bits(asked["client_max_window_bits"], _ZLIB_MAX_BITS)
+            if offered is None:
+                return None
+            peer_bits = min(offered, STATION_WINDOW_BITS)
+            answer.append(f"client_max_window_bits={peer_bits}")
+        own_keeps = self.keep_context and "server_no_context_takeover" not in asked
+        own_bits = CSMS_WINDOW_BITS if own_keeps else STATION_DEFLATE_WINDOW_BITS
+        if "server_max_window_bits" in asked:
+            limit = _bits(asked["server_max_window_bits"], _ZLIB_MAX_BITS)
+            if asked["server_max_window_bits"] is None or limit is None:
+                return None  # this parameter must carry a value
+            own_bits = min(own_bits, limit)
+            answer.append(f"server_max_window_bits={limit}")
+        if not own_keeps:
+            answer.append("server_no_context_takeover")  # a server may declare it unasked (§7.1.1.1)
+        peer_keeps = "client_no_context_takeover" not in asked
+        if not peer_keeps:
+            answer.append("client_no_context_takeover")
+        self.parameters = Parameters(peer_bits, peer_keeps, own_bits, own_keeps)
+        self._enabled = True
+        return "; ".join(answer)
 
 
-def deflate(*, server: bool, keep_context: bool, max_message_bytes: int) -> BoundedDeflate:
+def deflate(*, server: bool, keep_context: bool, max_message_bytes: int) -> NegotiatedDeflate:
     """permessage-deflate as we offer (client) or accept (server) it.
 
-    ``keep_context`` decides whether *our* compressor keeps its LZ77 window between messages. Kept,
-    repetitive OCPP messages shrink several times better, at ~200 KiB of zlib state per connection;
-    dropped after every message, an idle connection costs only the peer's inflate window. The
+    ``keep_context`` decides whether *our* compressor keeps its LZ77 window between messages. The
     peer's own choice about its compressor is always honoured. What the peer sends is inflated to
     at most ``max_message_bytes`` per message.
     """
-    if server:
-        # RFC 7692 §7.1.1.1: a server may declare server_no_context_takeover unasked.
-        return BoundedDeflate(max_message_bytes, server_no_context_takeover=not keep_context)
-    return BoundedDeflate(max_message_bytes, client_no_context_takeover=not keep_context)
+    return NegotiatedDeflate(server=server, keep_context=keep_context, max_message_bytes=max_message_bytes)
+
+
+def codecs(extension: NegotiatedDeflate) -> tuple[Inflater, Deflater]:
+    """The inflater for what the peer sends and the deflater for what we send, as negotiated."""
+    agreed = extension.parameters
+    assert agreed is not None, "permessage-deflate was not negotiated"
+    mem_level = CSMS_DEFLATE_MEM_LEVEL if not extension.server else STATION_DEFLATE_MEM_LEVEL
+    if extension.server and agreed.own_keeps_context:
+        mem_level = CSMS_DEFLATE_MEM_LEVEL
+    inflater = Inflater(
+        agreed.peer_window_bits, keep_context=agreed.peer_keeps_context, max_message_bytes=extension.max_message_bytes
+    )
+    return inflater, Deflater(agreed.own_window_bits, mem_level, keep_context=agreed.own_keeps_context)

@@ -66,3 +66,6 @@ def setup_logging(level: str = "info", fmt: Literal["text", "json"] = "text") ->
     # hypercorn's own chatter stays at warning unless debugging.
     if level != "debug":
         logging.getLogger("hypercorn").setLevel(logging.WARNING)
+        # pymodbus logs every failed meter read at error level; the meter service logs them (once per
+        # kind of failure, with the meter's name) and counts them, so its own lines would only repeat.
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .queue import LatestEntry, StationMessage
-from .responder import BOOT_KEY
+from .responder import BOOT_KEY, DEFAULT_PENDING_INTERVAL_S
 
 
 def partition_latest(entries: list[LatestEntry]) -> tuple[list[LatestEntry], list[LatestEntry]]:
@@ -29,6 +29,23 @@ def partition_latest(entries: list[LatestEntry]) -> tuple[list[LatestEntry], lis
     before = [entry for entry in entries if entry.key == BOOT_KEY]
     after = [entry for entry in entries if entry.key != BOOT_KEY]
     return before, sorted(after, key=lambda entry: entry.version)
+
+
+def boot_verdict(result: object) -> tuple[str, int] | None:
+    """(status, seconds to wait) when the CSMS's answer to a replayed boot is Pending or Rejected, else None.
+
+    ``result`` is the CALLRESULT payload (None for a CALLERROR). The wait is the interval the CSMS gave,
+    or ours when it gave 0 (B02.FR.07, B03.FR.05). Until the CSMS accepts the boot, nothing else kept
+    for the station may reach it (B01.FR.08, B02.FR.02); the link holds the replay meanwhile.
+    """
+    if not isinstance(result, Mapping):
+        return None
+    status, interval = result.get("status"), result.get("interval")
+    if status not in ("Pending", "Rejected"):
+        return None
+    if isinstance(interval, int) and not isinstance(interval, bool) and interval > 0:
+        return str(status), interval
+    return str(status), DEFAULT_PENDING_INTERVAL_S
 
 
 def replay_payload(message: StationMessage, *, mark_offline: bool = True) -> dict[str, Any]:

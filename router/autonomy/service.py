@@ -10,7 +10,8 @@ is back and the queue is being delivered; the station is still answered locally)
 
 The reconnect pacer spreads the CSMS connections re-opened after an outage: at most
 ``reconnect_rate_per_s`` a second over the whole site, each at a random moment within its slot, so that a
-thousand stations do not reach the CSMS in one second when it returns.
+thousand stations do not reach the CSMS in one second when it returns. The first station through ends
+the others' backoff waits, so the return is paced by the rate, not by the backoff.
 
 Its metrics are in :mod:`.metrics`: :class:`Autonomy` keeps the event-driven ones up to date and gives
 the per-scrape gauges what they read (the longest outage, what is left of the replays).
@@ -55,12 +56,30 @@ class ReconnectPacer:
         self._interval_s = 1.0 / rate_per_s
         self._rng = rng
         self._next_slot_s = -math.inf
+        self._reached = trio.Event()
 
     async def turn(self) -> None:
         """Wait for this caller's slot (a random moment within the next free interval)."""
         slot_s = max(trio.current_time(), self._next_slot_s)
         self._next_slot_s = slot_s + self._interval_s
         await trio.sleep_until(slot_s + self._rng.uniform(0.0, self._interval_s))
+
+    async def back_off(self, wait_s: float) -> bool:
+        """Wait ``wait_s`` after a failed attempt, or less: True if cut short because a station got through.
+
+        Without this, a site whose attempts do not fill the pacer would sit out each station's backoff
+        (up to reconnect_backoff_max_s) after the CSMS is back; now the first station through wakes the
+        rest, and :meth:`turn` spreads them at the rate.
+        """
+        with trio.move_on_after(wait_s):
+            await self._reached.wait()
+            return True
+        return False
+
+    def reached(self) -> None:
+        """A station's CSMS connection opened again: wake every station backing off."""
+        self._reached.set()
+        self._reached = trio.Event()
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,7 @@ class Autonomy:
         # When each replaying station's CSMS leg came back (trio clock), for the replay duration.
         self._replay_since_s: dict[str, float] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._replay_locks: dict[str, trio.Lock] = {}
         self.refresh_gauges()
 
     # -- the view ----------------------------------------------------------------------------------
@@ -208,6 +228,10 @@ class Autonomy:
         """Whether ``station_id`` has been without its CSMS for longer than max_offline_s (strict rule)."""
         since_s = self._offline_since_s.get(station_id)
         return since_s is not None and trio.current_time() - since_s >= self.settings.max_offline_s
+
+    def replay_lock(self, station_id: str) -> trio.Lock:
+        """Held by the pair that replays ``station_id``'s kept messages: one replay per station at a time."""
+        return self._replay_locks.setdefault(station_id, trio.Lock())
 
     def has_kept(self, station_id: str) -> bool:
         """Whether anything waits for ``station_id``'s CSMS (then the pair replays before it relays)."""

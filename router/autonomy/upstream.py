@@ -14,12 +14,14 @@ leg: it sends and receives text frames. Behind that it has three modes (:data:`.
   :class:`.local.LocalService` (durable before the answer is handed to the link); calls it had sent to
   the CSMS and got no answer for are answered that way too. Meanwhile a restore task re-opens the
   CSMS leg with the station's original handshake (kept in memory only, in the ``connect`` callable),
-  paced site-wide (:class:`.service.ReconnectPacer`), with a doubling, jittered wait between attempts.
+  paced site-wide (:class:`.service.ReconnectPacer`), with a doubling, jittered wait between attempts
+  that ends early once another station got through.
 * **replaying** — the CSMS leg is back. The kept messages go to it in order with ids of the
-  controller's own, one outstanding at a time (§4.1.1); its answers stay here (they feed the caches,
-  and may stop a transaction whose idToken it refuses). The station is still answered locally, its
-  new messages queue behind. Calls the CSMS sends meanwhile are relayed to the station and its answers
-  go back. Once nothing is kept, the pair relays again.
+  controller's own, one outstanding at a time (§4.1.1), a kept boot before anything else (and until the
+  CSMS accepts it: :meth:`_replay_boot`), one pair per station at a time; its answers stay here (they
+  feed the caches, and may stop a transaction whose idToken it refuses). The station is still answered
+  locally, its new messages queue behind. Calls the CSMS sends meanwhile are relayed to the station and
+  its answers go back. Once nothing is kept, the pair relays again.
 
 Ending: past ``max_offline_s`` without the CSMS, or when the CSMS refuses the station's handshake on
 restore (HTTP 4xx: 401, 403, 404 …), or agrees to no subprotocol, :meth:`receive_text` and
@@ -33,8 +35,10 @@ leg (:meth:`aclose`) stops them and closes the real websocket, if one is open.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -46,7 +50,7 @@ from router.ocppj import Envelope, FrameError, MessageType
 from router.transport import ABNORMAL, NORMAL, ByteCounter, ConnectionClosed, HandshakeFailed, WebSocket
 
 from .queue import StationMessage
-from .replay import partition_latest, refused_after_local_accept, replay_payload
+from .replay import boot_verdict, partition_latest, refused_after_local_accept, replay_payload
 from .service import Autonomy, Mode
 
 log = logging.getLogger("ocpp_lc.autonomy.upstream")
@@ -123,6 +127,13 @@ class AutonomousUpstream:
         self._dead: list[WebSocket] = []
         self._real_scope = trio.CancelScope()
         self._replay_wait: _ReplayWait | None = None
+        # Set while a replayed message is out and not yet acknowledged in the queue (see aclose).
+        self._replay_busy: trio.Event | None = None
+        # Wakes a replay holding for the CSMS's verdict on a boot: the leg was lost, or the pair ends.
+        self._interrupt = trio.Event()
+        self._ending = False
+        # No attempt to reach the CSMS before this (trio clock): a Rejected boot's retry interval (B03.FR.02).
+        self._not_before_s = -math.inf
         self._counters: tuple[ByteCounter, ByteCounter] | None = None
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
@@ -164,8 +175,19 @@ class AutonomousUpstream:
         await self._serve_locally(text)
 
     async def aclose(self, code: int = NORMAL, reason: str = "") -> None:
-        """End the leg: stop every task of it, close the real websocket (if open) with ``code``."""
+        """End the leg: stop every task of it, close the real websocket (if open) with ``code``.
+
+        A replayed message still out waits for its answer first (at most replay_answer_timeout_s): the
+        station may have connected again, and its new pair takes the replay over once this one is done
+        with it; without the answer the new pair would send that message a second time.
+        """
         with trio.CancelScope(shield=True):
+            self._ending = True
+            self._interrupt.set()
+            busy = self._replay_busy
+            if busy is not None:
+                with trio.move_on_after(self._timings.replay_answer_timeout_s):
+                    await busy.wait()
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
                 await self._stopped.wait()
@@ -209,6 +231,8 @@ class AutonomousUpstream:
         """Read and keep alive ``real`` until it is lost (then :meth:`_lost` cancels both)."""
         assert self._nursery is not None
         scope = self._real_scope = trio.CancelScope()
+        if not self._ending:
+            self._interrupt = trio.Event()
 
         async def serve() -> None:
             with scope:
@@ -284,6 +308,7 @@ class AutonomousUpstream:
         wait = self._replay_wait
         if wait is not None:
             wait.done.set()
+        self._interrupt.set()
         log.warning("[%s] CSMS connection lost (%s): serving the station locally", self.station_id, why)
         self._set_mode("local")
         self._wake.set()
@@ -312,6 +337,8 @@ class AutonomousUpstream:
         settings = self._autonomy.settings
         wait_s = FIRST_RETRY_S
         with trio.move_on_at(self._autonomy.offline_deadline_s(self.station_id)):
+            if self._not_before_s > trio.current_time():
+                await trio.sleep_until(self._not_before_s)  # B03.FR.02: nothing before the retry interval
             while True:
                 await self._autonomy.pacer.turn()
                 try:
@@ -329,6 +356,7 @@ class AutonomousUpstream:
                 else:
                     if real.subprotocol == self.subprotocol:
                         log.info("[%s] CSMS connection restored", self.station_id)
+                        self._autonomy.pacer.reached()
                         return real
                     await real.aclose(NORMAL, "")
                     log.warning(
@@ -336,8 +364,10 @@ class AutonomousUpstream:
                     )
                     self._fail(ABNORMAL, "CSMS accepted none of the offered subprotocols")
                     return None
-                await trio.sleep(wait_s * self._autonomy.rng.uniform(0.5, 1.0))
-                wait_s = min(2 * wait_s, settings.reconnect_backoff_max_s)
+                if await self._autonomy.pacer.back_off(wait_s * self._autonomy.rng.uniform(0.5, 1.0)):
+                    wait_s = FIRST_RETRY_S  # another station got through: the CSMS seems back
+                else:
+                    wait_s = min(2 * wait_s, settings.reconnect_backoff_max_s)
         log.warning(
             "[%s] CSMS unreachable for longer than max_offline_s (%g s): closing the station",
             self.station_id,
@@ -359,23 +389,30 @@ class AutonomousUpstream:
     # -- the replay --------------------------------------------------------------------------------
 
     async def _replay(self, real: WebSocket) -> bool:
-        """Deliver everything kept for the station; True once it all went and the pair relays again."""
+        """Deliver everything kept for the station; True once it all went and the pair relays again.
+
+        One pair at a time replays a station's queue (:meth:`.service.Autonomy.replay_lock`): a station
+        that connects again while its older pair still replays gets a new pair that waits here until the
+        older one has its answer and ends (see :meth:`aclose`), so that no message goes out twice.
+        """
+        async with self._autonomy.replay_lock(self.station_id):
+            return await self._replay_locked(real)
+
+    async def _replay_locked(self, real: WebSocket) -> bool:
         queue = self._autonomy.queue
         while True:
-            before, after = partition_latest(queue.latest(self.station_id))
-            for latest in before:
-                if not await self._deliver(real, latest.message):
-                    return False
-                queue.ack_latest(latest)
+            if not await self._replay_boot(real):
+                return False
             while entries := queue.peek(self.station_id, 1):
-                if not await self._deliver(real, entries[0].message):
+                if not await self._deliver_kept(real, entries[0].message, lambda: queue.ack(entries[0])):
                     return False
-                queue.ack(entries[0])
                 self._autonomy.refresh_gauges()
-            for latest in after:
-                if not await self._deliver(real, latest.message):
+                # A boot the station sent meanwhile overtakes what is still queued (B01.FR.08).
+                if not await self._replay_boot(real):
                     return False
-                queue.ack_latest(latest)
+            for latest in partition_latest(queue.latest(self.station_id))[1]:
+                if not await self._deliver_kept(real, latest.message, functools.partial(queue.ack_latest, latest)):
+                    return False
             # No checkpoint between this check and the switch: a station call handled locally stores
             # its message before it yields, so nothing can slip in between.
             if self._real is real and not self._autonomy.has_kept(self.station_id):
@@ -385,10 +422,80 @@ class AutonomousUpstream:
             if self._real is not real:
                 return False
 
-    async def _deliver(self, real: WebSocket, message: StationMessage) -> bool:
-        """Send one kept message as a call of ours and take in the CSMS's answer; False if the leg was lost."""
-        if self._real is not real:
+    async def _replay_boot(self, real: WebSocket) -> bool:
+        """Deliver a kept BootNotification, if any, until the CSMS accepts it; False if the replay must stop.
+
+        Pending: the queue waits, the leg stays open (B02.FR.06; CSMS calls still reach the station) and
+        the boot goes again after the CSMS's interval (B02.FR.08). Rejected: the leg is closed (B03.FR.04)
+        and re-opened after that interval (B03.FR.02), boot first. Meanwhile the station is answered as
+        the CSMS would (the boot cache has the verdict: SecurityError, B02.FR.09, B03.FR.07). It is not
+        closed: told Accepted by us, it would reconnect but not boot again (B01.FR.03: boots only).
+        """
+        queue = self._autonomy.queue
+        for latest in partition_latest(queue.latest(self.station_id))[0]:
+            while True:
+                if self._ending:
+                    return False
+                with self._message_out():
+                    answer = await self._deliver(real, latest.message)
+                    verdict = (
+                        None
+                        if answer is None
+                        else boot_verdict(answer.payload if answer.message_type is MessageType.CALLRESULT else None)
+                    )
+                    if answer is not None and verdict is None:
+                        queue.ack_latest(latest)
+                if answer is None:
+                    return False
+                if verdict is None:
+                    break
+                status, wait_s = verdict
+                if status == "Rejected":
+                    log.warning(
+                        "[%s] the CSMS rejected the replayed BootNotification: the replay waits %d s, "
+                        "the CSMS connection closed meanwhile",
+                        self.station_id,
+                        wait_s,
+                    )
+                    self._not_before_s = trio.current_time() + wait_s
+                    self._lost(real, "the CSMS rejected the station's boot")
+                    return False
+                log.warning(
+                    "[%s] the CSMS answered the replayed BootNotification Pending: the replay waits, the boot "
+                    "goes again in %d s",
+                    self.station_id,
+                    wait_s,
+                )
+                with trio.move_on_after(wait_s):
+                    await self._interrupt.wait()
+                if self._ending or self._real is not real:
+                    return False
+        return True
+
+    async def _deliver_kept(self, real: WebSocket, message: StationMessage, ack: Callable[[], object]) -> bool:
+        """Deliver one kept message and ``ack`` it; False if the replay must stop."""
+        if self._ending:
             return False
+        with self._message_out():
+            if await self._deliver(real, message) is None:
+                return False
+            ack()
+            return True
+
+    @contextlib.contextmanager
+    def _message_out(self) -> Iterator[None]:
+        """Mark a replayed message as out until it is answered and acknowledged: :meth:`aclose` waits for it."""
+        busy = self._replay_busy = trio.Event()
+        try:
+            yield
+        finally:
+            self._replay_busy = None
+            busy.set()
+
+    async def _deliver(self, real: WebSocket, message: StationMessage) -> Envelope | None:
+        """Send one kept message as a call of ours; the CSMS's answer, or None if the leg was lost."""
+        if self._real is not real:
+            return None
         wait = _ReplayWait(ocppj.new_lc_message_id(), trio.Event())
         frame = ocppj.encode_call(wait.message_id, message.action, replay_payload(message))
         self._replay_wait = wait
@@ -397,7 +504,7 @@ class AutonomousUpstream:
                 await real.send_text(frame)
             except ConnectionClosed as closed:
                 self._lost(real, f"closed ({closed.code})")
-                return False
+                return None
             with trio.move_on_after(self._timings.replay_answer_timeout_s):
                 await wait.done.wait()
         finally:
@@ -406,9 +513,9 @@ class AutonomousUpstream:
         if answer is None:
             if self._real is real:
                 self._lost(real, f"no answer to a replayed {message.action}")
-            return False
+            return None
         self._replayed(message, answer)
-        return True
+        return answer
 
     def _replayed(self, message: StationMessage, answer: Envelope) -> None:
         metrics = self._autonomy.metrics

@@ -496,6 +496,10 @@ class SimulatedStation:
             )
             if status == "Accepted" and transaction is not None:
                 self._retarget()
+            profile = request["chargingProfile"]
+            if status == "Rejected" and profile["chargingProfilePurpose"] == "TxProfile" and transaction is None:
+                # No transaction here (it may have just ended): say so, as a station does (K01.FR.09).
+                return {"status": status, "statusInfo": {"reasonCode": "TxNotFound"}}
             return {"status": status}
 
         def clear_charging_profile(request: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 """Benchmark: allocation time for 100, 1,000 and 10,000 EVSEs (issue 5, Done-when 6).
 
-Run: /work/venv/bin/python tests/bench/allocation.py
+Run: /work/venv/bin/python tests/bench/allocation.py [--reference] [--runs N]
+
+``--reference`` times the allocator as it was before issue 17 (tests/support/reference_allocator.py) on
+the same sites, for a comparison made on the same machine at the same time.
 
 The site: a grid connection with 20 sub-circuits (every circuit tight, so water-filling has to freeze
 them one by one), two-EVSE stations with a station limit, a third of the EVs on one phase, mixed
@@ -9,9 +12,12 @@ phase rotations and priorities, some underdrawing. Prints the median and worst o
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
 from balancing.allocator import Session, SiteLimits, allocate
 from balancing.site import SiteConfig
@@ -61,18 +67,32 @@ def build(evse_count: int, seed: int = 1) -> tuple[SiteConfig, list[Session]]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="allocation time for 100, 1,000 and 10,000 EVSEs")
+    parser.add_argument("--reference", action="store_true", help="time the pre-#17 allocator instead")
+    parser.add_argument("--runs", type=int, default=0, help="timed calls per size (default 20; 5 at 10,000)")
+    args = parser.parse_args()
+    allocator = allocate
+    if args.reference:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        from tests.support.reference_allocator import allocate as reference
+
+        allocator = reference
     for evse_count in (100, 1_000, 10_000):
         site, sessions = build(evse_count)
-        runs = 5 if evse_count >= 10_000 else 20
+        runs = args.runs or (5 if evse_count >= 10_000 else 20)
+        allocator(site, SiteLimits(), sessions, 1000.0)  # not timed: compiles the site, warms the caches
         durations = []
         for _ in range(runs):
             started = time.perf_counter()
-            allocation = allocate(site, SiteLimits(), sessions, 1000.0)
+            allocation = allocator(site, SiteLimits(), sessions, 1000.0)
             durations.append(time.perf_counter() - started)
+        quartiles = statistics.quantiles(durations, n=4)
         served = sum(1 for evse in allocation.evses.values() if evse.current_amperes > 0)
         print(
             f"{evse_count:>6} EVSEs: median {statistics.median(durations) * 1000:8.1f} ms, "
-            f"worst {max(durations) * 1000:8.1f} ms ({served} served, {runs} runs)"
+            f"worst {max(durations) * 1000:8.1f} ms, "
+            f"spread (p25..p75) {quartiles[0] * 1000:.1f}..{quartiles[2] * 1000:.1f} ms "
+            f"({served} served, {runs} runs)"
         )
 
 

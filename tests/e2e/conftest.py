@@ -68,9 +68,9 @@ OpenRelay = Callable[..., AbstractAsyncContextManager[Relay]]
 
 
 @asynccontextmanager
-async def _open_relay(state_dir: Path, *csms_args: str, **overrides: dict[str, Any]) -> AsyncIterator[Relay]:
+async def _open_relay(state_dir: Path, *csms_args: str, **overrides: Any) -> AsyncIterator[Relay]:
     async with open_csms("--path-prefix", OCPP_PATH, *csms_args) as (csms, csms_port):
-        sections: dict[str, dict[str, Any]] = {
+        sections: dict[str, Any] = {
             # Relaying alone: the controller's own identity is tested with it in test_appliance.py.
             "controller": {"connect": False},
             "stations": {"listen": "127.0.0.1:0", "path": OCPP_PATH},
@@ -80,7 +80,8 @@ async def _open_relay(state_dir: Path, *csms_args: str, **overrides: dict[str, A
             "state": {"dir": str(state_dir)},
         }
         for section, values in overrides.items():
-            sections[section] = {**sections.get(section, {}), **values}
+            # An array of tables ([[meters]]) is taken as it is.
+            sections[section] = values if isinstance(values, list) else {**sections.get(section, {}), **values}
         settings = parse_settings(sections)
         try:
             async with trio.open_nursery() as nursery:
@@ -117,7 +118,7 @@ def open_relay(tmp_path: Path) -> OpenRelay:
     """
     relays = itertools.count()
 
-    def open_relay(*csms_args: str, **overrides: dict[str, Any]) -> AbstractAsyncContextManager[Relay]:
+    def open_relay(*csms_args: str, **overrides: Any) -> AbstractAsyncContextManager[Relay]:
         return _open_relay(tmp_path / f"state-{next(relays)}", *csms_args, **overrides)
 
     return open_relay

@@ -221,14 +221,14 @@ class FakeCsms:
 # ---------------------------------------------------------------------------------------------------
 
 
-def settings_for(csms_url: str, *, state_dir: Path, **sections: dict[str, Any]) -> Settings:
+def settings_for(csms_url: str, *, state_dir: Path, **sections: Any) -> Settings:
     """Settings for a test appliance on port 0, with ``sections`` merged over the defaults.
 
     The controller's own connection to the CSMS is off: these tests are about relaying, and several
     assert on every connection the CSMS saw (the own identity has its own tests, e.g.
     ``tests/e2e/test_appliance.py``). ``controller={"connect": True}`` turns it on.
     """
-    data: dict[str, dict[str, Any]] = {
+    data: dict[str, Any] = {
         "controller": {"connect": False},
         "stations": {"listen": "127.0.0.1:0"},
         "csms": {"url": csms_url},
@@ -237,7 +237,10 @@ def settings_for(csms_url: str, *, state_dir: Path, **sections: dict[str, Any]) 
         "state": {"dir": str(state_dir)},
     }
     for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
+        if isinstance(values, list):  # an array of tables ([[meters]]) as it is
+            data[name] = values
+        else:
+            data.setdefault(name, {}).update(values)
     return parse_settings(data)
 
 
@@ -339,7 +342,7 @@ class Lab:
         started: FakeCsms = await self._nursery.start(csms.serve)
         return started
 
-    async def start_app(self, csms_url: str, **sections: dict[str, Any]) -> App:
+    async def start_app(self, csms_url: str, **sections: Any) -> App:
         # Each appliance its own state directory: a store is held by one process (and app) at a time.
         settings = settings_for(csms_url, state_dir=self._tmp_path / f"state-{len(self._apps)}", **sections)
         app: App = await self._nursery.start(run_app, settings, CollectorRegistry())

@@ -168,6 +168,22 @@ RULE_TESTS: dict[str, Any] = {
                     "series": 'ocpp_lc_balancing_unconfirmed_since_restart_evses{instance="lc:8080",job="ocpp-lc"}',
                     "values": "40 12 2x30",
                 },
+                # The grid meter stops answering at minute 3 (its node falls back a poll later) and is
+                # back at minute 8; a feeder meter fails one read in two from minute 2.
+                {
+                    "series": 'ocpp_lc_meter_fallback{instance="lc:8080",job="ocpp-lc",meter="grid-main"}',
+                    "values": "0 0 0 1 1 1 1 1 0x12",
+                },
+                {
+                    "series": 'ocpp_lc_meter_readings_total{instance="lc:8080",job="ocpp-lc",meter="feeder",'
+                    'outcome="ok"}',
+                    "values": "0+60x2 120+30x30",
+                },
+                {
+                    "series": 'ocpp_lc_meter_readings_total{instance="lc:8080",job="ocpp-lc",meter="feeder",'
+                    'outcome="timeout"}',
+                    "values": "0 0 0+30x30",
+                },
                 # Site autonomy (issue 12): the CSMS goes at minute 1 and stays away; max_offline_s is 20 min.
                 {
                     "series": 'ocpp_lc_autonomy_offline_longest_seconds{instance="lc:8080",job="ocpp-lc"}',
@@ -295,6 +311,42 @@ RULE_TESTS: dict[str, Any] = {
                 },
                 # Minute 25: the drops are over 10 minutes old; the 50 shutdown closes at minute 11 are not drops.
                 {"eval_time": "25m", "alertname": "OcppLcStationsDropping", "exp_alerts": []},
+                # In fallback for 2 minutes is an alert; back to valid readings, it clears.
+                {"eval_time": "4m", "alertname": "OcppLcMeterFallback", "exp_alerts": []},
+                {
+                    "eval_time": "5m",
+                    "alertname": "OcppLcMeterFallback",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "severity": "warning",
+                                "instance": "lc:8080",
+                                "job": "ocpp-lc",
+                                "meter": "grid-main",
+                            },
+                            "exp_annotations": {"summary": "Meter grid-main gives no valid readings on lc:8080"},
+                        }
+                    ],
+                },
+                {"eval_time": "9m", "alertname": "OcppLcMeterFallback", "exp_alerts": []},
+                {"eval_time": "8m", "alertname": "OcppLcMeterReadingsFailing", "exp_alerts": []},
+                {
+                    "eval_time": "25m",
+                    "alertname": "OcppLcMeterReadingsFailing",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "severity": "warning",
+                                "instance": "lc:8080",
+                                "job": "ocpp-lc",
+                                "meter": "feeder",
+                            },
+                            "exp_annotations": {
+                                "summary": "More than a fifth of meter feeder's readings fail on lc:8080"
+                            },
+                        }
+                    ],
+                },
                 # Autonomous for 15 minutes is an alert (minute 17: 16 minutes); close to max_offline_s a page.
                 {"eval_time": "16m", "alertname": "OcppLcSiteAutonomous", "exp_alerts": []},
                 {
@@ -477,7 +529,11 @@ async def test_every_metric_in_rules_and_dashboard_exists_on_a_running_controlle
 
     # With its own connection on, as deployed: the own identity's and the firmware cache's metrics
     # exist only then.
-    app = await lab.start_app(csms.url, controller={"connect": True})
+    # A meter (nobody listens on port 1: it is polled and fails, which is all its metrics need).
+    meters = [{"name": "grid-main", "host": "127.0.0.1", "port": 1}]
+    app = await lab.start_app(
+        csms.url, controller={"connect": True}, site={"grid": {"max_current_amperes": 100}}, meters=meters
+    )
     with trio.fail_after(IO_TIMEOUT_S):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}", trust_env=False) as client:
             response = await client.get("/metrics")

@@ -17,6 +17,7 @@ from balancing.site import (
     StationConfig,
     StationDefaults,
 )
+from meters.settings import MeterSettings, RegisterMap
 from router.autonomy.settings import AutonomySettings
 from router.config import (
     BalancingSettings,
@@ -137,9 +138,10 @@ def test_the_shipped_example_documents_every_key() -> None:
         "balancing": BalancingSettings,
         "autonomy": AutonomySettings,
         "log": LogSettings,
+        "meters": MeterSettings,
     }
     assert set(sections) == set(Settings.model_fields)
-    tables = {"security", "grid", "circuits", "stations", "defaults", "policy"}
+    tables = {"security", "grid", "circuits", "stations", "defaults", "policy", "registers"}
     expected = {name: set(model.model_fields) - tables for name, model in sections.items()}
     expected |= {"site.grid": set(NodeLimits.model_fields), "site.defaults": set(StationDefaults.model_fields)}
     expected |= {"site.policy": set(AllocationPolicy.model_fields), "site.circuits": set(CircuitConfig.model_fields)}
@@ -147,6 +149,7 @@ def test_the_shipped_example_documents_every_key() -> None:
     expected |= {"site.stations.evses": set(EvseConfig.model_fields)}
     expected |= {"stations.security": set(StationTlsSettings.model_fields)}
     expected |= {"csms.security": set(CsmsTlsSettings.model_fields)}
+    expected |= {"meters.registers": set(RegisterMap.model_fields)}
     assert documented == expected
 
 

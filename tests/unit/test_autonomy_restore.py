@@ -1,0 +1,287 @@
+"""The restore after an outage, in the corners: the CSMS not accepting the replayed boot, a station that
+reboots or reconnects during the replay (issue #12, the known gaps of the first build).
+
+Same set-up as :mod:`tests.unit.test_autonomy_upstream`: the appliance's own link and autonomous leg over
+in-memory websockets, timers on trio's virtual clock, every frame the controller writes to the station
+validated against the OCA schemas.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from prometheus_client import CollectorRegistry
+
+from router import ocppj
+from router.autonomy.service import Autonomy
+from router.autonomy.settings import AutonomySettings
+from router.autonomy.upstream import AutonomousUpstream, UpstreamTimings
+from router.link import LinkTimings, StationLink
+from router.metrics import RouterMetrics
+from router.observers import ObserverHub
+from router.store import Store
+from router.transport import ConnectionClosed, HandshakeFailed, WebSocket
+from tests.support.schemas import validate_frame
+from tests.unit.test_autonomy_upstream import NOW, Site, T, boot_online, open_site, tx
+from tests.unit.test_link import ws_pair
+
+BOOT = {"reason": "PowerUp", "chargingStation": {"model": "M", "vendorName": "V"}}
+
+
+async def go_local_with_a_reboot(site: Site) -> None:
+    """Online first; then the CSMS goes, and the station reboots and sends one event while served locally."""
+    await boot_online(site)
+    assert site.csms is not None
+    await site.csms.aclose(1001, "CSMS going down")
+    await site.mode("local")
+    await site.station_call("b-2", "BootNotification", {**BOOT, "reason": "PowerUp"})
+    assert (await site.station_receives())[2]["status"] == "Accepted"  # the CSMS's last verdict
+    await site.station_call("t-1", "TransactionEvent", tx("Updated", 1))
+    assert await site.station_receives() == [3, "t-1", {}]
+
+
+async def receive_call(csms: WebSocket) -> tuple[list[Any], float]:
+    frame = json.loads(await csms.receive_text())
+    assert frame[0] == 2 and ocppj.is_lc_message_id(frame[1]), frame
+    return frame, trio.current_time()
+
+
+async def test_a_replayed_boot_answered_pending_holds_the_queue_and_is_sent_again_after_its_interval(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # B02.FR.02 / B01.FR.08: nothing but the boot until the CSMS accepts it; B02.FR.08: the boot again
+    # after the interval it gave; B02.FR.06: the connection stays open meanwhile.
+    async with open_site(tmp_path) as site:
+        with trio.fail_after(120):
+            await go_local_with_a_reboot(site)
+            csms = await site.restored.receive()
+            boot, _ = await receive_call(csms)
+            assert boot[2] == "BootNotification" and boot[3]["reason"] == "PowerUp"
+            await csms.send_text(ocppj.encode_result(boot[1], {"currentTime": T, "interval": 30, "status": "Pending"}))
+            answered_s = trio.current_time()
+            again, again_s = await receive_call(csms)
+            assert again[2] == "BootNotification" and again[3] == boot[3]  # not the queued event
+            assert 30 <= again_s - answered_s < 31
+            await csms.send_text(
+                ocppj.encode_result(again[1], {"currentTime": T, "interval": 300, "status": "Accepted"})
+            )
+            event, _ = await receive_call(csms)
+            assert event[2] == "TransactionEvent" and event[3]["seqNo"] == 1
+            await csms.send_text(ocppj.encode_result(event[1], {}))
+            await site.mode("relaying")
+        assert site.autonomy.queue.messages("CS01") == 0
+        assert site.autonomy.boots.accepted_interval("CS01") == 300
+
+
+async def test_a_replayed_boot_answered_rejected_closes_the_csms_leg_until_its_interval_then_boots_again(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # B03.FR.02: nothing to the CSMS before the retry interval; B03.FR.04: the connection may be closed
+    # meanwhile. The station itself stays connected and is still answered locally; nothing is lost.
+    async with open_site(tmp_path) as site:
+        with trio.fail_after(120):
+            await go_local_with_a_reboot(site)
+            csms = await site.restored.receive()
+            boot, _ = await receive_call(csms)
+            assert boot[2] == "BootNotification"
+            rejected = {"currentTime": T, "interval": 40, "status": "Rejected"}
+            await csms.send_text(ocppj.encode_result(boot[1], rejected))
+            answered_s = trio.current_time()
+            with pytest.raises(ConnectionClosed):
+                await csms.receive_text()  # closed by the controller, the queued event not sent
+            # Still connected, answered as the CSMS would answer a rejected station (B03.FR.07).
+            await site.station_call("h-1", "Heartbeat", {})
+            assert (await site.station_receives())[:3] == [4, "h-1", "SecurityError"]
+            csms = await site.restored.receive()
+            assert site.attempts_s[-1] - answered_s >= 40
+            again, again_s = await receive_call(csms)
+            assert again[2] == "BootNotification" and again_s - answered_s >= 40
+            await csms.send_text(
+                ocppj.encode_result(again[1], {"currentTime": T, "interval": 300, "status": "Accepted"})
+            )
+            event, _ = await receive_call(csms)
+            assert event[2] == "TransactionEvent" and event[3]["seqNo"] == 1
+            await csms.send_text(ocppj.encode_result(event[1], {}))
+            await site.mode("relaying")
+        assert all(attempt - answered_s >= 40 for attempt in site.attempts_s[1:])
+        assert site.autonomy.queue.messages("CS01") == 0
+
+
+async def test_a_boot_the_station_sends_during_the_replay_goes_before_the_rest_of_the_queue(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # B01.FR.08: after a reboot nothing, cached messages included, reaches the CSMS before the boot.
+    async with open_site(tmp_path) as site:
+        with trio.fail_after(60):
+            await boot_online(site)
+            assert site.csms is not None
+            await site.csms.aclose(1001, "bye")
+            await site.mode("local")
+            for seq_no in (1, 2):
+                await site.station_call(f"t-{seq_no}", "TransactionEvent", tx("Updated", seq_no))
+                assert await site.station_receives() == [3, f"t-{seq_no}", {}]
+            csms = await site.restored.receive()
+            first, _ = await receive_call(csms)
+            assert first[3]["seqNo"] == 1
+            await site.station_call("b-2", "BootNotification", BOOT)  # the station reboots meanwhile
+            assert (await site.station_receives())[2]["status"] == "Accepted"
+            await csms.send_text(ocppj.encode_result(first[1], {}))
+            boot, _ = await receive_call(csms)
+            assert boot[2] == "BootNotification"
+            await csms.send_text(
+                ocppj.encode_result(boot[1], {"currentTime": T, "interval": 300, "status": "Accepted"})
+            )
+            second, _ = await receive_call(csms)
+            assert second[2] == "TransactionEvent" and second[3]["seqNo"] == 2
+            await csms.send_text(ocppj.encode_result(second[1], {}))
+            await site.mode("relaying")
+
+
+async def test_a_station_reconnecting_during_the_replay_repeats_no_message(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The new pair takes the replay over only once the old one has its answer: each message reaches the
+    # CSMS once (a repeat is kept for a crash, which seqNo lets the CSMS spot).
+    with Store.open(tmp_path / "state") as store:
+        registry = CollectorRegistry()
+        metrics = RouterMetrics(registry)
+        hub = ObserverHub(metrics)
+        autonomy = Autonomy(
+            AutonomySettings(reconnect_backoff_max_s=8.0),
+            store,
+            registry=registry,
+            wall_clock=lambda: NOW,
+            rng=random.Random(7),
+        )
+        autonomy.boots.learn("CS01", {"status": "Accepted", "interval": 300})
+        legs_send, legs = trio.open_memory_channel[WebSocket](8)
+
+        async def connect() -> WebSocket:
+            client, server = await ws_pair()
+            await legs_send.send(server)
+            return client
+
+        timings = UpstreamTimings(ping_interval_s=0, replay_answer_timeout_s=20)
+
+        async def pair(nursery: trio.Nursery, real: WebSocket | None) -> tuple[StationLink, WebSocket]:
+            station_end, lc_station = await ws_pair()
+            upstream = AutonomousUpstream(
+                "CS01", "ocpp2.0.1", real, autonomy=autonomy, connect=connect, timings=timings
+            )
+            link = StationLink(
+                "CS01",
+                lc_station,
+                upstream,
+                metrics=metrics,
+                hub=hub,
+                timings=LinkTimings(station_ping_interval_s=0, csms_ping_interval_s=0),
+            )
+
+            async def run() -> None:
+                # As the station handler does: the leg's tasks live and die with the pair.
+                async with trio.open_nursery() as tasks:
+                    await tasks.start(upstream.run)
+                    upstream.call_station = link.call
+                    await link.run()
+                    tasks.cancel_scope.cancel()
+
+            nursery.start_soon(run)
+            return link, station_end
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                old_link, station = await pair(nursery, None)  # the CSMS is unreachable: served locally
+                sent: dict[str, str] = {}
+                for seq_no in (1, 2):
+                    sent[f"t-{seq_no}"] = "TransactionEvent"
+                    await station.send_text(ocppj.encode_call(f"t-{seq_no}", "TransactionEvent", tx("Updated", seq_no)))
+                    assert validate_frame(await station.receive_text(), sent) == [3, f"t-{seq_no}", {}]
+                old_csms = await legs.receive()
+                first, _ = await receive_call(old_csms)
+                assert first[3]["seqNo"] == 1
+                # The station connects again (the CSMS is back, so the new pair has its leg at once) and
+                # the server replaces the old pair, whose replayed call is still unanswered.
+                new_real, new_csms = await ws_pair()
+                new_link, _station = await pair(nursery, new_real)
+                old_link.close("replaced", 1000, "replaced by a newer connection")
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(ConnectionClosed):  # the old leg goes once its call is answered
+                    await old_csms.send_text(ocppj.encode_result(first[1], {}))
+                    await old_csms.receive_text()
+                following, _ = await receive_call(new_csms)
+                assert following[3]["seqNo"] == 2  # not seqNo 1 a second time
+                await new_csms.send_text(ocppj.encode_result(following[1], {}))
+                while autonomy.mode_of("CS01") != "relaying":
+                    changed = trio.Event()
+                    autonomy.on_change(changed.set)
+                    await changed.wait()
+                assert autonomy.queue.messages("CS01") == 0
+                new_link.close("test over")
+
+
+async def test_once_one_station_reaches_the_csms_again_the_others_stop_backing_off(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Found by tests/bench/outage.py: with a reconnect rate the site does not saturate, stations sat out
+    # their backoff (up to reconnect_backoff_max_s) after the CSMS was back. One station getting through
+    # now wakes the others, which then come at the pacer's rate.
+    back_at_s = 100.0
+    with Store.open(tmp_path / "state") as store:
+        registry = CollectorRegistry()
+        metrics = RouterMetrics(registry)
+        autonomy = Autonomy(
+            AutonomySettings(reconnect_backoff_max_s=600.0, reconnect_rate_per_s=10.0),
+            store,
+            registry=registry,
+            wall_clock=lambda: NOW,
+            rng=random.Random(7),
+        )
+        restored: dict[str, float] = {}
+        done = trio.Event()
+
+        def connector(station_id: str) -> Any:
+            async def connect() -> WebSocket:
+                if trio.current_time() < back_at_s:
+                    raise HandshakeFailed("connection refused", kind="unreachable")
+                restored.setdefault(station_id, trio.current_time())
+                if len(restored) == 2:
+                    done.set()
+                client, _server = await ws_pair()
+                return client
+
+            return connect
+
+        with trio.fail_after(1000):
+            async with trio.open_nursery() as nursery:
+                for index, station_id in enumerate(("CS01", "CS02")):
+                    autonomy.boots.learn(station_id, {"status": "Accepted", "interval": 300})
+                    _station_end, lc_station = await ws_pair()
+                    upstream = AutonomousUpstream(
+                        station_id,
+                        "ocpp2.0.1",
+                        None,
+                        autonomy=autonomy,
+                        connect=connector(station_id),
+                        timings=UpstreamTimings(ping_interval_s=0),
+                    )
+                    link = StationLink(
+                        station_id,
+                        lc_station,
+                        upstream,
+                        metrics=metrics,
+                        hub=ObserverHub(metrics),
+                        timings=LinkTimings(station_ping_interval_s=0, csms_ping_interval_s=0),
+                    )
+                    await nursery.start(upstream.run)
+                    nursery.start_soon(link.run)
+                    await trio.sleep(7.0 * index)  # their backoffs out of step
+                await done.wait()
+                nursery.cancel_scope.cancel()
+        first, second = sorted(restored.values())
+        assert back_at_s <= first and second - first < 1.0, restored
