@@ -357,6 +357,47 @@ def _print_status(document: dict[str, Any]) -> None:
     link_up = upstream.get("link_up")
     state = "unknown (own connection off)" if link_up is None else ("up" if link_up else "down")
     typer.echo(f"upstream {upstream.get('csms_url')}: {state}")
+    _print_autonomy(document.get("autonomy"))
+
+
+def _size(size_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size_bytes < 1024 or unit == "GiB":
+            return f"{size_bytes:.0f} {unit}" if unit == "B" else f"{size_bytes:.1f} {unit}"
+        size_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def _duration(seconds: float) -> str:
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _print_autonomy(autonomy: dict[str, Any] | None) -> None:
+    """Site autonomy: which stations are served without their CSMS, for how long, and what waits for it."""
+    if autonomy is None:
+        typer.echo("autonomy: off ([autonomy] enabled = false: a lost CSMS connection closes the station)")
+        return
+    stations = autonomy.get("stations", [])
+    bound = autonomy.get("queue_max_bytes")
+    queued = f"{autonomy.get('queue_messages', 0)} messages, {_size(autonomy.get('queue_bytes', 0))}" + (
+        f" of {_size(bound)}" if bound else ""
+    )
+    if not stations:
+        typer.echo(f"autonomy: every station relayed; kept for the CSMS: {queued}")
+        return
+    counts = {mode: sum(1 for station in stations if station["mode"] == mode) for mode in ("local", "replaying")}
+    typer.echo(
+        f"autonomy: {counts['local']} served locally (CSMS unreachable), {counts['replaying']} replaying; "
+        f"kept for the CSMS: {queued}"
+    )
+    for station in stations:
+        left = "left to replay" if station["mode"] == "replaying" else "queued"
+        typer.echo(
+            f"  {station['station_id']}  {station['mode']:<9}  without CSMS {_duration(station['offline_for_s'])}"
+            f"  {station['queued_messages']} {left}"
+        )
 
 
 def _evse_state(row: dict[str, Any]) -> str:
@@ -381,7 +422,8 @@ def status(
     token: TokenOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the controller's status document as JSON.")] = False,
 ) -> None:
-    """Show a running controller: connected stations, its own identity, the limit in force, the CSMS link."""
+    """Show a running controller: connected stations, its own identity, the limit in force, the CSMS link,
+    and which stations are served locally while their CSMS is unreachable (site autonomy)."""
     base, token = _endpoint(config, url, token)
     response = _request("GET", base, token, "/api/v1/status")
     document = _document(response, base)

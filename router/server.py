@@ -271,12 +271,12 @@ class StationServer:
                         await pair.start(upstream.run)
                         upstream.call_station = link.call
                         await link.run()
+                        # In the same step as the link was marked done: leaving the nursery is a
+                        # schedule point, and whoever waited for the link to end must find it gone.
+                        self._forget(station_id, link)
                         pair.cancel_scope.cancel()
             finally:
-                self._upstreams.pop(link, None)
-                if self.registry.links.get(station_id) is link:
-                    del self.registry.links[station_id]
-                self._update_gauges()
+                self._forget(station_id, link)
         except Exception:
             # One bad station never harms another: log, count, and let this handler end.
             log.exception("[%s] unexpected error in the station handler (%s)", station_id, peer)
@@ -510,6 +510,13 @@ class StationServer:
             "" if upstream is None else f", autonomy: {upstream.mode}",
         )
         return link
+
+    def _forget(self, station_id: str, link: StationLink) -> None:
+        """Drop the ended ``link`` from the registry (if a newer one has not replaced it) and the gauges."""
+        self._upstreams.pop(link, None)
+        if self.registry.links.get(station_id) is link:
+            del self.registry.links[station_id]
+        self._update_gauges()
 
     def _update_gauges(self) -> None:
         self._metrics.stations_connected.set(len(self.registry))

@@ -13,6 +13,7 @@ The building blocks, each without trio and each with a small interface, so that 
 * :mod:`.local` — the one call made per station CALL while local: answer, store, reply.
 * :mod:`.service` — the site-wide parts (caches, queue, reconnect pacer, metrics) and the read-only view
   of which stations are served locally.
+* :mod:`.metrics` — what operators see on ``/metrics``: counters, the replay histogram, per-scrape gauges.
 * :mod:`.upstream` — the CSMS leg of a pair under autonomy: relays while the CSMS is there, answers while
   it is not, restores and replays; the seam to :class:`router.link.StationLink` is that it *is* the
   link's CSMS leg (:class:`router.link.CsmsLeg`).

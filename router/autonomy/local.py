@@ -19,6 +19,7 @@ from typing import Any, Literal
 from router.own.catalogue import rfc3339
 from router.store import StoreError
 
+from .auth_cache import LocalAuthorization
 from .queue import QueueFull, ReplayQueue, StationMessage
 from .responder import Disposition, LocalReply, LocalResponder
 
@@ -40,14 +41,31 @@ class LocalService:
     """Responder plus queue: answer a local station's CALL, keeping first what must reach the CSMS."""
 
     def __init__(
-        self, responder: LocalResponder, queue: ReplayQueue, *, wall_clock: Callable[[], datetime.datetime]
+        self,
+        responder: LocalResponder,
+        queue: ReplayQueue,
+        *,
+        wall_clock: Callable[[], datetime.datetime],
+        on_authorized: Callable[[LocalAuthorization], None] | None = None,
     ) -> None:
         self.responder = responder
         self.queue = queue
         self._wall_clock = wall_clock
+        self._on_authorized = on_authorized
 
     def handle(self, station_id: str, message_id: str, action: str, payload: Mapping[str, Any]) -> HandledCall:
-        """Answer one CALL of ``station_id``; when this returns, whatever the reply promises is on disk."""
+        """Answer one CALL of ``station_id``; when this returns, whatever the reply promises is on disk.
+
+        ``on_authorized`` hears of every idToken judged locally whose verdict the station is given (not of
+        one whose message could not be kept: that station is answered with an error instead).
+        """
+        handled = self._handle(station_id, message_id, action, payload)
+        authorization = handled.reply.authorization
+        if authorization is not None and handled.reply.error_code is None and self._on_authorized is not None:
+            self._on_authorized(authorization)
+        return handled
+
+    def _handle(self, station_id: str, message_id: str, action: str, payload: Mapping[str, Any]) -> HandledCall:
         reply = self.responder.answer(station_id, action, payload)
         if reply.error_code is not None or reply.disposition is Disposition.DROP:
             return HandledCall(reply, "dropped")

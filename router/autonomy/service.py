@@ -12,6 +12,9 @@ The reconnect pacer spreads the CSMS connections re-opened after an outage: at m
 ``reconnect_rate_per_s`` a second over the whole site, each at a random moment within its slot, so that a
 thousand stations do not reach the CSMS in one second when it returns. The first station through ends
 the others' backoff waits, so the return is paced by the rate, not by the backoff.
+
+Its metrics are in :mod:`.metrics`: :class:`Autonomy` keeps the event-driven ones up to date and gives
+the per-scrape gauges what they read (the longest outage, what is left of the replays).
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from router.store import Store
 
 from .auth_cache import AuthCache
 from .boot_cache import BootCache
 from .local import LocalService
+from .metrics import AutonomyCollector, AutonomyMetrics
 from .queue import ReplayQueue
 from .responder import LocalResponder
 from .settings import AutonomySettings
@@ -78,45 +82,6 @@ class ReconnectPacer:
         self._reached = trio.Event()
 
 
-class AutonomyMetrics:
-    """The counters and gauges the autonomy parts keep (names per the project's metric conventions)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.stations = Gauge(
-            "ocpp_lc_autonomy_stations",
-            "Stations whose CSMS connection is down and that the controller serves itself, by mode "
-            "(local: CSMS unreachable; replaying: CSMS back, queue being delivered).",
-            ["mode"],
-            registry=registry,
-        )
-        self.local_answers = Counter(
-            "ocpp_lc_autonomy_local_answers_total",
-            "Station calls the controller answered itself, by what became of the message "
-            "(queued, latest, dropped, queue_full, store_failed).",
-            ["kept"],
-            registry=registry,
-        )
-        self.queue_messages = Gauge(
-            "ocpp_lc_autonomy_queue_messages", "Messages kept on disk for the CSMS (all stations).", registry=registry
-        )
-        self.queue_bytes = Gauge(
-            "ocpp_lc_autonomy_queue_bytes", "Stored size of the messages kept for the CSMS.", registry=registry
-        )
-        self.replayed = Counter(
-            "ocpp_lc_autonomy_replayed_total",
-            "Kept messages delivered to the CSMS after an outage, by its answer (result, error).",
-            ["outcome"],
-            registry=registry,
-        )
-        self.refused_after_local_accept = Counter(
-            "ocpp_lc_autonomy_refused_after_local_accept_total",
-            "Transactions whose idToken was accepted locally and refused by the CSMS on replay, by what the "
-            "controller did (stop_requested, left_running).",
-            ["action"],
-            registry=registry,
-        )
-
-
 @dataclass(frozen=True)
 class StationAutonomy:
     """One station served locally, as the read-only view shows it."""
@@ -155,16 +120,27 @@ class Autonomy:
             max_messages_per_station=settings.queue_max_messages_per_station,
             max_bytes=settings.queue_max_bytes,
         )
+        self.metrics = AutonomyMetrics(
+            registry,
+            queue_max_bytes=settings.queue_max_bytes,
+            queue_max_messages_per_station=settings.queue_max_messages_per_station,
+            max_offline_s=settings.max_offline_s,
+        )
         self.local = LocalService(
-            LocalResponder(self.boots, self.auth, wall_clock=wall_clock), self.queue, wall_clock=wall_clock
+            LocalResponder(self.boots, self.auth, wall_clock=wall_clock),
+            self.queue,
+            wall_clock=wall_clock,
+            on_authorized=self.metrics.count_authorization,
         )
         self.pacer = ReconnectPacer(settings.reconnect_rate_per_s, self.rng)
-        self.metrics = AutonomyMetrics(registry)
+        registry.register(AutonomyCollector(self))
         self._modes: dict[str, Mode] = {}
         self._owners: dict[str, object] = {}
         # When each station's CSMS leg was lost (trio clock), until it is relayed again. Kept across the
         # station's reconnections, so that max_offline_s bounds the outage, not one connection.
         self._offline_since_s: dict[str, float] = {}
+        # When each replaying station's CSMS leg came back (trio clock), for the replay duration.
+        self._replay_since_s: dict[str, float] = {}
         self._listeners: list[Callable[[], None]] = []
         self._replay_locks: dict[str, trio.Lock] = {}
         self.refresh_gauges()
@@ -192,6 +168,8 @@ class Autonomy:
             "stations": [vars(station) for station in self.stations()],
             "queue_messages": self.queue.total_messages,
             "queue_bytes": self.queue.total_bytes,
+            "queue_max_bytes": self.settings.queue_max_bytes,
+            "queue_max_messages_per_station": self.settings.queue_max_messages_per_station,
         }
 
     def mode_of(self, station_id: str) -> Mode | None:
@@ -217,6 +195,7 @@ class Autonomy:
         """Record ``station_id``'s mode as its current pair ``owner`` reports it (None: that pair ended)."""
         if self._owners.get(station_id) is not owner:
             return
+        self._time_replay(station_id, self._modes.get(station_id), mode)
         if mode is None:
             self._owners.pop(station_id, None)
             self._modes.pop(station_id, None)
@@ -229,6 +208,16 @@ class Autonomy:
         self.refresh_gauges()
         for listener in self._listeners:
             listener()
+
+    def _time_replay(self, station_id: str, before: Mode | None, after: Mode | None) -> None:
+        """Start the replay clock when the CSMS comes back; observe it when the replay is done."""
+        if after == "replaying":
+            if before != "replaying":
+                self._replay_since_s[station_id] = trio.current_time()
+            return
+        since_s = self._replay_since_s.pop(station_id, None)
+        if since_s is not None and after == "relaying":
+            self.metrics.replay_duration.observe(trio.current_time() - since_s)
 
     def offline_deadline_s(self, station_id: str) -> float:
         """When ``station_id`` stops being served locally (trio clock): max_offline_s after its loss."""
@@ -254,6 +243,27 @@ class Autonomy:
             self.boots.learn(station_id, response)
         else:
             self.auth.learn_from_exchange(station_id, action, request, response)
+
+    # -- what the per-scrape gauges read (metrics.AutonomyReading) ---------------------------------
+
+    def longest_offline_s(self) -> float:
+        """How long the station served locally for the longest has been without its CSMS (0: none)."""
+        since_s = [
+            self._offline_since_s[station_id]
+            for station_id, mode in self._modes.items()
+            if mode != "relaying" and station_id in self._offline_since_s
+        ]
+        # (Read trio's clock only when someone is offline: a registry may be read outside trio, e.g. by
+        # a test of another part, and then nobody is.)
+        return trio.current_time() - min(since_s) if since_s else 0.0
+
+    def replay_remaining_messages(self) -> int:
+        """Messages still to deliver to the CSMS for the stations whose replay is under way."""
+        return sum(self.queue.messages(station_id) for station_id, mode in self._modes.items() if mode == "replaying")
+
+    def fullest_station_messages(self) -> int:
+        """The most messages kept for any one station."""
+        return max((self.queue.messages(station_id) for station_id in self.queue.stations()), default=0)
 
     def refresh_gauges(self) -> None:
         """Bring the mode and queue gauges up to date."""

@@ -15,7 +15,9 @@ lowers the site limit through the EMS HTTP API (``PUT /api/v1/limits/demo-ems``)
 the stations down under it; after 35 s it releases it (``DELETE``) and the stations go back up; in
 between, the sandbox CSMS has the controller publish a firmware file from a local "vendor" server
 (PublishFirmware, L03) and tells one station to update from the controller's URL (UpdateFirmware,
-L01), and the station downloads it.
+L01), and the station downloads it. After 40 s the sandbox CSMS goes away for 30 s (a WAN outage,
+:mod:`router.demo.outage`): the site charges on, answered by the controller, and once the CSMS is
+back the controller replays what it kept.
 
 Stopping (``duration_s`` elapsed, or the first Ctrl-C/SIGTERM in :func:`run_demo`) is the
 appliance's own graceful shutdown: ``request_shutdown()`` closes every station with 1001, the
@@ -47,6 +49,7 @@ from ..config import Settings, parse_settings
 from ..observers import Observation
 from .clock import WallClock, utc_now
 from .firmware_source import FirmwareSource
+from .outage import DEFAULT_OUTAGE_PLAN, OutagePlan, OutageRecord, outage_script
 from .sandbox_csms import FirmwarePlan, FirmwareProgress, SandboxCsms
 from .stations import DEFAULT_TIMINGS, SimTimings, SimulatedStation
 from .view import (
@@ -203,6 +206,7 @@ class DemoSummary:
     ems_events: tuple[EmsEvent, ...] = ()
     firmware: FirmwareProgress = field(default_factory=FirmwareProgress)
     firmware_name: str = FIRMWARE_NAME
+    outage: OutageRecord | None = None
 
     def lines(self) -> list[str]:
         """The summary as printed at the end of the demo (fits 80 columns)."""
@@ -243,6 +247,8 @@ class DemoSummary:
                 f"  firmware      {self.firmware_name}: publish {firmware.publish_status or firmware.publish_answer}"
                 + "".join(f"; {station} {status}" for station, status in sorted(firmware.station_status.items()))
             )
+        if self.outage is not None:
+            lines.extend(self.outage.lines())
         lines.append(f"  errors        {self.errors}")
         if self.observations_missed:
             lines.append(f"  (the view missed {self.observations_missed} observations: the figures above undercount)")
@@ -255,11 +261,20 @@ class _LogCapture(logging.Handler):
     def __init__(self, emit_line: Callable[[str], None] | None) -> None:
         super().__init__(logging.WARNING)
         self.count = 0
+        #: Warnings during the planned outage (each station's lost CSMS connection ...): shown, not errors.
+        self.expecting = False
+        self.expected = 0
         self.recent: deque[str] = deque(maxlen=3)
         self._emit_line = emit_line
 
+    def expect(self, expecting: bool) -> None:
+        self.expecting = expecting
+
     def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
+        if self.expecting and record.levelno == logging.WARNING:
+            self.expected += 1
+        else:
+            self.count += 1
         text = f"{record.levelname.lower()}: {record.getMessage()}"
         self.recent.append(text)
         if self._emit_line is not None:
@@ -356,6 +371,8 @@ def demo_settings(
             "firmware": {"retry_interval_s": 1},
             "site": site,
             "balancing": {"recompute_interval_s": 1.0, "min_interval_s": 2.0, "hysteresis_amperes": 1.0},
+            # The outage lasts seconds, not hours: stations try the CSMS again at least every 2 s.
+            "autonomy": {"reconnect_backoff_max_s": 2.0},
         },
         source="<demo>",
     )
@@ -375,13 +392,15 @@ async def demo_main(
     ems: EmsPlan | None = DEFAULT_EMS_PLAN,
     firmware_after_s: float | None = 5.0,
     grid_amperes: float | None = DEMO_GRID_AMPERES,
+    outage: OutagePlan | None = DEFAULT_OUTAGE_PLAN,
 ) -> DemoSummary:
     """Run the demo until ``duration_s`` (0: no limit) elapses or ``stop`` is requested; return a summary.
 
     Writes a live view to ``out`` when it is a terminal and ``plain`` is false, else one line per
     notable event; the summary is printed at the end in both cases. ``ems`` is the EMS script (None:
     none), ``firmware_after_s`` when, after the controller's boot, the sandbox CSMS publishes firmware
-    (None: never), ``grid_amperes`` the site's grid limit per phase (None: unlimited).
+    (None: never), ``grid_amperes`` the site's grid limit per phase (None: unlimited), ``outage`` when
+    and for how long the sandbox CSMS goes away (None: never).
     """
     out = sys.stdout if out is None else out
     stop = StopRequest() if stop is None else stop
@@ -400,6 +419,7 @@ async def demo_main(
     source = FirmwareSource(FIRMWARE_NAME, seed=seed)
     csms = SandboxCsms(path=OCPP_PATH, seed=seed, clock=clock, frame_log=frame_log, on_event=output.line)
     site_limit = "-"
+    outage_record = None if outage is None else OutageRecord(outage)
     state = tempfile.TemporaryDirectory(prefix="ocpp-lc-demo-")
     try:
         async with trio.open_nursery() as everything:
@@ -455,10 +475,23 @@ async def demo_main(
                     watchers.start_soon(_follow, observations, model, output)
                     if output.live:
                         watchers.start_soon(
-                            _redraw, output, model, header, app, capture, started_s, ems_state, csms.firmware
+                            _redraw,
+                            output,
+                            model,
+                            header,
+                            app,
+                            capture,
+                            started_s,
+                            ems_state,
+                            csms.firmware,
+                            outage_record,
                         )
                     if ems is not None:
                         watchers.start_soon(_ems_script, ems, app, output, started_s, ems_events, ems_state)
+                    if outage is not None and outage_record is not None:
+                        watchers.start_soon(
+                            outage_script, outage, csms, app, output.line, started_s, outage_record, capture.expect
+                        )
                     async with trio.open_nursery() as fleet:
                         for sim in sims:
                             fleet.start_soon(sim.run)
@@ -503,6 +536,7 @@ async def demo_main(
         profiles=read_profile_counts(app.registry) if app is not None else {},
         ems_events=tuple(ems_events),
         firmware=csms.firmware,
+        outage=outage_record,
     )
     output.write("\n".join(output.text(line) for line in summary.lines()) + "\n")
     return summary
@@ -645,6 +679,7 @@ async def _redraw(
     started_s: float,
     ems_state: list[str],
     firmware: FirmwareProgress,
+    outage: OutageRecord | None,
 ) -> None:
     """Redraw the live view in place, twice a second, on the terminal's alternate screen."""
     output.write(_ENTER_SCREEN)
@@ -662,7 +697,12 @@ async def _redraw(
                 height=height,
                 unicode=output.unicode,
                 notes=capture.recent,
-                balance=site_balance(app.status(), ems=ems_state[0], firmware=firmware_text(firmware)),
+                balance=site_balance(
+                    app.status(),
+                    ems=ems_state[0],
+                    firmware=firmware_text(firmware),
+                    outage="none" if outage is None else outage.text(now_s - started_s),
+                ),
             )
             output.frame(lines)
             await trio.sleep(REDRAW_INTERVAL_S)

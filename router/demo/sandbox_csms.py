@@ -13,6 +13,10 @@ the controller reports Published with the URLs it serves the file at, the CSMS s
 to one station, pointing at the controller's URL, so the station downloads from the site controller
 and not from the internet. What happened is kept in :attr:`SandboxCsms.firmware` for the demo's view.
 
+Outages: :meth:`SandboxCsms.go_away` stops it listening and drops every connection, as a failed WAN link
+would; :meth:`SandboxCsms.come_back` listens again on the same port. A station whose connection comes
+back without a new boot is taken as booted (a CSMS remembers its stations).
+
 Every connection is handled in its own task under the server's nursery and always closed.
 """
 
@@ -23,7 +27,6 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Final
 from urllib.parse import unquote
 
@@ -113,19 +116,48 @@ class SandboxCsms:
         self._clock = clock
         self._frame_log = frame_log
         self._connections = 0
+        #: Cancelled while the CSMS is away (see :meth:`serve`).
+        self._up = trio.CancelScope()
+        self._back = trio.Event()
         #: Calls received from stations, by action (bounded by the set of OCPP actions).
         self.calls_received: Counter[str] = Counter()
         #: Calls the CSMS made of its own, by action and outcome.
         self.calls_sent: Counter[tuple[str, str]] = Counter()
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on 127.0.0.1 (a free port) until cancelled; report the port once listening."""
+        """Listen on 127.0.0.1 (a free port) until cancelled; report the port once listening.
+
+        Between :meth:`go_away` and :meth:`come_back` nothing listens (connections are refused) and the
+        connections that were open are dropped, as when a site's WAN link fails; then it listens again
+        on the same port.
+        """
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port: int = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            listeners: list[trio.SocketListener] = await nursery.start(
-                partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
-            )
-            task_status.started(listeners[0].socket.getsockname()[1])
+            task_status.started(port)
+            while True:
+                with self._up:
+                    # serve_listeners closes the listeners and cancels every connection when it ends.
+                    await trio.serve_listeners(self._handle, listeners)
+                await self._back.wait()
+                listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+                self._up = trio.CancelScope()
+
+    @property
+    def away(self) -> bool:
+        """Whether the CSMS is gone (between :meth:`go_away` and :meth:`come_back`)."""
+        return self._up.cancel_called
+
+    def go_away(self) -> None:
+        """Stop listening and drop every connection, until :meth:`come_back`."""
+        if not self.away:
+            self._back = trio.Event()
+            self._up.cancel()
+
+    def come_back(self) -> None:
+        """Listen again on the same port (after :meth:`go_away`)."""
+        self._back.set()
 
     # -- firmware ------------------------------------------------------------------------------
 
@@ -226,6 +258,10 @@ class SandboxCsms:
             random.Random(f"{self._seed}-csms-{identity}"),
             label=f"{identity}#csms{self._connections}",
         )
+        if identity in self._sessions:
+            # Booted on an earlier connection (a connection restored after an outage sends no new
+            # boot): the CSMS goes on as with a booted station.
+            session.resume()
         try:
             await session.run(websocket)
         finally:
@@ -249,6 +285,13 @@ class _StationSession:
         self._booted = trio.Event()
         self._request_id = 0
         self._rpc: RpcEndpoint | None = None
+        self._resumed = False
+
+    def resume(self) -> None:
+        """Take the station as booted (on an earlier connection): calls resume, without a new base report."""
+        self._resumed = True
+        self._booted.set()
+        self._csms._booted(self)
 
     async def run(self, websocket: WebSocket) -> None:
         on_frame: FrameHook | None = None
@@ -344,9 +387,12 @@ class _StationSession:
 
     async def _make_calls(self, rpc: RpcEndpoint) -> None:
         await self._booted.wait()
-        await trio.sleep(self._rng.uniform(1.0, 3.0))
-        self._request_id += 1
-        await self._call(rpc, "GetBaseReport", {"requestId": self._request_id, "reportBase": "ConfigurationInventory"})
+        if not self._resumed:
+            await trio.sleep(self._rng.uniform(1.0, 3.0))
+            self._request_id += 1
+            await self._call(
+                rpc, "GetBaseReport", {"requestId": self._request_id, "reportBase": "ConfigurationInventory"}
+            )
         while True:
             await trio.sleep(self._rng.uniform(*self._csms._poll_interval_s))
             picked = self._rng.sample(_POLLED_VARIABLES, k=self._rng.randint(1, 2))

@@ -349,12 +349,16 @@ class SiteBalance:
     evses: dict[str, Mapping[str, Any]]
     ems: str  # what the EMS is doing
     firmware: str  # how the firmware publish and update are going
+    outage: str = ""  # how the demo's WAN outage is going
+    #: Site autonomy as the controller reports it: one line, and each station's mode when not relayed.
+    autonomy: str = ""
+    modes: dict[str, str] = field(default_factory=dict)
 
 
 _PHASES: Final = ("L1", "L2", "L3")
 
 
-def site_balance(status: Mapping[str, Any], *, ems: str, firmware: str) -> SiteBalance:
+def site_balance(status: Mapping[str, Any], *, ems: str, firmware: str, outage: str = "") -> SiteBalance:
     """Condense ``App.status()`` for the view."""
     balancing = status.get("balancing") or {}
     phases = balancing.get("phases") or {}
@@ -375,7 +379,25 @@ def site_balance(status: Mapping[str, Any], *, ems: str, firmware: str) -> SiteB
         evses=evses,
         ems=ems,
         firmware=firmware,
+        outage=outage,
+        autonomy=autonomy_text(status.get("autonomy")),
+        modes={
+            str(station["station_id"]): str(station["mode"])
+            for station in (status.get("autonomy") or {}).get("stations", [])
+        },
     )
+
+
+def autonomy_text(autonomy: Mapping[str, Any] | None) -> str:
+    """Which stations the controller serves without their CSMS and what it keeps for it, in a few words."""
+    if autonomy is None:
+        return "off"
+    stations = autonomy.get("stations", [])
+    kept = f"{autonomy.get('queue_messages', 0)} messages ({format_bytes(autonomy.get('queue_bytes', 0))}) kept"
+    if not stations:
+        return f"every station relayed, {kept}"
+    local = sum(1 for station in stations if station.get("mode") == "local")
+    return f"{local} stations local, {len(stations) - local} replaying, {kept}"
 
 
 def limit_text(phases: Mapping[str, Any]) -> str:
@@ -436,6 +458,13 @@ def wall_time(time_s: float, origin_s: float, origin_wall: datetime.datetime) ->
     return moment.astimezone().strftime("%H:%M:%S")
 
 
+def _link(row: StationRow, modes: Mapping[str, str]) -> str:
+    """The station's link: ``up`` (relayed), ``local`` / ``replay`` (its CSMS away or catching up), ``down``."""
+    if not row.connected:
+        return "down"
+    return {"local": "local", "replaying": "replay"}.get(modes.get(row.station_id, ""), "up")
+
+
 def render_live(
     model: SiteModel,
     header: Header,
@@ -479,10 +508,11 @@ def render_live(
                 + (f" {dot} OVERCOMMITTED" if balance.overcommitted else "")
             ),
             ScreenLine(f"{'firmware':<11}{balance.firmware}"),
+            ScreenLine(f"{'autonomy':<11}{balance.outage} {dot} {balance.autonomy}"),
         ]
     top.append(
         ScreenLine(
-            f"{'STATION':<{id_width}}  {'CONNECTOR':<9}  LINK  {'SESSION':<13}  PH  ALLOC   INST   DRAW  "
+            f"{'STATION':<{id_width}}  {'CONNECTOR':<9}  {'LINK':<6}  {'SESSION':<13}  PH  ALLOC   INST   DRAW  "
             f"{'kWh':>6}  MSGS",
             emphasis=True,
         )
@@ -504,6 +534,7 @@ def render_live(
     shown = rows if len(rows) <= room else rows[: room - 1]
     table = []
     evses = balance.evses if balance is not None else {}
+    modes = balance.modes if balance is not None else {}
     for row in shown:
         evse = evses.get(row.station_id, {})
         drawn = max(row.currents_amperes) if row.currents_amperes else None
@@ -511,7 +542,7 @@ def render_live(
         energy = f"{row.session_wh / 1000:.3f}" if row.transaction_id else "-"
         table.append(
             ScreenLine(
-                f"{row.station_id:<{id_width}}  {row.connector_status:<9}  {'up' if row.connected else 'down':<4}  "
+                f"{row.station_id:<{id_width}}  {row.connector_status:<9}  {_link(row, modes):<6}  "
                 f"{row.charging_state:<13}  {phases!s:>2}  {_amps(evse.get('allocated_amperes')):>5}  "
                 f"{_amps(evse.get('installed_amperes')):>5}  {_amps(drawn):>5}  {energy:>6}  {row.messages:>4}"
             )

@@ -7,15 +7,18 @@ loopback, so what is asserted is what the user reads and the exit code a script 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from router.app import App
+from router.cli import _print_autonomy
 from router.transport import WebSocket
-from tests.integration.conftest import BOOT_REQUEST, OCPP201, FakeCsms, Lab, call
+from tests.integration.conftest import BOOT_REQUEST, OCPP201, STRICT_6_3, FakeCsms, Lab, call
 
 TOKEN = "cli-test-token-0123456789"
 #: A Python start-up with typer, httpx and pydantic takes about a second; the machine may be busy.
@@ -161,3 +164,81 @@ def test_exit_codes_are_documented_in_help() -> None:
         timeout=CLI_TIMEOUT_S,
     )
     assert "4 unauthorized" in " ".join(done.stdout.split())
+
+
+async def test_status_shows_the_stations_served_locally_how_long_and_what_waits_for_the_csms(
+    lab: Lab, csms: FakeCsms
+) -> None:
+    # Issue #12 (operators): the CSMS drops CP-L's connection and then refuses to take it back (503,
+    # "unavailable": the controller keeps trying); CP-R stays relayed.
+    app = await lab.start_app(csms.url, http={"token": TOKEN})
+    local = await connected_station(lab, app, "CP-L")
+    await connected_station(lab, app, "CP-R")
+    autonomy = app.autonomy
+    assert autonomy is not None
+    auth = ("--url", url_of(app), "--token", TOKEN)
+    _, before, _ = await ocpp_lc("status", *auth)
+
+    csms.refuse_status = 503
+    csms.close(await csms.connection("CP-L"), 1011, "CSMS failing")
+    with trio.fail_after(CLI_TIMEOUT_S):
+        while autonomy.mode_of("CP-L") != "local":
+            changed = trio.Event()
+            autonomy.on_change(changed.set)
+            await changed.wait()
+        # Answered by the controller and kept for the CSMS.
+        event = {
+            "eventType": "Updated",
+            "timestamp": "2025-01-01T00:00:00Z",
+            "triggerReason": "MeterValuePeriodic",
+            "seqNo": 3,
+            "transactionInfo": {"transactionId": "tx-9"},
+        }
+        reply = await call(local, "TransactionEvent", event)
+        assert (reply[0], reply[2]) == (3, {})
+    code, out, err = await ocpp_lc("status", *auth)
+    _, json_out, _ = await ocpp_lc("status", "--json", *auth)
+
+    assert "autonomy: every station relayed; kept for the CSMS: 0 messages, 0 B of 256.0 MiB" in before
+    assert (code, err) == (0, "")
+    assert "autonomy: 1 served locally (CSMS unreachable), 0 replaying; kept for the CSMS: 1 messages," in out
+    [line] = [line for line in out.splitlines() if line.startswith("  CP-L  local")]
+    assert re.fullmatch(r"  CP-L  local      without CSMS 0m\d\ds  1 queued", line), line
+    assert "stations connected: 2" in out  # CP-L is still connected; CP-R is relayed, not listed as local
+    assert not [line for line in out.splitlines() if line.startswith(("  CP-R  local", "  CP-R  replaying"))]
+    view = json.loads(json_out)["autonomy"]
+    [station] = view["stations"]
+    assert (station["station_id"], station["mode"], station["queued_messages"]) == ("CP-L", "local", 1)
+    assert 0 <= station["offline_for_s"] < CLI_TIMEOUT_S
+    assert view["queue_messages"] == 1 and view["queue_bytes"] > 0
+
+
+async def test_status_says_when_autonomy_is_off(lab: Lab, csms: FakeCsms) -> None:
+    app = await lab.start_app(csms.url, http={"token": TOKEN}, autonomy=STRICT_6_3)
+
+    code, out, _ = await ocpp_lc("status", "--url", url_of(app), "--token", TOKEN)
+
+    assert code == 0
+    assert "autonomy: off ([autonomy] enabled = false: a lost CSMS connection closes the station)" in out
+
+
+def test_status_lists_replaying_stations_with_what_is_left(capsys: pytest.CaptureFixture[str]) -> None:
+    # The printing alone, for a moment the integration test above cannot hold still: a replay under way.
+    _print_autonomy(
+        {
+            "enabled": True,
+            "stations": [
+                {"station_id": "CP-1", "mode": "replaying", "offline_for_s": 3725.4, "queued_messages": 40},
+                {"station_id": "CP-2", "mode": "local", "offline_for_s": 61.0, "queued_messages": 7},
+            ],
+            "queue_messages": 47,
+            "queue_bytes": 3 * 1024 * 1024 + 512 * 1024,
+            "queue_max_bytes": 268_435_456,
+        }
+    )
+    assert capsys.readouterr().out.splitlines() == [
+        "autonomy: 1 served locally (CSMS unreachable), 1 replaying; kept for the CSMS: 47 messages, "
+        "3.5 MiB of 256.0 MiB",
+        "  CP-1  replaying  without CSMS 1h02m05s  40 left to replay",
+        "  CP-2  local      without CSMS 1m01s  7 queued",
+    ]

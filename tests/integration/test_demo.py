@@ -26,9 +26,11 @@ import trio
 from router.app import run_app
 from router.demo.charging import ChargingProfiles
 from router.demo.firmware_source import FirmwareSource
+from router.demo.outage import OutagePlan
 from router.demo.runner import OCPP_PATH, EmsPlan, demo_main, demo_settings
 from router.demo.sandbox_csms import SandboxCsms
 from router.demo.stations import SimTimings, SimulatedStation
+from router.demo.view import Header, RelayCounters, SiteModel, render_live, site_balance
 from router.observers import ObservedMessage
 from router.ocppj import MessageType, is_lc_message_id
 from tests.support.peers import REPO_ROOT
@@ -479,3 +481,137 @@ def test_station_profiles_follow_the_smart_charging_rules_balancing_relies_on() 
     )
     profiles.end_transaction("tx-1")
     assert limit(10) == 16.0 and len(profiles) == 1
+
+
+class TimedRecorder(FrameRecorder):
+    """A FrameRecorder that also notes when (trio time) each frame was handled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: dict[str, list[float]] = defaultdict(list)
+
+    def __call__(self, label: str, direction: str, text: str) -> None:
+        super().__call__(label, direction, text)
+        self.times[label].append(trio.current_time())
+
+
+async def test_the_sandbox_csms_goes_away_the_site_charges_on_and_the_replay_drains() -> None:
+    # Issue #12: the demo's WAN outage, on the test's short clock (away from 4 s to 8 s).
+    recorder = TimedRecorder()
+    out = io.StringIO()
+    plan = OutagePlan(at_s=4.0, for_s=4.0, drain_timeout_s=8.0)
+    origin_s = trio.current_time()
+    with trio.fail_after(RUN_TIMEOUT_S):
+        summary = await demo_main(
+            4, 14.0, True, out, frame_log=recorder, timings=FAST, ems=None, firmware_after_s=None, outage=plan
+        )
+    text = out.getvalue()
+    outage = summary.outage
+    assert outage is not None and outage.went_at_s is not None and outage.back_at_s is not None
+    assert 4.0 <= outage.went_at_s < outage.back_at_s
+    assert outage.back_at_s >= 8.0
+
+    # Every station was served locally, and stayed connected throughout: each connection ended only at
+    # the shutdown, with 1001.
+    assert outage.most_local == 4
+    assert summary.station_closes == {1001: 4}
+    assert summary.errors == 0, text
+    # The site charged on: transactions started while the CSMS was away, answered by the controller.
+    went_s, back_s = origin_s + outage.went_at_s, origin_s + outage.back_at_s
+    station_labels, csms_labels = recorder.labels(csms=False), recorder.labels(csms=True)
+    started_offline = [
+        payload
+        for label in station_labels
+        for (way, frame), at_s in zip(recorder.frames[label], recorder.times[label], strict=True)
+        if way == "sent" and went_s < at_s < back_s
+        for action, payload in _calls([frame])
+        if action == "TransactionEvent" and payload["eventType"] == "Started"
+    ]
+    assert started_offline
+    assert outage.kept_at_return > 0 and outage.kept_bytes_at_return > 0
+    # Then the CSMS came back and the replay drained; every station is relayed again.
+    assert outage.drained_after_s is not None and outage.drained_after_s < plan.drain_timeout_s
+    assert outage.replayed >= outage.kept_at_return and outage.replay_errors == 0
+    assert "the sandbox CSMS goes away for 4 s (a WAN outage)" in text
+    assert re.search(r"the sandbox CSMS is back: 4 stations were served locally, \d+ messages", text)
+    assert re.search(r"replay done: \d+ messages delivered to the CSMS in \d+\.\d s", text)
+    assert re.search(r"^  outage +CSMS away 4-\d+ s: 4 stations served locally, \d+ messages kept$", text, re.MULTILINE)
+
+    # At the CSMS: every TransactionEvent a station sent before the CSMS came back arrived exactly once,
+    # in seqNo order per transaction; the ones kept during the outage carry offline=true (E04.FR.03).
+    sent_before_back = {
+        (label.split("#")[0], payload["transactionInfo"]["transactionId"], payload["seqNo"])
+        for label in station_labels
+        for (way, frame), at_s in zip(recorder.frames[label], recorder.times[label], strict=True)
+        if way == "sent" and at_s < back_s
+        for action, payload in _calls([frame])
+        if action == "TransactionEvent"
+    }
+    arrived: list[tuple[str, str, int]] = []
+    offline: set[tuple[str, str, int]] = set()
+    for label in csms_labels:
+        for action, payload in _calls(recorder.texts(label, "received")):
+            if action == "TransactionEvent":
+                key = (label.split("#")[0], payload["transactionInfo"]["transactionId"], payload["seqNo"])
+                arrived.append(key)
+                if payload.get("offline"):
+                    offline.add(key)
+    assert len(arrived) == len(set(arrived))  # nothing twice
+    assert sent_before_back <= set(arrived)
+    sent_while_away = {
+        (label.split("#")[0], payload["transactionInfo"]["transactionId"], payload["seqNo"])
+        for label in station_labels
+        for (way, frame), at_s in zip(recorder.frames[label], recorder.times[label], strict=True)
+        if way == "sent" and went_s + 0.5 < at_s < back_s
+        for action, payload in _calls([frame])
+        if action == "TransactionEvent"
+    }
+    assert sent_while_away and sent_while_away <= offline
+    by_transaction: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for station, transaction_id, seq_no in arrived:
+        by_transaction[station, transaction_id].append(seq_no)
+    assert all(seq_nos == sorted(seq_nos) for seq_nos in by_transaction.values())
+    # No CSMS answer to a replayed call reached a station: every answer a station got is to a call it sent.
+    for label in station_labels:
+        frames = [(way, json.loads(text)) for way, text in recorder.frames[label]]
+        calls_sent = {frame[1] for way, frame in frames if way == "sent" and frame[0] == 2}
+        answers = {frame[1] for way, frame in frames if way == "received" and frame[0] in (3, 4)}
+        assert answers <= calls_sent, label
+    # Every frame on every connection is valid OCPP 2.0.1: the stations', the CSMS's, and the replayed ones.
+    for label in recorder.frames:
+        validate_frames(recorder.texts(label))
+
+
+def test_live_view_shows_the_stations_served_locally_and_what_is_kept() -> None:
+    # Pure: the view's rendering of the controller's status document during an outage (issue #12).
+    model = SiteModel()
+    for station_id in ("DEMO-01", "DEMO-02", "DEMO-03"):
+        model.row(station_id).connected = True
+    status = {
+        "autonomy": {
+            "enabled": True,
+            "stations": [
+                {"station_id": "DEMO-01", "mode": "local", "offline_for_s": 12.0, "queued_messages": 9},
+                {"station_id": "DEMO-02", "mode": "replaying", "offline_for_s": 31.0, "queued_messages": 2},
+            ],
+            "queue_messages": 11,
+            "queue_bytes": 2048,
+        }
+    }
+    balance = site_balance(status, ems="none", firmware="-", outage="CSMS away for 12 s")
+    lines = [
+        line.text
+        for line in render_live(
+            model,
+            Header("LC-DEMO", "ws://127.0.0.1:1/ocpp/<id>", "http://127.0.0.1:2/metrics", "ws://127.0.0.1:3/ocpp"),
+            RelayCounters({}, 0, 0, 3),
+            uptime_s=50.0,
+            clock=(0.0, datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)),
+            width=100,
+            height=30,
+            balance=balance,
+        )
+    ]
+    assert "autonomy   CSMS away for 12 s · 1 stations local, 1 replaying, 11 messages (2.0 kB) kept" in lines
+    links = {line.split()[0]: line.split()[2] for line in lines if line.startswith("DEMO-")}
+    assert links == {"DEMO-01": "local", "DEMO-02": "replay", "DEMO-03": "up"}

@@ -184,6 +184,40 @@ RULE_TESTS: dict[str, Any] = {
                     'outcome="timeout"}',
                     "values": "0 0 0+30x30",
                 },
+                # Site autonomy (issue 12): the CSMS goes at minute 1 and stays away; max_offline_s is 20 min.
+                {
+                    "series": 'ocpp_lc_autonomy_offline_longest_seconds{instance="lc:8080",job="ocpp-lc"}',
+                    "values": "0 0 60+60x30",
+                },
+                {
+                    "series": 'ocpp_lc_autonomy_max_offline_seconds{instance="lc:8080",job="ocpp-lc"}',
+                    "values": "1200x32",
+                },
+                # The queue for the CSMS fills: one station passes 80% of its bound at minute 9, all
+                # stations together 80% of the bytes at minute 17.
+                {"series": 'ocpp_lc_autonomy_queue_bytes{instance="lc:8080",job="ocpp-lc"}', "values": "0+500x30"},
+                {
+                    "series": 'ocpp_lc_autonomy_queue_limit_bytes{instance="lc:8080",job="ocpp-lc"}',
+                    "values": "10000x30",
+                },
+                {
+                    "series": 'ocpp_lc_autonomy_queue_fullest_station_messages{instance="lc:8080",job="ocpp-lc"}',
+                    "values": "0+100x30",
+                },
+                {
+                    "series": 'ocpp_lc_autonomy_queue_limit_messages_per_station{instance="lc:8080",job="ocpp-lc"}',
+                    "values": "1000x30",
+                },
+                # Station messages refused for want of room from minute 6 to minute 10.
+                {
+                    "series": 'ocpp_lc_autonomy_local_answers_total{instance="lc:8080",job="ocpp-lc",'
+                    'kept="queue_full"}',
+                    "values": "0x5 3+3x5 18x20",
+                },
+                {
+                    "series": 'ocpp_lc_autonomy_local_answers_total{instance="lc:8080",job="ocpp-lc",kept="queued"}',
+                    "values": "0+50x30",
+                },
                 # A station rejects profiles from minute 4.
                 {
                     "series": 'ocpp_lc_balancing_profiles_total{instance="lc:8080",job="ocpp-lc",kind="increase",'
@@ -313,6 +347,72 @@ RULE_TESTS: dict[str, Any] = {
                         }
                     ],
                 },
+                # Autonomous for 15 minutes is an alert (minute 17: 16 minutes); close to max_offline_s a page.
+                {"eval_time": "16m", "alertname": "OcppLcSiteAutonomous", "exp_alerts": []},
+                {
+                    "eval_time": "17m",
+                    "alertname": "OcppLcSiteAutonomous",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {"severity": "warning", "instance": "lc:8080", "job": "ocpp-lc"},
+                            "exp_annotations": {
+                                "summary": "Stations on lc:8080 have been served without their CSMS for 16m 0s"
+                            },
+                        }
+                    ],
+                },
+                {"eval_time": "17m", "alertname": "OcppLcAutonomyEndingSoon", "exp_alerts": []},
+                {
+                    "eval_time": "18m",
+                    "alertname": "OcppLcAutonomyEndingSoon",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {"severity": "page", "instance": "lc:8080", "job": "ocpp-lc"},
+                            "exp_annotations": {"summary": "Stations on lc:8080 are close to the end of site autonomy"},
+                        }
+                    ],
+                },
+                {"eval_time": "8m", "alertname": "OcppLcAutonomyQueueNearlyFull", "exp_alerts": []},
+                {
+                    "eval_time": "9m",
+                    "alertname": "OcppLcAutonomyQueueNearlyFull",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {"severity": "page", "instance": "lc:8080", "job": "ocpp-lc"},
+                            "exp_annotations": {"summary": "The queue for the CSMS on lc:8080 is 90% full"},
+                        }
+                    ],
+                },
+                {
+                    "eval_time": "17m",
+                    "alertname": "OcppLcAutonomyQueueNearlyFull",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {"severity": "page", "instance": "lc:8080", "job": "ocpp-lc"},
+                            "exp_annotations": {"summary": "The queue for the CSMS on lc:8080 is 85% full"},
+                        }
+                    ],
+                },
+                {"eval_time": "5m", "alertname": "OcppLcAutonomyMessagesRefused", "exp_alerts": []},
+                {
+                    "eval_time": "8m",
+                    "alertname": "OcppLcAutonomyMessagesRefused",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "severity": "warning",
+                                "instance": "lc:8080",
+                                "job": "ocpp-lc",
+                                "kept": "queue_full",
+                            },
+                            "exp_annotations": {
+                                "summary": "Station messages were refused (queue_full) during the outage on lc:8080"
+                            },
+                        }
+                    ],
+                },
+                # Minute 25: the refusals are over 10 minutes old; messages queued are not refusals.
+                {"eval_time": "25m", "alertname": "OcppLcAutonomyMessagesRefused", "exp_alerts": []},
                 {"eval_time": "2m", "alertname": "OcppLcFirmwarePublishFailed", "exp_alerts": []},
                 {
                     "eval_time": "5m",
@@ -368,6 +468,24 @@ def test_dashboard_takes_its_datasource_as_a_variable() -> None:
     titles = " ".join(panel["title"] for panel in panels)
     for needed in ("Stations connected", "Own link", "Boot status", "Outbox", "Frames per second", "p99", "Firmware"):
         assert needed in titles
+    # Site autonomy (issue 12): its row shows stations local and replaying, the queue, the replay and
+    # the local authorisations, each panel on the metric it names.
+    rows = [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"]
+    assert "Site autonomy (CSMS unreachable)" in rows
+    autonomy_exprs = {
+        panel["title"]: " ".join(target["expr"] for target in panel["targets"])
+        for panel in panels
+        if "ocpp_lc_autonomy_" in " ".join(target["expr"] for target in panel["targets"])
+    }
+    for title, metric in (
+        ("Served locally", 'ocpp_lc_autonomy_stations{instance=~"$instance", mode="local"}'),
+        ("Replaying", 'ocpp_lc_autonomy_stations{instance=~"$instance", mode="replaying"}'),
+        ("Queue for the CSMS", "ocpp_lc_autonomy_queue_bytes"),
+        ("Queue used", "ocpp_lc_autonomy_queue_limit_bytes"),
+        ("Replay", "ocpp_lc_autonomy_replay_duration_seconds_bucket"),
+        ("Local authorisations", "ocpp_lc_autonomy_local_authorizations_total"),
+    ):
+        assert metric in autonomy_exprs[title], title
 
 
 #: Grafana's variables, as Grafana would fill them in, so that Prometheus's parser can read the queries.
