@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from router import ocppj
 from router.autonomy.service import Autonomy, Mode
 from router.autonomy.settings import AutonomySettings
-from router.autonomy.upstream import AutonomousUpstream, UpstreamTimings
+from router.autonomy.upstream import AutonomousUpstream
 from router.link import LinkTimings, StationLink
 from router.metrics import RouterMetrics
 from router.observers import ObserverHub
@@ -72,7 +72,7 @@ async def test_an_outage_and_its_replay_show_in_the_metrics(
         station, lc_station = await ws_pair()
         real, csms = await ws_pair()
         upstream = AutonomousUpstream(
-            "CS01", "ocpp2.0.1", real, autonomy=autonomy, connect=connect, timings=UpstreamTimings(ping_interval_s=0)
+            "CS01", "ocpp2.0.1", real, autonomy=autonomy, connect=connect, timings=LinkTimings(csms_ping_interval_s=0)
         )
         metrics = RouterMetrics(registry)
         link = StationLink(

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from router import ocppj
 from router.autonomy.service import Autonomy
 from router.autonomy.settings import AutonomySettings
-from router.autonomy.upstream import AutonomousUpstream, UpstreamTimings
+from router.autonomy.upstream import AutonomousUpstream
 from router.link import LinkTimings, StationLink
 from router.metrics import RouterMetrics
 from router.observers import ObserverHub
@@ -167,7 +167,7 @@ async def test_a_station_reconnecting_during_the_replay_repeats_no_message(
             await legs_send.send(server)
             return client
 
-        timings = UpstreamTimings(ping_interval_s=0, replay_answer_timeout_s=20)
+        timings = LinkTimings(csms_ping_interval_s=0, lc_call_timeout_s=20)
 
         async def pair(nursery: trio.Nursery, real: WebSocket | None) -> tuple[StationLink, WebSocket]:
             station_end, lc_station = await ws_pair()
@@ -268,7 +268,7 @@ async def test_once_one_station_reaches_the_csms_again_the_others_stop_backing_o
                         None,
                         autonomy=autonomy,
                         connect=connector(station_id),
-                        timings=UpstreamTimings(ping_interval_s=0),
+                        timings=LinkTimings(csms_ping_interval_s=0),
                     )
                     link = StationLink(
                         station_id,

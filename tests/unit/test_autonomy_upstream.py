@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from router import ocppj
 from router.autonomy.service import Autonomy, Mode, ReconnectPacer
 from router.autonomy.settings import AutonomySettings
-from router.autonomy.upstream import AutonomousUpstream, UpstreamTimings
+from router.autonomy.upstream import AutonomousUpstream
 from router.link import LinkTimings, StationLink
 from router.metrics import RouterMetrics
 from router.observers import ObserverHub
@@ -108,7 +108,7 @@ async def open_site(
             await restored_send.send(server)
             return client
 
-        timings = UpstreamTimings(ping_interval_s=10, ping_timeout_s=5, replay_answer_timeout_s=20)
+        timings = LinkTimings(csms_ping_interval_s=10, csms_ping_timeout_s=5, lc_call_timeout_s=20)
         upstream = AutonomousUpstream("CS01", "ocpp2.0.1", real, autonomy=autonomy, connect=connect, timings=timings)
         metrics = RouterMetrics(registry)
         link = StationLink(
