@@ -1,15 +1,13 @@
 """The restore after an outage, in the corners: the CSMS not accepting the replayed boot, a station that
 reboots or reconnects during the replay (issue #12, the known gaps of the first build).
 
-Same set-up as :mod:`tests.unit.test_autonomy_upstream`: the appliance's own link and autonomous leg over
+The set-up is :mod:`tests.support.autonomy_site`: the appliance's own link and autonomous leg over
 in-memory websockets, timers on trio's virtual clock, every frame the controller writes to the station
 validated against the OCA schemas.
 """
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +17,25 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 
 from router import ocppj
-from router.autonomy.service import Autonomy
-from router.autonomy.settings import AutonomySettings
-from router.autonomy.upstream import AutonomousUpstream
 from router.link import LinkTimings, StationLink
 from router.metrics import RouterMetrics
 from router.observers import ObserverHub
 from router.store import Store
 from router.transport import ConnectionClosed, HandshakeFailed, WebSocket
+from tests.support.autonomy_site import (
+    BOOT,
+    Site,
+    T,
+    autonomous_pair,
+    boot_online,
+    make_autonomy,
+    open_site,
+    receive_call,
+    tx,
+    wait_for_mode,
+)
 from tests.support.schemas import validate_frame
-from tests.unit.test_autonomy_upstream import NOW, Site, T, boot_online, open_site, tx
 from tests.unit.test_link import ws_pair
-
-BOOT = {"reason": "PowerUp", "chargingStation": {"model": "M", "vendorName": "V"}}
 
 
 async def go_local_with_a_reboot(site: Site) -> None:
@@ -44,12 +48,6 @@ async def go_local_with_a_reboot(site: Site) -> None:
     assert (await site.station_receives())[2]["status"] == "Accepted"  # the CSMS's last verdict
     await site.station_call("t-1", "TransactionEvent", tx("Updated", 1))
     assert await site.station_receives() == [3, "t-1", {}]
-
-
-async def receive_call(csms: WebSocket) -> tuple[list[Any], float]:
-    frame = json.loads(await csms.receive_text())
-    assert frame[0] == 2 and ocppj.is_lc_message_id(frame[1]), frame
-    return frame, trio.current_time()
 
 
 async def test_a_replayed_boot_answered_pending_holds_the_queue_and_is_sent_again_after_its_interval(
@@ -152,13 +150,7 @@ async def test_a_station_reconnecting_during_the_replay_repeats_no_message(
         registry = CollectorRegistry()
         metrics = RouterMetrics(registry)
         hub = ObserverHub(metrics)
-        autonomy = Autonomy(
-            AutonomySettings(reconnect_backoff_max_s=8.0),
-            store,
-            registry=registry,
-            wall_clock=lambda: NOW,
-            rng=random.Random(7),
-        )
+        autonomy = make_autonomy(store, registry, reconnect_backoff_max_s=8.0)
         autonomy.boots.learn("CS01", {"status": "Accepted", "interval": 300})
         legs_send, legs = trio.open_memory_channel[WebSocket](8)
 
@@ -171,16 +163,8 @@ async def test_a_station_reconnecting_during_the_replay_repeats_no_message(
 
         async def pair(nursery: trio.Nursery, real: WebSocket | None) -> tuple[StationLink, WebSocket]:
             station_end, lc_station = await ws_pair()
-            upstream = AutonomousUpstream(
-                "CS01", "ocpp2.0.1", real, autonomy=autonomy, connect=connect, timings=timings
-            )
-            link = StationLink(
-                "CS01",
-                lc_station,
-                upstream,
-                metrics=metrics,
-                hub=hub,
-                timings=LinkTimings(station_ping_interval_s=0, csms_ping_interval_s=0),
+            upstream, link = autonomous_pair(
+                "CS01", lc_station, real, autonomy=autonomy, connect=connect, metrics=metrics, timings=timings, hub=hub
             )
 
             async def run() -> None:
@@ -217,10 +201,7 @@ async def test_a_station_reconnecting_during_the_replay_repeats_no_message(
                 following, _ = await receive_call(new_csms)
                 assert following[3]["seqNo"] == 2  # not seqNo 1 a second time
                 await new_csms.send_text(ocppj.encode_result(following[1], {}))
-                while autonomy.mode_of("CS01") != "relaying":
-                    changed = trio.Event()
-                    autonomy.on_change(changed.set)
-                    await changed.wait()
+                await wait_for_mode(autonomy, "CS01", "relaying")
                 assert autonomy.queue.messages("CS01") == 0
                 new_link.close("test over")
 
@@ -235,13 +216,7 @@ async def test_once_one_station_reaches_the_csms_again_the_others_stop_backing_o
     with Store.open(tmp_path / "state") as store:
         registry = CollectorRegistry()
         metrics = RouterMetrics(registry)
-        autonomy = Autonomy(
-            AutonomySettings(reconnect_backoff_max_s=600.0, reconnect_rate_per_s=10.0),
-            store,
-            registry=registry,
-            wall_clock=lambda: NOW,
-            rng=random.Random(7),
-        )
+        autonomy = make_autonomy(store, registry, reconnect_backoff_max_s=600.0, reconnect_rate_per_s=10.0)
         restored: dict[str, float] = {}
         done = trio.Event()
 
@@ -262,21 +237,14 @@ async def test_once_one_station_reaches_the_csms_again_the_others_stop_backing_o
                 for index, station_id in enumerate(("CS01", "CS02")):
                     autonomy.boots.learn(station_id, {"status": "Accepted", "interval": 300})
                     _station_end, lc_station = await ws_pair()
-                    upstream = AutonomousUpstream(
+                    upstream, link = autonomous_pair(
                         station_id,
-                        "ocpp2.0.1",
+                        lc_station,
                         None,
                         autonomy=autonomy,
                         connect=connector(station_id),
-                        timings=LinkTimings(csms_ping_interval_s=0),
-                    )
-                    link = StationLink(
-                        station_id,
-                        lc_station,
-                        upstream,
                         metrics=metrics,
-                        hub=ObserverHub(metrics),
-                        timings=LinkTimings(station_ping_interval_s=0, csms_ping_interval_s=0),
+                        timings=LinkTimings(csms_ping_interval_s=0),
                     )
                     await nursery.start(upstream.run)
                     nursery.start_soon(link.run)
