@@ -253,3 +253,40 @@ async def test_once_one_station_reaches_the_csms_again_the_others_stop_backing_o
                 nursery.cancel_scope.cancel()
         first, second = sorted(restored.values())
         assert back_at_s <= first and second - first < 1.0, restored
+
+
+async def test_a_csms_holding_the_replayed_boot_pending_is_no_outage_however_long_it_lasts(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # #12 leftover A. B02.FR.06: while the CSMS answers Pending neither side closes the connection; B02.FR.01:
+    # the CSMS holds a station Pending for as long as it wants to (to read or set its configuration). So the
+    # hold has no time limit, and it is not time without the CSMS: max_offline_s (60 s here) bounds only that.
+    # A hold longer than max_offline_s must leave the station served, and a loss of the leg after it must
+    # get the station the whole max_offline_s again (not a close on the spot, as the strict rule would do).
+    async with open_site(tmp_path, max_offline_s=60) as site:
+        with trio.fail_after(600):
+            await go_local_with_a_reboot(site)
+            csms = await site.restored.receive()
+            held_from_s = trio.current_time()
+            while trio.current_time() - held_from_s < 150:  # five Pending answers, 30 s apart
+                boot, _ = await receive_call(csms)
+                assert boot[2] == "BootNotification"  # never the queued event while Pending (B02.FR.02)
+                pending = {"currentTime": T, "interval": 30, "status": "Pending"}
+                await csms.send_text(ocppj.encode_result(boot[1], pending))
+            assert site.upstream.mode == "replaying"
+            assert not site.autonomy.past_max_offline("CS01")
+            assert site.autonomy.longest_offline_s() < 31  # the alert on time offline does not fire
+            await site.station_call("h-1", "Heartbeat", {})  # still connected, answered as the CSMS would
+            assert (await site.station_receives())[:3] == [4, "h-1", "SecurityError"]
+            await csms.aclose(1001, "CSMS restarting")  # the leg drops during the hold
+            csms = await site.restored.receive()  # restored: the station was not closed
+            boot, _ = await receive_call(csms)
+            assert boot[2] == "BootNotification"
+            await csms.send_text(
+                ocppj.encode_result(boot[1], {"currentTime": T, "interval": 300, "status": "Accepted"})
+            )
+            event, _ = await receive_call(csms)
+            assert event[2] == "TransactionEvent" and event[3]["seqNo"] == 1
+            await csms.send_text(ocppj.encode_result(event[1], {}))
+            await site.mode("relaying")
+        assert site.autonomy.queue.messages("CS01") == 0
