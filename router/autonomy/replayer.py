@@ -158,10 +158,14 @@ class Replayer:
         """Deliver a kept BootNotification, if any, until the CSMS accepts it; False if the replay must stop.
 
         Pending: the queue waits, the leg stays open (B02.FR.06; CSMS calls still reach the station) and
-        the boot goes again after the CSMS's interval (B02.FR.08). Rejected: the leg is closed (B03.FR.04)
-        and re-opened after that interval (B03.FR.02), boot first. Meanwhile the station is answered as
-        the CSMS would (the boot cache has the verdict: SecurityError, B02.FR.09, B03.FR.07). It is not
-        closed: told Accepted by us, it would reconnect but not boot again (B01.FR.03: boots only).
+        the boot goes again after the CSMS's interval (B02.FR.08), for as long as the CSMS answers Pending:
+        holding a station Pending is the CSMS's call (B02.FR.01), so this hold has no time limit of ours,
+        and it does not count as time offline (:meth:`.service.Autonomy.csms_holds_pending`); each round is
+        logged and counted (``ocpp_lc_autonomy_replayed_boot_held_total{status}``). Rejected: the leg is
+        closed (B03.FR.04) and re-opened after that interval (B03.FR.02), boot first. Meanwhile the
+        station is answered as the CSMS would (the boot cache has the verdict: SecurityError, B02.FR.09,
+        B03.FR.07). It is not closed: told Accepted by us, it would reconnect but not boot again
+        (B01.FR.03: boots only).
         """
         queue = self._autonomy.queue
         for latest in partition_latest(queue.latest(self.station_id))[0]:
@@ -182,6 +186,7 @@ class Replayer:
                 if verdict is None:
                     break
                 status, wait_s = verdict
+                self._autonomy.metrics.boot_held.labels(status).inc()
                 if status == "Rejected":
                     log.warning(
                         "[%s] the CSMS rejected the replayed BootNotification: the replay waits %d s, "
@@ -192,9 +197,11 @@ class Replayer:
                     self.not_before_s = trio.current_time() + wait_s
                     self._lost(real, "the CSMS rejected the station's boot")
                     return False
+                self._autonomy.csms_holds_pending(self.station_id)
                 log.warning(
-                    "[%s] the CSMS answered the replayed BootNotification Pending: the replay waits, the boot "
-                    "goes again in %d s",
+                    "[%s] the CSMS answered the replayed BootNotification Pending: the replay waits (for as long "
+                    "as the CSMS answers Pending, B02.FR.01; not counted as time offline), the boot goes again "
+                    "in %d s",
                     self.station_id,
                     wait_s,
                 )

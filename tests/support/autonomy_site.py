@@ -105,6 +105,12 @@ class Site:
     restored: trio.MemoryReceiveChannel[WebSocket]  # the CSMS's ends of the legs re-opened
     attempts_s: list[float] = field(default_factory=list)
     sent: dict[str, str] = field(default_factory=dict)  # station call id -> action
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)  # what /metrics would show
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, labels)
+        assert value is not None, (name, labels)
+        return value
 
     async def station_call(self, message_id: str, action: str, payload: dict[str, Any]) -> str:
         frame = ocppj.encode_call(message_id, action, payload)
@@ -162,7 +168,7 @@ async def open_site(
             await nursery.start(upstream.run)
             upstream.call_station = link.call
             nursery.start_soon(link.run)
-            yield Site(autonomy, upstream, link, station_end, csms_end, restored, attempts_s)
+            yield Site(autonomy, upstream, link, station_end, csms_end, restored, attempts_s, registry=registry)
             nursery.cancel_scope.cancel()
 
 
