@@ -8,6 +8,7 @@ validated against the OCA schemas.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +289,42 @@ async def test_a_csms_holding_the_replayed_boot_pending_is_no_outage_however_lon
             )
             event, _ = await receive_call(csms)
             assert event[2] == "TransactionEvent" and event[3]["seqNo"] == 1
+            await csms.send_text(ocppj.encode_result(event[1], {}))
+            await site.mode("relaying")
+        assert site.autonomy.queue.messages("CS01") == 0
+
+
+async def test_a_report_the_csms_asks_for_while_it_holds_the_replayed_boot_pending_reaches_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # #12 leftover B. B02.FR.01: a CSMS holds a station Pending to read its configuration first; B02.FR.02:
+    # what it asks for with GetBaseReport may be sent while Pending, and B02.FR.09 exempts it from the
+    # SecurityError. So the station's NotifyReport must get its answer, not SecurityError, and must reach
+    # the CSMS now: queued behind the held boot, the report the CSMS waits for to accept would never come.
+    async with open_site(tmp_path) as site:
+        with trio.fail_after(120):
+            await go_local_with_a_reboot(site)
+            csms = await site.restored.receive()
+            boot, _ = await receive_call(csms)
+            assert boot[2] == "BootNotification"
+            await csms.send_text(ocppj.encode_result(boot[1], {"currentTime": T, "interval": 30, "status": "Pending"}))
+            get = ocppj.encode_call("g-1", "GetBaseReport", {"requestId": 6, "reportBase": "FullInventory"})
+            await csms.send_text(get)
+            assert await site.station_receives() == json.loads(get)
+            accepted = ocppj.encode_result("g-1", {"status": "Accepted"})
+            await site.station.send_text(accepted)
+            assert await csms.receive_text() == accepted
+            report = await site.station_call("r-1", "NotifyReport", {"requestId": 6, "generatedAt": T, "seqNo": 0})
+            assert await csms.receive_text() == report  # as the station sent it, during the hold
+            await csms.send_text(ocppj.encode_result("r-1", {}))
+            assert await site.station_receives() == [3, "r-1", {}]  # the CSMS's own answer
+            again, _ = await receive_call(csms)  # the hold goes on: the boot again after its interval
+            assert again[2] == "BootNotification"
+            await csms.send_text(
+                ocppj.encode_result(again[1], {"currentTime": T, "interval": 300, "status": "Accepted"})
+            )
+            event, _ = await receive_call(csms)
+            assert event[2] == "TransactionEvent" and event[3]["seqNo"] == 1  # the report was not queued
             await csms.send_text(ocppj.encode_result(event[1], {}))
             await site.mode("relaying")
         assert site.autonomy.queue.messages("CS01") == 0
