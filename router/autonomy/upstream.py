@@ -48,6 +48,7 @@ from router.ocppj import Envelope, FrameError, MessageType
 from router.transport import ABNORMAL, NORMAL, ByteCounter, ConnectionClosed, HandshakeFailed, WebSocket
 
 from .replayer import Replayer
+from .responder import SENT_WHILE_PENDING
 from .service import Autonomy, Mode
 
 log = logging.getLogger("ocpp_lc.autonomy.upstream")
@@ -226,6 +227,7 @@ class AutonomousUpstream:
                 self._lost(real, f"closed ({closed.code} {closed.reason[:60]})")
                 return
             kind = _message_type(text)
+            tracked: tuple[str, Any] | None = None
             if kind in ("3", "4") and (self._tracked or self._replayer.awaiting_answer):
                 try:
                     envelope: Envelope | None = ocppj.parse_frame(text)
@@ -242,7 +244,7 @@ class AutonomousUpstream:
                         and isinstance(envelope.payload, dict)
                     ):
                         self._autonomy.learn(self.station_id, tracked[0], tracked[1], envelope.payload)
-            if self._mode == "replaying" and kind in ("3", "4"):
+            if self._mode == "replaying" and kind in ("3", "4") and tracked is None:
                 log.info("[%s] CSMS answer to no call of the replay dropped", self.station_id)
                 continue
             await self._to_link(text)
@@ -273,7 +275,7 @@ class AutonomousUpstream:
         self._real = None
         self._dead.append(real)
         self._real_scope.cancel()
-        if self._mode == "relaying":
+        if self._mode != "local":  # (while replaying, only calls sent on by _relay_while_pending are tracked)
             self._orphans.extend(
                 (message_id, action, payload) for message_id, (action, payload) in self._tracked.items()
             )
@@ -407,7 +409,34 @@ class AutonomousUpstream:
                 log.info("[%s] answer to a CSMS call that is gone dropped", self.station_id)
             return
         assert envelope.action is not None
+        if await self._relay_while_pending(envelope, text):
+            return
         await self._answer_locally(envelope.message_id, envelope.action, envelope.payload)
+
+    async def _relay_while_pending(self, envelope: Envelope, text: str) -> bool:
+        """Send a call the CSMS asked for on to it, as the station sent it, while it holds the station Pending.
+
+        B02.FR.01: a CSMS holds a station Pending to read (or set) its configuration before it accepts it;
+        B02.FR.02 lets the station send what the CSMS asked for meanwhile. Queued behind the held boot, the
+        report the CSMS waits for would reach it only once it had accepted the station: never, if it waits
+        for the report. So during the replay, while the CSMS has not accepted the station, such a call
+        (:data:`.responder.SENT_WHILE_PENDING`) is relayed and so is the CSMS's answer to it. Should the leg
+        go before the answer, the call is answered locally (and queued) like any call the CSMS left open.
+        """
+        real = self._real
+        if (
+            self._mode != "replaying"
+            or real is None
+            or envelope.action not in SENT_WHILE_PENDING
+            or self._autonomy.boots.accepted_interval(self.station_id) is not None
+        ):
+            return False
+        self._track(text)
+        try:
+            await real.send_text(text)
+        except ConnectionClosed as closed:
+            self._lost(real, f"closed ({closed.code})")  # the call is tracked: answered locally
+        return True
 
     async def _answer_locally(self, message_id: str, action: str, payload: Any) -> None:
         handled = self._autonomy.local.handle(

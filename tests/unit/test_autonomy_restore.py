@@ -328,3 +328,29 @@ async def test_a_report_the_csms_asks_for_while_it_holds_the_replayed_boot_pendi
             await csms.send_text(ocppj.encode_result(event[1], {}))
             await site.mode("relaying")
         assert site.autonomy.queue.messages("CS01") == 0
+
+
+async def test_a_report_sent_on_during_the_pending_hold_is_answered_locally_if_the_leg_goes_first(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Like any call the lost CSMS left open: answered as the CSMS would, kept, and delivered on restore.
+    async with open_site(tmp_path) as site:
+        with trio.fail_after(120):
+            await go_local_with_a_reboot(site)
+            csms = await site.restored.receive()
+            boot, _ = await receive_call(csms)
+            await csms.send_text(ocppj.encode_result(boot[1], {"currentTime": T, "interval": 30, "status": "Pending"}))
+            part = {"requestId": 6, "generatedAt": T, "seqNo": 0}
+            report = await site.station_call("r-1", "NotifyReport", part)
+            assert await csms.receive_text() == report
+            await csms.aclose(1001, "gone before it answered")
+            assert await site.station_receives() == [3, "r-1", {}]
+            csms = await site.restored.receive()
+            delivered: list[tuple[str, Any]] = []
+            for verdict in ("Accepted", None, None):  # the boot, then the queue: the event, the report
+                call, _ = await receive_call(csms)
+                delivered.append((call[2], call[3].get("seqNo")))
+                answer = {"currentTime": T, "interval": 300, "status": verdict} if verdict else {}
+                await csms.send_text(ocppj.encode_result(call[1], answer))
+            await site.mode("relaying")
+        assert delivered == [("BootNotification", None), ("TransactionEvent", 1), ("NotifyReport", 0)]
