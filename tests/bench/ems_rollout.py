@@ -48,7 +48,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 # The sibling benchmark's process handling (children stopped in a finally, CPU pinning, /proc readings).
@@ -57,7 +56,6 @@ from forwarding import (
     Children,
     Controller,
     choose_layout,
-    default_controller_command,
     machine_cpu_s,
     percentile,
 )
@@ -65,6 +63,7 @@ from plumbing import (
     HOST,
     PATH,
     SUBPROTOCOL,
+    add_run_options,
     connect_station,
     controller_toml,
     run_children,
@@ -582,15 +581,7 @@ def main(argv: list[str]) -> int:
         help="then rounds with the default [balancing] min_interval_s (each waits that long to release; 0: skip)",
     )
     parser.add_argument("--share", type=float, default=16.0, help="per-station share under the EMS limit (A)")
-    parser.add_argument("--no-pin", action="store_true", help="let every process share every CPU")
-    parser.add_argument("--keep-logs", type=Path, help="keep the controller's log and TOML here")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
-    parser.add_argument(
-        "--controller",
-        type=shlex.split,
-        default=default_controller_command(),
-        help="command that starts the controller, given 'run --config FILE' (default: the ocpp-lc console script)",
-    )
+    add_run_options(parser, keep="the controller's log and TOML", output="the tables")
     args = parser.parse_args(argv)
     if args.stations < 1 or not 6 <= args.share < 31:
         parser.error("--stations must be positive and --share between 6 and 31 A (below the 32 A maximum)")

@@ -64,13 +64,13 @@ from forwarding import (
     Children,
     Controller,
     choose_layout,
-    default_controller_command,
     machine_cpu_s,
 )
 from plumbing import (
     HOST,
     PATH,
     SUBPROTOCOL,
+    add_run_options,
     connect_station,
     controller_toml,
     run_children,
@@ -614,15 +614,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--backoff-max-s", type=float, help="[autonomy] reconnect_backoff_max_s (default: its default)")
     parser.add_argument("--no-balancing", action="store_true", help="[balancing] enabled = false")
     parser.add_argument("--seed", type=int, default=1, help="seed of the stations' start offsets")
-    parser.add_argument("--no-pin", action="store_true", help="let every process share every CPU")
-    parser.add_argument("--keep-logs", type=Path, help="keep the controller's log, TOML and state here")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the report")
-    parser.add_argument(
-        "--controller",
-        type=shlex.split,
-        default=default_controller_command(),
-        help="command that starts the controller, given 'run --config FILE' (default: the ocpp-lc console script)",
-    )
+    add_run_options(parser, keep="the controller's log, TOML and state", output="the report")
     args = parser.parse_args(argv)
     if args.stations < 1 or args.outage_s < 5 or args.updates < 0:
         parser.error("--stations must be positive, --outage-s at least 5, --updates not negative")

@@ -6,10 +6,12 @@ Built on ``forwarding.py``'s process handling (:class:`forwarding.Children`: eve
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -17,7 +19,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from forwarding import _UP_LINE, START_DEADLINE_S, BenchError, Children, Controller, raise_nofile_limit
+from forwarding import (
+    _UP_LINE,
+    START_DEADLINE_S,
+    BenchError,
+    Children,
+    Controller,
+    default_controller_command,
+    raise_nofile_limit,
+)
 
 HOST = "127.0.0.1"
 PATH = "/ocpp"
@@ -38,6 +48,22 @@ def utc_now() -> str:
 def say(text: str) -> None:
     """A progress line, on stderr (stdout carries the report)."""
     print(text, file=sys.stderr, flush=True)
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, keep: str, output: str) -> None:
+    """The options every such script has: --no-pin, --keep-logs (``keep``: what is kept), --json, --controller.
+
+    ``output`` names what is printed without --json.
+    """
+    parser.add_argument("--no-pin", action="store_true", help="let every process share every CPU")
+    parser.add_argument("--keep-logs", type=Path, help=f"keep {keep} here")
+    parser.add_argument("--json", action="store_true", help=f"print one JSON document instead of {output}")
+    parser.add_argument(
+        "--controller",
+        type=shlex.split,
+        default=default_controller_command(),
+        help="command that starts the controller, given 'run --config FILE' (default: the ocpp-lc console script)",
+    )
 
 
 def controller_toml(*, state_dir: Path, csms_port: int, grid_amperes: float, why_no_own_connection: str) -> list[str]:

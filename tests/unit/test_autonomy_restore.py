@@ -51,6 +51,20 @@ async def go_local_with_a_reboot(site: Site) -> None:
     assert await site.station_receives() == [3, "t-1", {}]
 
 
+async def answer_boot(csms: WebSocket, boot: list[Any], status: str, interval: int) -> None:
+    """The CSMS answers the replayed ``boot`` with ``status`` and ``interval``."""
+    await csms.send_text(ocppj.encode_result(boot[1], {"currentTime": T, "interval": interval, "status": status}))
+
+
+async def accept_then_take_the_event(site: Site, csms: WebSocket, boot: list[Any]) -> None:
+    """The CSMS accepts ``boot``; the event kept by :func:`go_local_with_a_reboot` follows; then the pair relays."""
+    await answer_boot(csms, boot, "Accepted", 300)
+    event, _ = await receive_call(csms)
+    assert event[2] == "TransactionEvent" and event[3]["seqNo"] == 1
+    await csms.send_text(ocppj.encode_result(event[1], {}))
+    await site.mode("relaying")
+
+
 async def test_a_replayed_boot_answered_pending_holds_the_queue_and_is_sent_again_after_its_interval(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -62,18 +76,12 @@ async def test_a_replayed_boot_answered_pending_holds_the_queue_and_is_sent_agai
             csms = await site.restored.receive()
             boot, _ = await receive_call(csms)
             assert boot[2] == "BootNotification" and boot[3]["reason"] == "PowerUp"
-            await csms.send_text(ocppj.encode_result(boot[1], {"currentTime": T, "interval": 30, "status": "Pending"}))
+            await answer_boot(csms, boot, "Pending", 30)
             answered_s = trio.current_time()
             again, again_s = await receive_call(csms)
             assert again[2] == "BootNotification" and again[3] == boot[3]  # not the queued event
             assert 30 <= again_s - answered_s < 31
-            await csms.send_text(
-                ocppj.encode_result(again[1], {"currentTime": T, "interval": 300, "status": "Accepted"})
-            )
-            event, _ = await receive_call(csms)
-            assert event[2] == "TransactionEvent" and event[3]["seqNo"] == 1
-            await csms.send_text(ocppj.encode_result(event[1], {}))
-            await site.mode("relaying")
+            await accept_then_take_the_event(site, csms, again)
         assert site.autonomy.queue.messages("CS01") == 0
         assert site.autonomy.boots.accepted_interval("CS01") == 300
 
@@ -89,8 +97,7 @@ async def test_a_replayed_boot_answered_rejected_closes_the_csms_leg_until_its_i
             csms = await site.restored.receive()
             boot, _ = await receive_call(csms)
             assert boot[2] == "BootNotification"
-            rejected = {"currentTime": T, "interval": 40, "status": "Rejected"}
-            await csms.send_text(ocppj.encode_result(boot[1], rejected))
+            await answer_boot(csms, boot, "Rejected", 40)
             answered_s = trio.current_time()
             with pytest.raises(ConnectionClosed):
                 await csms.receive_text()  # closed by the controller, the queued event not sent
@@ -101,13 +108,7 @@ async def test_a_replayed_boot_answered_rejected_closes_the_csms_leg_until_its_i
             assert site.attempts_s[-1] - answered_s >= 40
             again, again_s = await receive_call(csms)
             assert again[2] == "BootNotification" and again_s - answered_s >= 40
-            await csms.send_text(
-                ocppj.encode_result(again[1], {"currentTime": T, "interval": 300, "status": "Accepted"})
-            )
-            event, _ = await receive_call(csms)
-            assert event[2] == "TransactionEvent" and event[3]["seqNo"] == 1
-            await csms.send_text(ocppj.encode_result(event[1], {}))
-            await site.mode("relaying")
+            await accept_then_take_the_event(site, csms, again)
         assert all(attempt - answered_s >= 40 for attempt in site.attempts_s[1:])
         assert site.autonomy.queue.messages("CS01") == 0
 
@@ -133,9 +134,7 @@ async def test_a_boot_the_station_sends_during_the_replay_goes_before_the_rest_o
             await csms.send_text(ocppj.encode_result(first[1], {}))
             boot, _ = await receive_call(csms)
             assert boot[2] == "BootNotification"
-            await csms.send_text(
-                ocppj.encode_result(boot[1], {"currentTime": T, "interval": 300, "status": "Accepted"})
-            )
+            await answer_boot(csms, boot, "Accepted", 300)
             second, _ = await receive_call(csms)
             assert second[2] == "TransactionEvent" and second[3]["seqNo"] == 2
             await csms.send_text(ocppj.encode_result(second[1], {}))
@@ -284,13 +283,7 @@ async def test_a_csms_holding_the_replayed_boot_pending_is_no_outage_however_lon
             csms = await site.restored.receive()  # restored: the station was not closed
             boot, _ = await receive_call(csms)
             assert boot[2] == "BootNotification"
-            await csms.send_text(
-                ocppj.encode_result(boot[1], {"currentTime": T, "interval": 300, "status": "Accepted"})
-            )
-            event, _ = await receive_call(csms)
-            assert event[2] == "TransactionEvent" and event[3]["seqNo"] == 1
-            await csms.send_text(ocppj.encode_result(event[1], {}))
-            await site.mode("relaying")
+            await accept_then_take_the_event(site, csms, boot)
         assert site.autonomy.queue.messages("CS01") == 0
 
 
@@ -307,7 +300,7 @@ async def test_a_report_the_csms_asks_for_while_it_holds_the_replayed_boot_pendi
             csms = await site.restored.receive()
             boot, _ = await receive_call(csms)
             assert boot[2] == "BootNotification"
-            await csms.send_text(ocppj.encode_result(boot[1], {"currentTime": T, "interval": 30, "status": "Pending"}))
+            await answer_boot(csms, boot, "Pending", 30)
             get = ocppj.encode_call("g-1", "GetBaseReport", {"requestId": 6, "reportBase": "FullInventory"})
             await csms.send_text(get)
             assert await site.station_receives() == json.loads(get)
@@ -320,13 +313,7 @@ async def test_a_report_the_csms_asks_for_while_it_holds_the_replayed_boot_pendi
             assert await site.station_receives() == [3, "r-1", {}]  # the CSMS's own answer
             again, _ = await receive_call(csms)  # the hold goes on: the boot again after its interval
             assert again[2] == "BootNotification"
-            await csms.send_text(
-                ocppj.encode_result(again[1], {"currentTime": T, "interval": 300, "status": "Accepted"})
-            )
-            event, _ = await receive_call(csms)
-            assert event[2] == "TransactionEvent" and event[3]["seqNo"] == 1  # the report was not queued
-            await csms.send_text(ocppj.encode_result(event[1], {}))
-            await site.mode("relaying")
+            await accept_then_take_the_event(site, csms, again)  # and nothing else: the report was not queued
         assert site.autonomy.queue.messages("CS01") == 0
 
 
@@ -339,7 +326,7 @@ async def test_a_report_sent_on_during_the_pending_hold_is_answered_locally_if_t
             await go_local_with_a_reboot(site)
             csms = await site.restored.receive()
             boot, _ = await receive_call(csms)
-            await csms.send_text(ocppj.encode_result(boot[1], {"currentTime": T, "interval": 30, "status": "Pending"}))
+            await answer_boot(csms, boot, "Pending", 30)
             part = {"requestId": 6, "generatedAt": T, "seqNo": 0}
             report = await site.station_call("r-1", "NotifyReport", part)
             assert await csms.receive_text() == report
