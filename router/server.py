@@ -26,7 +26,7 @@ from urllib.parse import unquote
 import trio
 
 from .autonomy.service import Autonomy
-from .autonomy.upstream import AutonomousUpstream, UpstreamTimings
+from .autonomy.upstream import AutonomousUpstream
 from .link import OCPP201, CsmsLeg, LinkTimings, StationLink
 from .metrics import RouterMetrics
 from .observers import ObserverHub
@@ -171,14 +171,9 @@ class StationServer:
         self._security_event = security_event
         #: Site autonomy (None: the strict §6.3 rule); see :meth:`_autonomous`.
         self._autonomy = autonomy
-        # An autonomous CSMS leg pings the CSMS itself (and restores the leg instead of ending the pair).
+        # An autonomous CSMS leg pings the CSMS itself, with ``timings`` (and restores the leg instead of
+        # ending the pair): its link must not.
         self._autonomous_timings = dataclasses.replace(timings, csms_ping_interval_s=0)
-        self._upstream_timings = UpstreamTimings(
-            ping_interval_s=timings.csms_ping_interval_s,
-            ping_timeout_s=timings.csms_ping_timeout_s,
-            replay_answer_timeout_s=timings.lc_call_timeout_s,
-            tracked_calls_max=timings.tracked_calls_max,
-        )
         self._upstreams: dict[StationLink, AutonomousUpstream] = {}
         if autonomy is not None:
             autonomy.on_change(self._update_gauges)
@@ -485,7 +480,7 @@ class StationServer:
                 csms,
                 autonomy=self._autonomy,
                 connect=reconnect,
-                timings=self._upstream_timings,
+                timings=self._timings,
             )
             leg = upstream
         else:

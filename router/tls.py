@@ -65,7 +65,7 @@ class TlsSetupError(ValueError):
 
 
 def _problem(message: str, field: str) -> PydanticCustomError:
-    # The same error shape as router/config.py's problems, so ConfigError shows "[section] key: message".
+    # The same error shape as router/settings/values.py's problem(), so ConfigError shows "[section] key: message".
     return PydanticCustomError("config", "{message}", {"message": message, "field": field})
 
 

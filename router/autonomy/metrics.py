@@ -112,6 +112,13 @@ class AutonomyMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.boot_held = Counter(
+            "ocpp_lc_autonomy_replayed_boot_held_total",
+            "Replayed BootNotifications the CSMS answered Pending or Rejected, by status: the station's kept "
+            "messages wait until it accepts the boot (a Pending hold lasts as long as the CSMS answers Pending).",
+            ["status"],
+            registry=registry,
+        )
         self.replay_duration = Histogram(
             "ocpp_lc_autonomy_replay_duration_seconds",
             "Per station, from its CSMS connection coming back to its kept messages all delivered "
@@ -135,6 +142,8 @@ class AutonomyMetrics:
             self.local_authorizations.labels(outcome, status)
         for outcome in ("result", "error"):
             self.replayed.labels(outcome)
+        for status in ("Pending", "Rejected"):
+            self.boot_held.labels(status)
         # (refused_after_local_accept's children are not made in advance: its label is named "action",
         # which elsewhere holds OCPP action names only, and tests/integration/test_metrics.py holds it to that.)
 

@@ -14,7 +14,9 @@ the OCPP-J error for it (Part 4 §4.3); everything else is kept as the station s
 judge on replay. A station whose last BootNotification the CSMS did not accept (:mod:`.boot_cache`) is
 answered Pending on boot and SecurityError on anything else (B02.FR.09, B01.FR.10): it may not start a
 transaction through us. SecurityError also means it keeps such a message itself (B02.FR.03), so nothing
-is lost; we queue nothing of it.
+is lost; we queue nothing of it. Except a NotifyReport (:data:`SENT_WHILE_PENDING`): it only ever answers
+the CSMS's GetBaseReport or GetReport (B07.FR.03, B08.FR.03), which a station not yet accepted must
+answer (B02.FR.01, B02.FR.02) and the CSMS must not refuse (B02.FR.09): it is answered and queued.
 
 ================================= ================================ ====== ======================================
 action                            answer                           kept   why
@@ -46,7 +48,8 @@ NotifyEvent                       {}                               queue  N07.FR
                                                                           events when offline; all-Periodic
                                                                    latest ones are state (per variable set)
 NotifyMonitoringReport            {}                               queue  N02: parts of a requested report
-NotifyReport                      {}                               queue  B07/B08: parts of a requested report
+NotifyReport                      {}                               queue  B07/B08: parts of a requested report,
+                                                                          even while Pending (B02.FR.02)
 PublishFirmwareStatusNotification {}                               latest L03: progress of one publication
 ReportChargingProfiles            {}                               queue  K09: parts of a requested report
 ReservationStatusUpdate           {}                               latest H01: how each reservation ended
@@ -101,6 +104,10 @@ STATION_ACTIONS: Final = frozenset(
 BOOT_KEY: Final = "BootNotification"
 #: Why a request that needs the CSMS behind us failed (StatusInfoType.reasonCode is free text, ≤ 20).
 _CSMS_UNREACHABLE: Final = {"reasonCode": "CSMSUnreachable", "additionalInfo": "answered by the local controller"}
+#: What a station the CSMS has not accepted may still send: what the CSMS asked for (B02.FR.02). Of the
+#: three kinds B02.FR.09 exempts, only a NotifyReport can be told from what a station sends unbidden: it
+#: exists only to answer GetBaseReport / GetReport (B07.FR.03, B08.FR.03); TriggerMessage's can not.
+SENT_WHILE_PENDING: Final = frozenset({"NotifyReport"})
 #: How long a Pending station waits before it boots again (B02.FR.08), unless told otherwise.
 DEFAULT_PENDING_INTERVAL_S: Final = 60
 
@@ -195,8 +202,10 @@ class LocalResponder:
             code = "NotSupported" if action in ACTIONS else "NotImplemented"
             log.warning("station %s sent %s, which a CSMS does not answer: %s", station_id, action[:40], code)
             return LocalReply.error(code, f"{action[:40]} is not a request a charging station sends")
-        if action != "BootNotification" and self._boots.accepted_interval(station_id) is None:
-            # B02.FR.09 / B01.FR.10: not accepted by the CSMS, so it may send nothing but a boot.
+        not_accepted = self._boots.accepted_interval(station_id) is None
+        if action != "BootNotification" and action not in SENT_WHILE_PENDING and not_accepted:
+            # B02.FR.09 / B01.FR.10: not accepted by the CSMS, so it may send nothing but a boot (and what
+            # the CSMS asked for: SENT_WHILE_PENDING).
             log.info("station %s: %s refused locally, the CSMS has not accepted the station", station_id, action)
             return LocalReply.error("SecurityError", "the CSMS has not accepted this charging station yet (B02)")
         try:

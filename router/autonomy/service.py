@@ -224,6 +224,16 @@ class Autonomy:
         since_s = self._offline_since_s.setdefault(station_id, trio.current_time())
         return since_s + self.settings.max_offline_s
 
+    def csms_holds_pending(self, station_id: str) -> None:
+        """The CSMS answered ``station_id``'s replayed boot Pending: it is there, so time offline starts again.
+
+        The CSMS may hold a station Pending for as long as it wants (B02.FR.01), the connection open
+        (B02.FR.06): that is no outage. max_offline_s bounds time *without* the CSMS, so it must not run
+        out during the hold, nor take a station that loses its leg after a long hold at once.
+        """
+        if station_id in self._offline_since_s:
+            self._offline_since_s[station_id] = trio.current_time()
+
     def past_max_offline(self, station_id: str) -> bool:
         """Whether ``station_id`` has been without its CSMS for longer than max_offline_s (strict rule)."""
         since_s = self._offline_since_s.get(station_id)

@@ -18,10 +18,10 @@ leg: it sends and receives text frames. Behind that it has three modes (:data:`.
   that ends early once another station got through.
 * **replaying** — the CSMS leg is back. The kept messages go to it in order with ids of the
   controller's own, one outstanding at a time (§4.1.1), a kept boot before anything else (and until the
-  CSMS accepts it: :meth:`_replay_boot`), one pair per station at a time; its answers stay here (they
-  feed the caches, and may stop a transaction whose idToken it refuses). The station is still answered
-  locally, its new messages queue behind. Calls the CSMS sends meanwhile are relayed to the station and
-  its answers go back. Once nothing is kept, the pair relays again.
+  CSMS accepts it), one pair per station at a time; its answers stay here (they feed the caches, and may
+  stop a transaction whose idToken it refuses); that delivery is :class:`.replayer.Replayer`'s. The
+  station is still answered locally, its new messages queue behind. Calls the CSMS sends meanwhile are
+  relayed to the station and its answers go back. Once nothing is kept, the pair relays again.
 
 Ending: past ``max_offline_s`` without the CSMS, or when the CSMS refuses the station's handshake on
 restore (HTTP 4xx: 401, 403, 404 …), or agrees to no subprotocol, :meth:`receive_text` and
@@ -35,22 +35,20 @@ leg (:meth:`aclose`) stops them and closes the real websocket, if one is open.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import math
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import trio
 
 from router import ocppj
+from router.link import LinkTimings
 from router.liveness import probe
 from router.ocppj import Envelope, FrameError, MessageType
 from router.transport import ABNORMAL, NORMAL, ByteCounter, ConnectionClosed, HandshakeFailed, WebSocket
 
-from .queue import StationMessage
-from .replay import boot_verdict, partition_latest, refused_after_local_accept, replay_payload
+from .replayer import Replayer
+from .responder import SENT_WHILE_PENDING
 from .service import Autonomy, Mode
 
 log = logging.getLogger("ocpp_lc.autonomy.upstream")
@@ -66,23 +64,6 @@ INBOUND_MAX: Final = 16
 POLICY_VIOLATION: Final = 1008
 #: The first wait between two failed reconnection attempts; it doubles up to reconnect_backoff_max_s.
 FIRST_RETRY_S: Final = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamTimings:
-    """Keepalive of the real CSMS websocket, and how long a replayed message may wait for its answer."""
-
-    ping_interval_s: float = 60.0
-    ping_timeout_s: float = 30.0
-    replay_answer_timeout_s: float = 30.0
-    tracked_calls_max: int = 64
-
-
-@dataclass(slots=True)
-class _ReplayWait:
-    message_id: str
-    done: trio.Event
-    answer: Envelope | None = None
 
 
 def _message_type(text: str) -> str:
@@ -102,8 +83,10 @@ class AutonomousUpstream:
         *,
         autonomy: Autonomy,
         connect: Connect,
-        timings: UpstreamTimings,
+        timings: LinkTimings,
     ) -> None:
+        """``timings``: the link's; the leg pings the CSMS as ``csms_ping_*`` say (the link then must not), waits
+        ``lc_call_timeout_s`` for the answer to a replayed message, and tracks ``tracked_calls_max`` calls."""
         self.station_id = station_id
         self.subprotocol = subprotocol
         self._autonomy = autonomy
@@ -126,14 +109,14 @@ class AutonomousUpstream:
         self._orphans: list[tuple[str, str, Any]] = []  # those the lost CSMS never answered
         self._dead: list[WebSocket] = []
         self._real_scope = trio.CancelScope()
-        self._replay_wait: _ReplayWait | None = None
-        # Set while a replayed message is out and not yet acknowledged in the queue (see aclose).
-        self._replay_busy: trio.Event | None = None
-        # Wakes a replay holding for the CSMS's verdict on a boot: the leg was lost, or the pair ends.
-        self._interrupt = trio.Event()
-        self._ending = False
-        # No attempt to reach the CSMS before this (trio clock): a Rejected boot's retry interval (B03.FR.02).
-        self._not_before_s = -math.inf
+        self._replayer = Replayer(
+            station_id,
+            autonomy,
+            answer_timeout_s=timings.lc_call_timeout_s,
+            current=lambda: self._real,
+            lost=self._lost,
+            stop_transaction=self._request_stop,
+        )
         self._counters: tuple[ByteCounter, ByteCounter] | None = None
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
@@ -177,17 +160,12 @@ class AutonomousUpstream:
     async def aclose(self, code: int = NORMAL, reason: str = "") -> None:
         """End the leg: stop every task of it, close the real websocket (if open) with ``code``.
 
-        A replayed message still out waits for its answer first (at most replay_answer_timeout_s): the
+        A replayed message still out waits for its answer first (at most lc_call_timeout_s): the
         station may have connected again, and its new pair takes the replay over once this one is done
         with it; without the answer the new pair would send that message a second time.
         """
         with trio.CancelScope(shield=True):
-            self._ending = True
-            self._interrupt.set()
-            busy = self._replay_busy
-            if busy is not None:
-                with trio.move_on_after(self._timings.replay_answer_timeout_s):
-                    await busy.wait()
+            await self._replayer.end()
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
                 await self._stopped.wait()
@@ -231,8 +209,7 @@ class AutonomousUpstream:
         """Read and keep alive ``real`` until it is lost (then :meth:`_lost` cancels both)."""
         assert self._nursery is not None
         scope = self._real_scope = trio.CancelScope()
-        if not self._ending:
-            self._interrupt = trio.Event()
+        self._replayer.new_leg()
 
         async def serve() -> None:
             with scope:
@@ -250,16 +227,14 @@ class AutonomousUpstream:
                 self._lost(real, f"closed ({closed.code} {closed.reason[:60]})")
                 return
             kind = _message_type(text)
-            if kind in ("3", "4") and (self._tracked or self._replay_wait is not None):
+            tracked: tuple[str, Any] | None = None
+            if kind in ("3", "4") and (self._tracked or self._replayer.awaiting_answer):
                 try:
                     envelope: Envelope | None = ocppj.parse_frame(text)
                 except FrameError:
                     envelope = None
                 if envelope is not None:
-                    wait = self._replay_wait
-                    if wait is not None and envelope.message_id == wait.message_id:
-                        wait.answer = envelope
-                        wait.done.set()
+                    if self._replayer.take_answer(envelope):
                         continue  # §6.4-like: the answer to our replay stays here
                     tracked = self._tracked.pop(envelope.message_id, None)
                     if (
@@ -269,13 +244,13 @@ class AutonomousUpstream:
                         and isinstance(envelope.payload, dict)
                     ):
                         self._autonomy.learn(self.station_id, tracked[0], tracked[1], envelope.payload)
-            if self._mode == "replaying" and kind in ("3", "4"):
+            if self._mode == "replaying" and kind in ("3", "4") and tracked is None:
                 log.info("[%s] CSMS answer to no call of the replay dropped", self.station_id)
                 continue
             await self._to_link(text)
 
     async def _keepalive(self, real: WebSocket) -> None:
-        interval_s, timeout_s = self._timings.ping_interval_s, self._timings.ping_timeout_s
+        interval_s, timeout_s = self._timings.csms_ping_interval_s, self._timings.csms_ping_timeout_s
         if interval_s <= 0:
             return
         sequence = 0
@@ -300,15 +275,12 @@ class AutonomousUpstream:
         self._real = None
         self._dead.append(real)
         self._real_scope.cancel()
-        if self._mode == "relaying":
+        if self._mode != "local":  # (while replaying, only calls sent on by _relay_while_pending are tracked)
             self._orphans.extend(
                 (message_id, action, payload) for message_id, (action, payload) in self._tracked.items()
             )
         self._tracked.clear()
-        wait = self._replay_wait
-        if wait is not None:
-            wait.done.set()
-        self._interrupt.set()
+        self._replayer.leg_lost()
         log.warning("[%s] CSMS connection lost (%s): serving the station locally", self.station_id, why)
         self._set_mode("local")
         self._wake.set()
@@ -330,15 +302,15 @@ class AutonomousUpstream:
                     real.count_bytes(*self._counters)
                 self._set_mode("replaying")
                 self._start_real(real)
-            if await self._replay(self._real):
+            if await self._replayer.replay(self._real, lambda: self._set_mode("relaying")):
                 return
 
     async def _reconnect(self) -> WebSocket | None:
         settings = self._autonomy.settings
         wait_s = FIRST_RETRY_S
         with trio.move_on_at(self._autonomy.offline_deadline_s(self.station_id)):
-            if self._not_before_s > trio.current_time():
-                await trio.sleep_until(self._not_before_s)  # B03.FR.02: nothing before the retry interval
+            if self._replayer.not_before_s > trio.current_time():
+                await trio.sleep_until(self._replayer.not_before_s)  # B03.FR.02: nothing before the retry interval
             while True:
                 await self._autonomy.pacer.turn()
                 try:
@@ -386,173 +358,9 @@ class AutonomousUpstream:
         self._mode = mode
         self._autonomy.set_mode(self.station_id, mode, self)
 
-    # -- the replay --------------------------------------------------------------------------------
+    # -- what the replay asks of the leg -----------------------------------------------------------
 
-    async def _replay(self, real: WebSocket) -> bool:
-        """Deliver everything kept for the station; True once it all went and the pair relays again.
-
-        One pair at a time replays a station's queue (:meth:`.service.Autonomy.replay_lock`): a station
-        that connects again while its older pair still replays gets a new pair that waits here until the
-        older one has its answer and ends (see :meth:`aclose`), so that no message goes out twice.
-        """
-        async with self._autonomy.replay_lock(self.station_id):
-            return await self._replay_locked(real)
-
-    async def _replay_locked(self, real: WebSocket) -> bool:
-        queue = self._autonomy.queue
-        while True:
-            if not await self._replay_boot(real):
-                return False
-            while entries := queue.peek(self.station_id, 1):
-                if not await self._deliver_kept(real, entries[0].message, lambda: queue.ack(entries[0])):
-                    return False
-                self._autonomy.refresh_gauges()
-                # A boot the station sent meanwhile overtakes what is still queued (B01.FR.08).
-                if not await self._replay_boot(real):
-                    return False
-            for latest in partition_latest(queue.latest(self.station_id))[1]:
-                if not await self._deliver_kept(real, latest.message, functools.partial(queue.ack_latest, latest)):
-                    return False
-            # No checkpoint between this check and the switch: a station call handled locally stores
-            # its message before it yields, so nothing can slip in between.
-            if self._real is real and not self._autonomy.has_kept(self.station_id):
-                log.info("[%s] replay done: relaying again", self.station_id)
-                self._set_mode("relaying")
-                return True
-            if self._real is not real:
-                return False
-
-    async def _replay_boot(self, real: WebSocket) -> bool:
-        """Deliver a kept BootNotification, if any, until the CSMS accepts it; False if the replay must stop.
-
-        Pending: the queue waits, the leg stays open (B02.FR.06; CSMS calls still reach the station) and
-        the boot goes again after the CSMS's interval (B02.FR.08). Rejected: the leg is closed (B03.FR.04)
-        and re-opened after that interval (B03.FR.02), boot first. Meanwhile the station is answered as
-        the CSMS would (the boot cache has the verdict: SecurityError, B02.FR.09, B03.FR.07). It is not
-        closed: told Accepted by us, it would reconnect but not boot again (B01.FR.03: boots only).
-        """
-        queue = self._autonomy.queue
-        for latest in partition_latest(queue.latest(self.station_id))[0]:
-            while True:
-                if self._ending:
-                    return False
-                with self._message_out():
-                    answer = await self._deliver(real, latest.message)
-                    verdict = (
-                        None
-                        if answer is None
-                        else boot_verdict(answer.payload if answer.message_type is MessageType.CALLRESULT else None)
-                    )
-                    if answer is not None and verdict is None:
-                        queue.ack_latest(latest)
-                if answer is None:
-                    return False
-                if verdict is None:
-                    break
-                status, wait_s = verdict
-                if status == "Rejected":
-                    log.warning(
-                        "[%s] the CSMS rejected the replayed BootNotification: the replay waits %d s, "
-                        "the CSMS connection closed meanwhile",
-                        self.station_id,
-                        wait_s,
-                    )
-                    self._not_before_s = trio.current_time() + wait_s
-                    self._lost(real, "the CSMS rejected the station's boot")
-                    return False
-                log.warning(
-                    "[%s] the CSMS answered the replayed BootNotification Pending: the replay waits, the boot "
-                    "goes again in %d s",
-                    self.station_id,
-                    wait_s,
-                )
-                with trio.move_on_after(wait_s):
-                    await self._interrupt.wait()
-                if self._ending or self._real is not real:
-                    return False
-        return True
-
-    async def _deliver_kept(self, real: WebSocket, message: StationMessage, ack: Callable[[], object]) -> bool:
-        """Deliver one kept message and ``ack`` it; False if the replay must stop."""
-        if self._ending:
-            return False
-        with self._message_out():
-            if await self._deliver(real, message) is None:
-                return False
-            ack()
-            return True
-
-    @contextlib.contextmanager
-    def _message_out(self) -> Iterator[None]:
-        """Mark a replayed message as out until it is answered and acknowledged: :meth:`aclose` waits for it."""
-        busy = self._replay_busy = trio.Event()
-        try:
-            yield
-        finally:
-            self._replay_busy = None
-            busy.set()
-
-    async def _deliver(self, real: WebSocket, message: StationMessage) -> Envelope | None:
-        """Send one kept message as a call of ours; the CSMS's answer, or None if the leg was lost."""
-        if self._real is not real:
-            return None
-        wait = _ReplayWait(ocppj.new_lc_message_id(), trio.Event())
-        frame = ocppj.encode_call(wait.message_id, message.action, replay_payload(message))
-        self._replay_wait = wait
-        try:
-            try:
-                await real.send_text(frame)
-            except ConnectionClosed as closed:
-                self._lost(real, f"closed ({closed.code})")
-                return None
-            with trio.move_on_after(self._timings.replay_answer_timeout_s):
-                await wait.done.wait()
-        finally:
-            self._replay_wait = None
-        answer = wait.answer
-        if answer is None:
-            if self._real is real:
-                self._lost(real, f"no answer to a replayed {message.action}")
-            return None
-        self._replayed(message, answer)
-        return answer
-
-    def _replayed(self, message: StationMessage, answer: Envelope) -> None:
-        metrics = self._autonomy.metrics
-        if answer.message_type is not MessageType.CALLRESULT or not isinstance(answer.payload, dict):
-            # Sending it again would only get the same error and hold up the rest: it is dropped.
-            metrics.replayed.labels("error").inc()
-            log.warning(
-                "[%s] the CSMS answered a replayed %s with %s (%s): dropped",
-                self.station_id,
-                message.action,
-                answer.error_code,
-                (answer.error_description or "")[:120],
-            )
-            return
-        metrics.replayed.labels("result").inc()
-        self._autonomy.learn(self.station_id, message.action, message.payload, answer.payload)
-        transaction_id = refused_after_local_accept(message, answer.payload)
-        if transaction_id is None:
-            return
-        status = answer.payload["idTokenInfo"].get("status")
-        if not self._autonomy.settings.stop_invalid_transactions:
-            metrics.refused_after_local_accept.labels("left_running").inc()
-            log.warning(
-                "[%s] the CSMS refused (%s) the idToken of transaction %s, accepted locally; it keeps running "
-                "([autonomy] stop_invalid_transactions is false)",
-                self.station_id,
-                status,
-                transaction_id,
-            )
-            return
-        metrics.refused_after_local_accept.labels("stop_requested").inc()
-        log.warning(
-            "[%s] the CSMS refused (%s) the idToken of transaction %s, accepted locally: stopping it",
-            self.station_id,
-            status,
-            transaction_id,
-        )
+    def _request_stop(self, transaction_id: str) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(self._stop_transaction, transaction_id)
 
@@ -601,7 +409,34 @@ class AutonomousUpstream:
                 log.info("[%s] answer to a CSMS call that is gone dropped", self.station_id)
             return
         assert envelope.action is not None
+        if await self._relay_while_pending(envelope, text):
+            return
         await self._answer_locally(envelope.message_id, envelope.action, envelope.payload)
+
+    async def _relay_while_pending(self, envelope: Envelope, text: str) -> bool:
+        """Send a call the CSMS asked for on to it, as the station sent it, while it holds the station Pending.
+
+        B02.FR.01: a CSMS holds a station Pending to read (or set) its configuration before it accepts it;
+        B02.FR.02 lets the station send what the CSMS asked for meanwhile. Queued behind the held boot, the
+        report the CSMS waits for would reach it only once it had accepted the station: never, if it waits
+        for the report. So during the replay, while the CSMS has not accepted the station, such a call
+        (:data:`.responder.SENT_WHILE_PENDING`) is relayed and so is the CSMS's answer to it. Should the leg
+        go before the answer, the call is answered locally (and queued) like any call the CSMS left open.
+        """
+        real = self._real
+        if (
+            self._mode != "replaying"
+            or real is None
+            or envelope.action not in SENT_WHILE_PENDING
+            or self._autonomy.boots.accepted_interval(self.station_id) is not None
+        ):
+            return False
+        self._track(text)
+        try:
+            await real.send_text(text)
+        except ConnectionClosed as closed:
+            self._lost(real, f"closed ({closed.code})")  # the call is tracked: answered locally
+        return True
 
     async def _answer_locally(self, message_id: str, action: str, payload: Any) -> None:
         handled = self._autonomy.local.handle(

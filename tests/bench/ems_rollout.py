@@ -30,7 +30,8 @@ round does two phases:
 The controller's CPU time (``/proc/<pid>/stat``) is read at both ends of each phase, and the balancing
 metrics (``/metrics``) before and after the rounds. The script and its stations are pinned to the first
 CPU and the controller to the second (``--no-pin``: anywhere), as in ``forwarding.py``, whose process
-helpers this script reuses. Every child is stopped in a ``finally``; every wait has a deadline.
+helpers this script reuses (with ``plumbing.py``, as ``outage.py`` does). Every child is stopped in a
+``finally``; every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -41,40 +42,41 @@ import contextlib
 import datetime
 import json
 import math
-import os
 import resource
 import shlex
-import signal
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 # The sibling benchmark's process handling (children stopped in a finally, CPU pinning, /proc readings).
 from forwarding import (
-    _UP_LINE,
-    START_DEADLINE_S,
     BenchError,
     Children,
     Controller,
     choose_layout,
-    default_controller_command,
     machine_cpu_s,
     percentile,
-    raise_nofile_limit,
+)
+from plumbing import (
+    HOST,
+    PATH,
+    SUBPROTOCOL,
+    add_run_options,
+    connect_station,
+    controller_toml,
+    run_children,
+    say,
+    script,
+    start_controller_with,
+    start_stations,
+    utc_now,
 )
 
-HOST = "127.0.0.1"
-PATH = "/ocpp"
-SUBPROTOCOL = "ocpp2.0.1"
 SOURCE = "bench"
 #: Profile limits are rounded down to this before they are sent ([balancing] resolution_amperes default).
 RESOLUTION_AMPERES = 0.1
-CONNECT_CONCURRENCY = 50
 CALL_TIMEOUT_S = 30.0
 SETUP_DEADLINE_S = 90.0
 #: A phase must finish within this (plus the rate limit when one applies).
@@ -86,10 +88,6 @@ POLL_INTERVAL_S = 0.005
 # ------------------------------------------------------------------------------------------------
 # CSMS and stations (all in this process, one clock)
 # ------------------------------------------------------------------------------------------------
-
-
-def _utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 async def serve_csms(ready: asyncio.Future[int], stop: asyncio.Event) -> None:
@@ -107,9 +105,9 @@ async def serve_csms(ready: asyncio.Future[int], stop: asyncio.Event) -> None:
                 action = message[2]
                 body: dict[str, Any] = {}
                 if action == "BootNotification":
-                    body = {"currentTime": _utc_now(), "interval": 300, "status": "Accepted"}
+                    body = {"currentTime": utc_now(), "interval": 300, "status": "Accepted"}
                 elif action == "Heartbeat":
-                    body = {"currentTime": _utc_now()}
+                    body = {"currentTime": utc_now()}
                 await connection.send(json.dumps([3, message[1], body]))
 
     async with serve(
@@ -146,16 +144,7 @@ class Station:
 
     async def start(self, url: str, tasks: asyncio.TaskGroup) -> None:
         """Connect, start the reader, and go through boot, status and transaction start."""
-        from websockets.asyncio.client import connect
-        from websockets.typing import Subprotocol
-
-        self.connection = await connect(
-            f"{url}/{self.identity}",
-            subprotocols=[Subprotocol(SUBPROTOCOL)],
-            ping_interval=None,
-            open_timeout=30,
-            close_timeout=5,
-        )
+        self.connection = await connect_station(url, self.identity)
         tasks.create_task(self._read())
         boot = await self.call(
             "BootNotification",
@@ -165,7 +154,7 @@ class Station:
             raise BenchError(f"{self.identity}: BootNotification answered {boot}")
         await self.call(
             "StatusNotification",
-            {"timestamp": _utc_now(), "connectorStatus": "Occupied", "evseId": 1, "connectorId": 1},
+            {"timestamp": utc_now(), "connectorStatus": "Occupied", "evseId": 1, "connectorId": 1},
         )
         # The transaction starts once the idle EVSE's TxDefaultProfile is answered: a transaction that
         # starts while it is in flight leaves the EVSE's limit unknown to the controller, which then
@@ -177,7 +166,7 @@ class Station:
             "TransactionEvent",
             {
                 "eventType": "Started",
-                "timestamp": _utc_now(),
+                "timestamp": utc_now(),
                 "triggerReason": "Authorized",
                 "seqNo": 0,
                 "transactionInfo": {"transactionId": self.transaction_id, "chargingState": "Charging"},
@@ -357,39 +346,16 @@ def histogram_summary(before: dict[str, float], after: dict[str, float]) -> dict
 def start_controller(
     children: Children, args: argparse.Namespace, csms_port: int, cpus: set[int] | None, run: RunPlan
 ) -> Controller:
-    name = run.name
-    config = children.log_dir / f"{name}.toml"
-    lines = [
-        "[controller]",
-        'identity = "LC01"',
-        "connect = false",  # no upstream reports: only the station side of the rollout is measured
-        "[state]",
-        f'dir = "{children.log_dir / (name + "-state")}"',
-        "[stations]",
-        f'listen = "{HOST}:0"',
-        f'path = "{PATH}"',
-        "ping_interval_s = 0",
-        "handshake_timeout_s = 60",
-        "[csms]",
-        f'url = "ws://{HOST}:{csms_port}{PATH}"',
-        "ping_interval_s = 0",
-        "[routing]",
-        "shutdown_grace_s = 2",
-        "[http]",
-        f'listen = "{HOST}:0"',
-        "[site.grid]",
-        f"max_current_amperes = {args.grid_amperes:g}",
-        "[balancing]",
-    ]
+    lines = controller_toml(
+        state_dir=children.log_dir / (run.name + "-state"),
+        csms_port=csms_port,
+        grid_amperes=args.grid_amperes,
+        why_no_own_connection="no upstream reports: only the station side of the rollout is measured",
+    )
+    lines.append("[balancing]")
     if run.min_interval_s is not None:
         lines.append(f"min_interval_s = {run.min_interval_s:g}")
-    lines += ["[log]", 'level = "info"', ""]
-    config.write_text("\n".join(lines))
-    child = children.start(name, [*args.controller, "run", "--config", str(config)], cpus=cpus, watch="stderr")
-    _, line = child.expect(lambda text: bool(_UP_LINE.search(text)), START_DEADLINE_S, "start-up line")
-    match = _UP_LINE.search(line)
-    assert match is not None
-    return Controller(child, int(match[1]), int(match[2]))
+    return start_controller_with(children, run.name, lines, args.controller, cpus)
 
 
 def own_cpu_s() -> float:
@@ -478,15 +444,9 @@ async def run_config(
             ):
                 began = time.perf_counter()
                 ready = site.expect_tx_profiles(began)
-                gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
                 url = f"ws://{HOST}:{controller.station_port}{PATH}"
-
-                async def bring_up(station: Station) -> None:
-                    async with gate:
-                        await station.start(url, station_tasks)
-
                 async with asyncio.timeout(SETUP_DEADLINE_S):
-                    await asyncio.gather(*(bring_up(station) for station in site.stations))
+                    await start_stations(site.stations, url, station_tasks)
                     await ready.wait()
                     await wait_steady(client, args.stations, time.perf_counter() + SETUP_DEADLINE_S)
                 result["setup_s"] = time.perf_counter() - began
@@ -494,7 +454,7 @@ async def run_config(
                 setup_tx = [a for station in site.stations for a in station.profiles if a.purpose == "TxProfile"]
                 result["setup_tx_profiles"] = len(setup_tx)
                 result["setup_tx_limits"] = sorted({a.limit_amperes for a in setup_tx})
-                _say(f"  {name}: {args.stations} stations charging after {result['setup_s']:.1f} s")
+                say(f"  {name}: {args.stations} stations charging after {result['setup_s']:.1f} s")
                 metrics_before = balancing_metrics((await client.get("/metrics")).text)
                 log_mark = len(controller.child.lines)
                 body = {"unit": "A", "limit": args.share * args.stations, "valid_for_s": 3600}
@@ -505,7 +465,7 @@ async def run_config(
                     deadline = time.perf_counter() + PHASE_DEADLINE_S + run.effective_interval_s
                     phases["release"] = await measure_phase(client, site, controller, "DELETE", None, deadline)
                     result["rounds"].append(phases)
-                    _say(
+                    say(
                         f"  {name} round {index + 1}: decrease {phases['decrease']['last_ms']:.0f} ms, "
                         f"release {phases['release']['last_ms']:.0f} ms"
                     )
@@ -529,10 +489,6 @@ async def run_config(
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
-
-
-def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def _stats(values: list[float]) -> str:
@@ -625,15 +581,7 @@ def main(argv: list[str]) -> int:
         help="then rounds with the default [balancing] min_interval_s (each waits that long to release; 0: skip)",
     )
     parser.add_argument("--share", type=float, default=16.0, help="per-station share under the EMS limit (A)")
-    parser.add_argument("--no-pin", action="store_true", help="let every process share every CPU")
-    parser.add_argument("--keep-logs", type=Path, help="keep the controller's log and TOML here")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
-    parser.add_argument(
-        "--controller",
-        type=shlex.split,
-        default=default_controller_command(),
-        help="command that starts the controller, given 'run --config FILE' (default: the ocpp-lc console script)",
-    )
+    add_run_options(parser, keep="the controller's log and TOML", output="the tables")
     args = parser.parse_args(argv)
     if args.stations < 1 or not 6 <= args.share < 31:
         parser.error("--stations must be positive and --share between 6 and 31 A (below the 32 A maximum)")
@@ -642,46 +590,33 @@ def main(argv: list[str]) -> int:
     if args.share * args.stations > 10_000:
         parser.error("--share × --stations must stay within 10,000 A (the EMS API's default maximum)")
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    raise_nofile_limit()
     layout = choose_layout(not args.no_pin)
     from router.config import BalancingSettings
 
     default_interval_s = BalancingSettings().min_interval_s
-    with contextlib.ExitStack() as stack:
-        if args.keep_logs:
-            args.keep_logs.mkdir(parents=True, exist_ok=True)
-            log_dir = args.keep_logs
-        else:
-            log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ocpp-lc-bench-")))
-        children = Children(log_dir)
-        stack.callback(children.stop_all)
-        result: dict[str, Any] = {
-            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "controller_command": shlex.join(args.controller),
-            "layout": "pinned: this script (CSMS + stations) on one CPU, the controller on another"
-            if layout.controller
-            else "unpinned",
-            "stations": args.stations,
-            "grid_amperes": args.grid_amperes,
-            "share": args.share,
-            "ems_amperes": args.share * args.stations,
-            "runs": [],
-        }
-        _say(f"CPUs: {result['layout']}")
-        plans = [RunPlan("controller-interval-0", 0.0, 0.0, args.rounds)]
-        plans.append(RunPlan("controller-default", None, default_interval_s, args.default_interval_rounds))
-        failures: list[BaseException] = []
-        try:
-            for run in plans:
-                if run.rounds > 0:
-                    result["runs"].append(asyncio.run(run_config(children, args, layout.controller, run)))
-        except* (BenchError, TimeoutError) as group:  # the task groups wrap what failed
-            failures += _leaves(group)
-        if failures:
-            print(f"benchmark failed: {failures[0]!r}", file=sys.stderr)
-            return 1
+    result: dict[str, Any] = {
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "controller_command": shlex.join(args.controller),
+        "layout": "pinned: this script (CSMS + stations) on one CPU, the controller on another"
+        if layout.controller
+        else "unpinned",
+        "stations": args.stations,
+        "grid_amperes": args.grid_amperes,
+        "share": args.share,
+        "ems_amperes": args.share * args.stations,
+        "runs": [],
+    }
+    say(f"CPUs: {result['layout']}")
+    plans = [RunPlan("controller-interval-0", 0.0, 0.0, args.rounds)]
+    plans.append(RunPlan("controller-default", None, default_interval_s, args.default_interval_rounds))
+
+    def body(children: Children) -> None:
+        for run in plans:
+            if run.rounds > 0:
+                result["runs"].append(asyncio.run(run_config(children, args, layout.controller, run)))
+
+    if run_children(args.keep_logs, body):
+        return 1
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -689,16 +624,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _leaves(group: BaseException) -> list[BaseException]:
-    if isinstance(group, BaseExceptionGroup):
-        return [leaf for inner in group.exceptions for leaf in _leaves(inner)]
-    return [group]
-
-
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    script(main)

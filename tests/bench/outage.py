@@ -37,8 +37,8 @@ relaying every station again, and the CSMS's peak accepted connections per secon
 per transaction, flagged offline; no station saw an answer to a call it did not make.
 
 The script and its stations are pinned to the first CPU and the controller to the second (``--no-pin``:
-anywhere), as in ``forwarding.py``, whose process helpers this script reuses. Every child is stopped in a
-``finally``; every wait has a deadline.
+anywhere), as in ``forwarding.py``, whose process helpers this script reuses (with ``plumbing.py``, as
+``ems_rollout.py`` does). Every child is stopped in a ``finally``; every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -49,12 +49,8 @@ import contextlib
 import datetime
 import json
 import math
-import os
 import random
 import shlex
-import signal
-import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -64,21 +60,27 @@ from typing import Any
 # The sibling benchmark's process handling (children stopped in a finally, CPU pinning, /proc readings).
 from forwarding import (
     _PROBLEM_LINE,
-    _UP_LINE,
-    START_DEADLINE_S,
     BenchError,
     Children,
     Controller,
     choose_layout,
-    default_controller_command,
     machine_cpu_s,
-    raise_nofile_limit,
+)
+from plumbing import (
+    HOST,
+    PATH,
+    SUBPROTOCOL,
+    add_run_options,
+    connect_station,
+    controller_toml,
+    run_children,
+    say,
+    script,
+    start_controller_with,
+    start_stations,
+    utc_now,
 )
 
-HOST = "127.0.0.1"
-PATH = "/ocpp"
-SUBPROTOCOL = "ocpp2.0.1"
-CONNECT_CONCURRENCY = 50
 CALL_TIMEOUT_S = 30.0
 SETUP_DEADLINE_S = 120.0
 #: How long the controller may take to notice the outage for every station.
@@ -89,10 +91,6 @@ RETURN_DEADLINE_S = 600.0
 POLL_INTERVAL_S = 0.1
 #: The transaction of each station runs within this fraction of the outage (the rest is margin).
 TRANSACTION_SPAN = 0.85
-
-
-def _utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _is_lc_message_id(message_id: str) -> bool:
@@ -160,9 +158,9 @@ class Csms:
                 message_id, action, payload = message[1], message[2], message[3]
                 body: dict[str, Any] = {}
                 if action == "BootNotification":
-                    body = {"currentTime": _utc_now(), "interval": 300, "status": "Accepted"}
+                    body = {"currentTime": utc_now(), "interval": 300, "status": "Accepted"}
                 elif action == "Heartbeat":
-                    body = {"currentTime": _utc_now()}
+                    body = {"currentTime": utc_now()}
                 elif action == "Authorize" or (action == "TransactionEvent" and "idToken" in payload):
                     body = {"idTokenInfo": {"status": "Accepted"}}
                 if action == "TransactionEvent":
@@ -186,7 +184,7 @@ class Csms:
 def _meter_value(energy_wh: float) -> list[dict[str, Any]]:
     return [
         {
-            "timestamp": _utc_now(),
+            "timestamp": utc_now(),
             "sampledValue": [
                 {
                     "value": round(energy_wh, 1),
@@ -215,16 +213,7 @@ class Station:
     _sequence: int = 0
 
     async def start(self, url: str, tasks: asyncio.TaskGroup) -> None:
-        from websockets.asyncio.client import connect
-        from websockets.typing import Subprotocol
-
-        self.connection = await connect(
-            f"{url}/{self.identity}",
-            subprotocols=[Subprotocol(SUBPROTOCOL)],
-            ping_interval=None,
-            open_timeout=30,
-            close_timeout=5,
-        )
+        self.connection = await connect_station(url, self.identity)
         tasks.create_task(self._read())
         boot = await self.call(
             "BootNotification", {"reason": "PowerUp", "chargingStation": {"model": "bench", "vendorName": "ocpp-lc"}}
@@ -238,7 +227,7 @@ class Station:
 
     async def status(self, status: str) -> None:
         await self.call(
-            "StatusNotification", {"timestamp": _utc_now(), "connectorStatus": status, "evseId": 1, "connectorId": 1}
+            "StatusNotification", {"timestamp": utc_now(), "connectorStatus": status, "evseId": 1, "connectorId": 1}
         )
 
     async def transaction(self, updates: int, span_s: float, rng: random.Random) -> None:
@@ -253,7 +242,7 @@ class Station:
             "TransactionEvent",
             {
                 "eventType": "Started",
-                "timestamp": _utc_now(),
+                "timestamp": utc_now(),
                 "triggerReason": "Authorized",
                 "seqNo": 0,
                 "transactionInfo": info,
@@ -270,7 +259,7 @@ class Station:
                 "TransactionEvent",
                 {
                     "eventType": "Updated",
-                    "timestamp": _utc_now(),
+                    "timestamp": utc_now(),
                     "triggerReason": "MeterValuePeriodic",
                     "seqNo": seq_no,
                     "transactionInfo": info,
@@ -282,7 +271,7 @@ class Station:
             "TransactionEvent",
             {
                 "eventType": "Ended",
-                "timestamp": _utc_now(),
+                "timestamp": utc_now(),
                 "triggerReason": "EVCommunicationLost",
                 "seqNo": updates + 1,
                 "transactionInfo": {**info, "chargingState": "Idle", "stoppedReason": "EVDisconnected"},
@@ -341,42 +330,18 @@ class Station:
 
 
 def start_controller(children: Children, args: argparse.Namespace, csms_port: int, cpus: set[int] | None) -> Controller:
-    config = children.log_dir / "controller.toml"
-    lines = [
-        "[controller]",
-        'identity = "LC01"',
-        "connect = false",  # no own CSMS connection: only the stations' legs reach the CSMS
-        "[state]",
-        f'dir = "{args.state_dir}"',
-        "[stations]",
-        f'listen = "{HOST}:0"',
-        f'path = "{PATH}"',
-        "ping_interval_s = 0",
-        "handshake_timeout_s = 60",
-        "[csms]",
-        f'url = "ws://{HOST}:{csms_port}{PATH}"',
-        "ping_interval_s = 0",
-        "[routing]",
-        "shutdown_grace_s = 2",
-        "[http]",
-        f'listen = "{HOST}:0"',
-        "[site.grid]",
-        f"max_current_amperes = {min(10_000.0, 32.0 * args.stations + 100):g}",
-        "[balancing]",
-        f"enabled = {'false' if args.no_balancing else 'true'}",
-        "[autonomy]",
-    ]
+    lines = controller_toml(
+        state_dir=args.state_dir,
+        csms_port=csms_port,
+        grid_amperes=min(10_000.0, 32.0 * args.stations + 100),
+        why_no_own_connection="only the stations' legs reach the CSMS",
+    )
+    lines += ["[balancing]", f"enabled = {'false' if args.no_balancing else 'true'}", "[autonomy]"]
     if args.reconnect_rate is not None:
         lines.append(f"reconnect_rate_per_s = {args.reconnect_rate:g}")
     if args.backoff_max_s is not None:
         lines.append(f"reconnect_backoff_max_s = {args.backoff_max_s:g}")
-    lines += ["[log]", 'level = "info"', ""]
-    config.write_text("\n".join(lines))
-    child = children.start("controller", [*args.controller, "run", "--config", str(config)], cpus=cpus, watch="stderr")
-    _, line = child.expect(lambda text: bool(_UP_LINE.search(text)), START_DEADLINE_S, "start-up line")
-    match = _UP_LINE.search(line)
-    assert match is not None
-    return Controller(child, int(match[1]), int(match[2]))
+    return start_controller_with(children, "controller", lines, args.controller, cpus)
 
 
 def autonomy_metrics(text: str) -> dict[str, float]:
@@ -426,10 +391,6 @@ def store_bytes(state_dir: Path) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
-
-
-def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def accept_rates(accepts_s: list[float], since_s: float) -> dict[str, Any]:
@@ -493,17 +454,11 @@ async def run(children: Children, args: argparse.Namespace, cpus: set[int] | Non
         ):
             # 1. online
             began = time.perf_counter()
-            gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
             url = f"ws://{HOST}:{controller.station_port}{PATH}"
-
-            async def bring_up(station: Station) -> None:
-                async with gate:
-                    await station.start(url, station_tasks)
-
             async with asyncio.timeout(SETUP_DEADLINE_S):
-                await asyncio.gather(*(bring_up(station) for station in stations))
+                await start_stations(stations, url, station_tasks)
             result["setup_s"] = time.perf_counter() - began
-            _say(f"  {args.stations} stations booted and authorised online in {result['setup_s']:.1f} s")
+            say(f"  {args.stations} stations booted and authorised online in {result['setup_s']:.1f} s")
             await asyncio.sleep(2.0)  # let balancing's first profiles settle before the store is measured
             result["store_bytes_before"] = store_bytes(args.state_dir)
             metrics_before = await read_metrics(client)
@@ -513,7 +468,7 @@ async def run(children: Children, args: argparse.Namespace, cpus: set[int] | Non
             cpu_before, machine_before = controller.child.cpu_s(), machine_cpu_s()
             stopped = time.perf_counter()
             await csms.stop()
-            _say(f"  CSMS gone; its return is due in {args.outage_s:g} s")
+            say(f"  CSMS gone; its return is due in {args.outage_s:g} s")
             seen, _ = await poll_until(
                 client,
                 lambda m: local_stations(m)[0] == args.stations,
@@ -540,7 +495,7 @@ async def run(children: Children, args: argparse.Namespace, cpus: set[int] | Non
             # 3. return
             await csms.start()
             returned = time.perf_counter()
-            _say(f"  CSMS back after {returned - stopped:.1f} s; waiting for the replay")
+            say(f"  CSMS back after {returned - stopped:.1f} s; waiting for the replay")
             relaying, after = await poll_until(
                 client,
                 lambda m: local_stations(m) == (0, 0) and m.get("ocpp_lc_autonomy_queue_messages", 1) == 0,
@@ -659,42 +614,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--backoff-max-s", type=float, help="[autonomy] reconnect_backoff_max_s (default: its default)")
     parser.add_argument("--no-balancing", action="store_true", help="[balancing] enabled = false")
     parser.add_argument("--seed", type=int, default=1, help="seed of the stations' start offsets")
-    parser.add_argument("--no-pin", action="store_true", help="let every process share every CPU")
-    parser.add_argument("--keep-logs", type=Path, help="keep the controller's log, TOML and state here")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the report")
-    parser.add_argument(
-        "--controller",
-        type=shlex.split,
-        default=default_controller_command(),
-        help="command that starts the controller, given 'run --config FILE' (default: the ocpp-lc console script)",
-    )
+    add_run_options(parser, keep="the controller's log, TOML and state", output="the report")
     args = parser.parse_args(argv)
     if args.stations < 1 or args.outage_s < 5 or args.updates < 0:
         parser.error("--stations must be positive, --outage-s at least 5, --updates not negative")
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    raise_nofile_limit()
     layout = choose_layout(not args.no_pin)
-    with contextlib.ExitStack() as stack:
-        if args.keep_logs:
-            args.keep_logs.mkdir(parents=True, exist_ok=True)
-            log_dir = args.keep_logs
-        else:
-            log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ocpp-lc-bench-")))
-        args.state_dir = log_dir / "state"
-        children = Children(log_dir)
-        stack.callback(children.stop_all)
+    result: dict[str, Any] = {}
+
+    def body(children: Children) -> None:
+        args.state_dir = children.log_dir / "state"
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        failures: list[BaseException] = []
-        result: dict[str, Any] = {}
-        try:
-            result = asyncio.run(run(children, args, layout.controller))
-        except* (BenchError, TimeoutError) as group:  # the task groups wrap what failed
-            failures += _leaves(group)
-        if failures:
-            print(f"benchmark failed: {failures[0]!r}", file=sys.stderr)
-            return 1
+        result.update(asyncio.run(run(children, args, layout.controller)))
         result["started"] = started
         result["controller_command"] = shlex.join(args.controller)
         result["layout"] = (
@@ -702,6 +633,9 @@ def main(argv: list[str]) -> int:
             if layout.controller
             else "unpinned"
         )
+
+    if run_children(args.keep_logs, body):
+        return 1
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -709,16 +643,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _leaves(group: BaseException) -> list[BaseException]:
-    if isinstance(group, BaseExceptionGroup):
-        return [leaf for inner in group.exceptions for leaf in _leaves(inner)]
-    return [group]
-
-
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    script(main)

@@ -8,9 +8,7 @@ Prometheus registry, as a scrape would read them.
 
 from __future__ import annotations
 
-import datetime
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -18,32 +16,16 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from router import ocppj
-from router.autonomy.service import Autonomy, Mode
-from router.autonomy.settings import AutonomySettings
-from router.autonomy.upstream import AutonomousUpstream, UpstreamTimings
-from router.link import LinkTimings, StationLink
+from router.link import LinkTimings
 from router.metrics import RouterMetrics
-from router.observers import ObserverHub
 from router.store import Store
 from router.transport import HandshakeFailed, WebSocket
+from tests.support.autonomy_site import TOKEN, T, autonomous_pair, make_autonomy, tx, wait_for_mode
 from tests.support.schemas import validate_frame
 from tests.unit.test_link import ws_pair
 
-NOW = datetime.datetime(2026, 12, 3, 12, 0, tzinfo=datetime.UTC)
-T = "2026-12-03T12:00:00Z"
-KNOWN = {"idToken": "TAG1", "type": "ISO14443"}
+KNOWN = TOKEN
 STRANGER = {"idToken": "TAG9", "type": "ISO14443"}
-
-
-def tx(event_type: str, seq_no: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "eventType": event_type,
-        "timestamp": T,
-        "triggerReason": "Authorized" if event_type == "Started" else "MeterValuePeriodic",
-        "seqNo": seq_no,
-        "transactionInfo": {"transactionId": "tx-1"},
-        **extra,
-    }
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -67,21 +49,17 @@ async def test_an_outage_and_its_replay_show_in_the_metrics(
         return client
 
     with Store.open(tmp_path / "state") as store:
-        settings = AutonomySettings(reconnect_backoff_max_s=1.0, queue_max_bytes=2_097_152)
-        autonomy = Autonomy(settings, store, registry=registry, wall_clock=lambda: NOW, rng=random.Random(1))
+        autonomy = make_autonomy(store, registry, seed=1, reconnect_backoff_max_s=1.0, queue_max_bytes=2_097_152)
         station, lc_station = await ws_pair()
         real, csms = await ws_pair()
-        upstream = AutonomousUpstream(
-            "CS01", "ocpp2.0.1", real, autonomy=autonomy, connect=connect, timings=UpstreamTimings(ping_interval_s=0)
-        )
-        metrics = RouterMetrics(registry)
-        link = StationLink(
+        upstream, link = autonomous_pair(
             "CS01",
             lc_station,
-            upstream,
-            metrics=metrics,
-            hub=ObserverHub(metrics),
-            timings=LinkTimings(station_ping_interval_s=0, csms_ping_interval_s=0),
+            real,
+            autonomy=autonomy,
+            connect=connect,
+            metrics=RouterMetrics(registry),
+            timings=LinkTimings(csms_ping_interval_s=0),
         )
         sent: dict[str, str] = {}
 
@@ -89,12 +67,6 @@ async def test_an_outage_and_its_replay_show_in_the_metrics(
             sent[message_id] = action
             await station.send_text(ocppj.encode_call(message_id, action, payload))
             return validate_frame(await station.receive_text(), sent)
-
-        async def mode(wanted: Mode) -> None:
-            while upstream.mode != wanted:
-                changed = trio.Event()
-                autonomy.on_change(changed.set)
-                await changed.wait()
 
         with trio.fail_after(600):
             async with trio.open_nursery() as nursery:
@@ -116,7 +88,7 @@ async def test_an_outage_and_its_replay_show_in_the_metrics(
                     await station.receive_text()
 
                 await csms.aclose(1001, "CSMS going down")
-                await mode("local")
+                await wait_for_mode(autonomy, "CS01", "local")
                 lost_s = trio.current_time()
                 assert (await station_call("a-1", "Authorize", {"idToken": KNOWN}))[2]["idTokenInfo"] == {
                     "status": "Accepted"
@@ -153,7 +125,7 @@ async def test_an_outage_and_its_replay_show_in_the_metrics(
                 assert sample(registry, "ocpp_lc_autonomy_replay_remaining_messages") == 1
                 await trio.sleep(2)
                 await again.send_text(ocppj.encode_result(second[1], {}))
-                await mode("relaying")
+                await wait_for_mode(autonomy, "CS01", "relaying")
                 drained_s = trio.current_time() - back_s
                 nursery.cancel_scope.cancel()
 

@@ -16,7 +16,7 @@ import pytest
 from router.autonomy import responder as responder_module
 from router.autonomy.auth_cache import AuthCache
 from router.autonomy.boot_cache import BootCache
-from router.autonomy.responder import STATION_ACTIONS, Disposition, LocalReply, LocalResponder
+from router.autonomy.responder import SENT_WHILE_PENDING, STATION_ACTIONS, Disposition, LocalReply, LocalResponder
 from router.autonomy.settings import UnknownIdTokenPolicy
 from router.store import Store
 from tests.support.schemas import validate_call, validate_frame, validate_result
@@ -222,7 +222,9 @@ def test_a_station_the_csms_never_accepted_is_pending_and_may_do_nothing_else(st
     assert boot.disposition is Disposition.DROP  # it boots again once the CSMS is back (B02.FR.08)
     validate_result("BootNotification", boot.result)
     for action, (payload, _, _) in SAMPLES.items():
-        if action == "BootNotification":
+        if (
+            action == "BootNotification" or action in SENT_WHILE_PENDING
+        ):  # see test_a_station_not_yet_accepted_sending_the_report
             continue
         reply = responder.answer("NEW1", action, payload)
         # B02.FR.09: SecurityError, so no transaction starts through us and the station keeps its message.
@@ -309,3 +311,24 @@ def test_state_messages_are_kept_per_connector_limit_and_monitored_variable(stor
     assert key("NotifyEvent", {**periodic, "eventData": [event("Periodic", variable="Temperature")]}) != first
     mixed = {**periodic, "eventData": [event("Periodic"), event("Delta")]}
     assert key("NotifyEvent", mixed) == "queue"  # a change of state is an event the CSMS must see (N07.FR.04)
+
+
+@pytest.mark.parametrize("verdict", [None, "Pending"])
+def test_a_station_not_yet_accepted_sending_the_report_the_csms_asked_for_gets_it_answered_and_kept(
+    store: Store, verdict: str | None
+) -> None:
+    # #12 leftover B. B02.FR.02: a station not yet accepted may still send what the CSMS asked for with
+    # GetBaseReport or GetReport, and B02.FR.09 / B01.FR.10 exempt exactly those from the CSMS's
+    # SecurityError. A NotifyReport is only ever sent in answer to one of them (B07.FR.03, B08.FR.03), so
+    # refusing it would make the station drop a part of the report the CSMS is waiting for.
+    if verdict is not None:  # told Pending by the CSMS itself before it went (else: never seen by it)
+        BootCache(store.namespace("autonomy.boot")).learn("NEW1", {"status": verdict, "interval": 30})
+    responder = make_responder(store)  # its boot cache reads the store
+    assert responder.answer("NEW1", "BootNotification", SAMPLES["BootNotification"][0]).result["status"] == "Pending"
+    payload, disposition, _ = SAMPLES["NotifyReport"]
+    validate_call("NotifyReport", payload)
+    reply = responder.answer("NEW1", "NotifyReport", payload)
+    assert reply.error_code is None, reply.error_description
+    assert reply.result is not None
+    validate_result("NotifyReport", reply.result)
+    assert reply.disposition is disposition is Disposition.QUEUE  # the CSMS gets the part on restore

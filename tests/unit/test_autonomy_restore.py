@@ -1,7 +1,7 @@
 """The restore after an outage, in the corners: the CSMS not accepting the replayed boot, a station that
 reboots or reconnects during the replay (issue #12, the known gaps of the first build).
 
-Same set-up as :mod:`tests.unit.test_autonomy_upstream`: the appliance's own link and autonomous leg over
+The set-up is :mod:`tests.support.autonomy_site`: the appliance's own link and autonomous leg over
 in-memory websockets, timers on trio's virtual clock, every frame the controller writes to the station
 validated against the OCA schemas.
 """
@@ -9,7 +9,6 @@ validated against the OCA schemas.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +18,25 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 
 from router import ocppj
-from router.autonomy.service import Autonomy
-from router.autonomy.settings import AutonomySettings
-from router.autonomy.upstream import AutonomousUpstream, UpstreamTimings
 from router.link import LinkTimings, StationLink
 from router.metrics import RouterMetrics
 from router.observers import ObserverHub
 from router.store import Store
 from router.transport import ConnectionClosed, HandshakeFailed, WebSocket
+from tests.support.autonomy_site import (
+    BOOT,
+    Site,
+    T,
+    autonomous_pair,
+    boot_online,
+    make_autonomy,
+    open_site,
+    receive_call,
+    tx,
+    wait_for_mode,
+)
 from tests.support.schemas import validate_frame
-from tests.unit.test_autonomy_upstream import NOW, Site, T, boot_online, open_site, tx
 from tests.unit.test_link import ws_pair
-
-BOOT = {"reason": "PowerUp", "chargingStation": {"model": "M", "vendorName": "V"}}
 
 
 async def go_local_with_a_reboot(site: Site) -> None:
@@ -46,10 +51,18 @@ async def go_local_with_a_reboot(site: Site) -> None:
     assert await site.station_receives() == [3, "t-1", {}]
 
 
-async def receive_call(csms: WebSocket) -> tuple[list[Any], float]:
-    frame = json.loads(await csms.receive_text())
-    assert frame[0] == 2 and ocppj.is_lc_message_id(frame[1]), frame
-    return frame, trio.current_time()
+async def answer_boot(csms: WebSocket, boot: list[Any], status: str, interval: int) -> None:
+    """The CSMS answers the replayed ``boot`` with ``status`` and ``interval``."""
+    await csms.send_text(ocppj.encode_result(boot[1], {"currentTime": T, "interval": interval, "status": status}))
+
+
+async def accept_then_take_the_event(site: Site, csms: WebSocket, boot: list[Any]) -> None:
+    """The CSMS accepts ``boot``; the event kept by :func:`go_local_with_a_reboot` follows; then the pair relays."""
+    await answer_boot(csms, boot, "Accepted", 300)
+    event, _ = await receive_call(csms)
+    assert event[2] == "TransactionEvent" and event[3]["seqNo"] == 1
+    await csms.send_text(ocppj.encode_result(event[1], {}))
+    await site.mode("relaying")
 
 
 async def test_a_replayed_boot_answered_pending_holds_the_queue_and_is_sent_again_after_its_interval(
@@ -63,18 +76,12 @@ async def test_a_replayed_boot_answered_pending_holds_the_queue_and_is_sent_agai
             csms = await site.restored.receive()
             boot, _ = await receive_call(csms)
             assert boot[2] == "BootNotification" and boot[3]["reason"] == "PowerUp"
-            await csms.send_text(ocppj.encode_result(boot[1], {"currentTime": T, "interval": 30, "status": "Pending"}))
+            await answer_boot(csms, boot, "Pending", 30)
             answered_s = trio.current_time()
             again, again_s = await receive_call(csms)
             assert again[2] == "BootNotification" and again[3] == boot[3]  # not the queued event
             assert 30 <= again_s - answered_s < 31
-            await csms.send_text(
-                ocppj.encode_result(again[1], {"currentTime": T, "interval": 300, "status": "Accepted"})
-            )
-            event, _ = await receive_call(csms)
-            assert event[2] == "TransactionEvent" and event[3]["seqNo"] == 1
-            await csms.send_text(ocppj.encode_result(event[1], {}))
-            await site.mode("relaying")
+            await accept_then_take_the_event(site, csms, again)
         assert site.autonomy.queue.messages("CS01") == 0
         assert site.autonomy.boots.accepted_interval("CS01") == 300
 
@@ -90,8 +97,7 @@ async def test_a_replayed_boot_answered_rejected_closes_the_csms_leg_until_its_i
             csms = await site.restored.receive()
             boot, _ = await receive_call(csms)
             assert boot[2] == "BootNotification"
-            rejected = {"currentTime": T, "interval": 40, "status": "Rejected"}
-            await csms.send_text(ocppj.encode_result(boot[1], rejected))
+            await answer_boot(csms, boot, "Rejected", 40)
             answered_s = trio.current_time()
             with pytest.raises(ConnectionClosed):
                 await csms.receive_text()  # closed by the controller, the queued event not sent
@@ -102,13 +108,7 @@ async def test_a_replayed_boot_answered_rejected_closes_the_csms_leg_until_its_i
             assert site.attempts_s[-1] - answered_s >= 40
             again, again_s = await receive_call(csms)
             assert again[2] == "BootNotification" and again_s - answered_s >= 40
-            await csms.send_text(
-                ocppj.encode_result(again[1], {"currentTime": T, "interval": 300, "status": "Accepted"})
-            )
-            event, _ = await receive_call(csms)
-            assert event[2] == "TransactionEvent" and event[3]["seqNo"] == 1
-            await csms.send_text(ocppj.encode_result(event[1], {}))
-            await site.mode("relaying")
+            await accept_then_take_the_event(site, csms, again)
         assert all(attempt - answered_s >= 40 for attempt in site.attempts_s[1:])
         assert site.autonomy.queue.messages("CS01") == 0
 
@@ -134,9 +134,7 @@ async def test_a_boot_the_station_sends_during_the_replay_goes_before_the_rest_o
             await csms.send_text(ocppj.encode_result(first[1], {}))
             boot, _ = await receive_call(csms)
             assert boot[2] == "BootNotification"
-            await csms.send_text(
-                ocppj.encode_result(boot[1], {"currentTime": T, "interval": 300, "status": "Accepted"})
-            )
+            await answer_boot(csms, boot, "Accepted", 300)
             second, _ = await receive_call(csms)
             assert second[2] == "TransactionEvent" and second[3]["seqNo"] == 2
             await csms.send_text(ocppj.encode_result(second[1], {}))
@@ -152,13 +150,7 @@ async def test_a_station_reconnecting_during_the_replay_repeats_no_message(
         registry = CollectorRegistry()
         metrics = RouterMetrics(registry)
         hub = ObserverHub(metrics)
-        autonomy = Autonomy(
-            AutonomySettings(reconnect_backoff_max_s=8.0),
-            store,
-            registry=registry,
-            wall_clock=lambda: NOW,
-            rng=random.Random(7),
-        )
+        autonomy = make_autonomy(store, registry, reconnect_backoff_max_s=8.0)
         autonomy.boots.learn("CS01", {"status": "Accepted", "interval": 300})
         legs_send, legs = trio.open_memory_channel[WebSocket](8)
 
@@ -167,20 +159,12 @@ async def test_a_station_reconnecting_during_the_replay_repeats_no_message(
             await legs_send.send(server)
             return client
 
-        timings = UpstreamTimings(ping_interval_s=0, replay_answer_timeout_s=20)
+        timings = LinkTimings(csms_ping_interval_s=0, lc_call_timeout_s=20)
 
         async def pair(nursery: trio.Nursery, real: WebSocket | None) -> tuple[StationLink, WebSocket]:
             station_end, lc_station = await ws_pair()
-            upstream = AutonomousUpstream(
-                "CS01", "ocpp2.0.1", real, autonomy=autonomy, connect=connect, timings=timings
-            )
-            link = StationLink(
-                "CS01",
-                lc_station,
-                upstream,
-                metrics=metrics,
-                hub=hub,
-                timings=LinkTimings(station_ping_interval_s=0, csms_ping_interval_s=0),
+            upstream, link = autonomous_pair(
+                "CS01", lc_station, real, autonomy=autonomy, connect=connect, metrics=metrics, timings=timings, hub=hub
             )
 
             async def run() -> None:
@@ -217,10 +201,7 @@ async def test_a_station_reconnecting_during_the_replay_repeats_no_message(
                 following, _ = await receive_call(new_csms)
                 assert following[3]["seqNo"] == 2  # not seqNo 1 a second time
                 await new_csms.send_text(ocppj.encode_result(following[1], {}))
-                while autonomy.mode_of("CS01") != "relaying":
-                    changed = trio.Event()
-                    autonomy.on_change(changed.set)
-                    await changed.wait()
+                await wait_for_mode(autonomy, "CS01", "relaying")
                 assert autonomy.queue.messages("CS01") == 0
                 new_link.close("test over")
 
@@ -235,13 +216,7 @@ async def test_once_one_station_reaches_the_csms_again_the_others_stop_backing_o
     with Store.open(tmp_path / "state") as store:
         registry = CollectorRegistry()
         metrics = RouterMetrics(registry)
-        autonomy = Autonomy(
-            AutonomySettings(reconnect_backoff_max_s=600.0, reconnect_rate_per_s=10.0),
-            store,
-            registry=registry,
-            wall_clock=lambda: NOW,
-            rng=random.Random(7),
-        )
+        autonomy = make_autonomy(store, registry, reconnect_backoff_max_s=600.0, reconnect_rate_per_s=10.0)
         restored: dict[str, float] = {}
         done = trio.Event()
 
@@ -262,21 +237,14 @@ async def test_once_one_station_reaches_the_csms_again_the_others_stop_backing_o
                 for index, station_id in enumerate(("CS01", "CS02")):
                     autonomy.boots.learn(station_id, {"status": "Accepted", "interval": 300})
                     _station_end, lc_station = await ws_pair()
-                    upstream = AutonomousUpstream(
+                    upstream, link = autonomous_pair(
                         station_id,
-                        "ocpp2.0.1",
+                        lc_station,
                         None,
                         autonomy=autonomy,
                         connect=connector(station_id),
-                        timings=UpstreamTimings(ping_interval_s=0),
-                    )
-                    link = StationLink(
-                        station_id,
-                        lc_station,
-                        upstream,
                         metrics=metrics,
-                        hub=ObserverHub(metrics),
-                        timings=LinkTimings(station_ping_interval_s=0, csms_ping_interval_s=0),
+                        timings=LinkTimings(csms_ping_interval_s=0),
                     )
                     await nursery.start(upstream.run)
                     nursery.start_soon(link.run)
@@ -285,3 +253,91 @@ async def test_once_one_station_reaches_the_csms_again_the_others_stop_backing_o
                 nursery.cancel_scope.cancel()
         first, second = sorted(restored.values())
         assert back_at_s <= first and second - first < 1.0, restored
+
+
+async def test_a_csms_holding_the_replayed_boot_pending_is_no_outage_however_long_it_lasts(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # #12 leftover A. B02.FR.06: while the CSMS answers Pending neither side closes the connection; B02.FR.01:
+    # the CSMS holds a station Pending for as long as it wants to (to read or set its configuration). So the
+    # hold has no time limit, and it is not time without the CSMS: max_offline_s (60 s here) bounds only that.
+    # A hold longer than max_offline_s must leave the station served, and a loss of the leg after it must
+    # get the station the whole max_offline_s again (not a close on the spot, as the strict rule would do).
+    async with open_site(tmp_path, max_offline_s=60) as site:
+        with trio.fail_after(600):
+            await go_local_with_a_reboot(site)
+            csms = await site.restored.receive()
+            held_from_s = trio.current_time()
+            while trio.current_time() - held_from_s < 150:  # six Pending answers, 30 s apart
+                boot, _ = await receive_call(csms)
+                assert boot[2] == "BootNotification"  # never the queued event while Pending (B02.FR.02)
+                pending = {"currentTime": T, "interval": 30, "status": "Pending"}
+                await csms.send_text(ocppj.encode_result(boot[1], pending))
+            assert site.upstream.mode == "replaying"
+            assert not site.autonomy.past_max_offline("CS01")
+            assert site.autonomy.longest_offline_s() < 31  # the alert on time offline does not fire
+            assert site.metric("ocpp_lc_autonomy_replayed_boot_held_total", status="Pending") == 6  # counted
+            await site.station_call("h-1", "Heartbeat", {})  # still connected, answered as the CSMS would
+            assert (await site.station_receives())[:3] == [4, "h-1", "SecurityError"]
+            await csms.aclose(1001, "CSMS restarting")  # the leg drops during the hold
+            csms = await site.restored.receive()  # restored: the station was not closed
+            boot, _ = await receive_call(csms)
+            assert boot[2] == "BootNotification"
+            await accept_then_take_the_event(site, csms, boot)
+        assert site.autonomy.queue.messages("CS01") == 0
+
+
+async def test_a_report_the_csms_asks_for_while_it_holds_the_replayed_boot_pending_reaches_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # #12 leftover B. B02.FR.01: a CSMS holds a station Pending to read its configuration first; B02.FR.02:
+    # what it asks for with GetBaseReport may be sent while Pending, and B02.FR.09 exempts it from the
+    # SecurityError. So the station's NotifyReport must get its answer, not SecurityError, and must reach
+    # the CSMS now: queued behind the held boot, the report the CSMS waits for to accept would never come.
+    async with open_site(tmp_path) as site:
+        with trio.fail_after(120):
+            await go_local_with_a_reboot(site)
+            csms = await site.restored.receive()
+            boot, _ = await receive_call(csms)
+            assert boot[2] == "BootNotification"
+            await answer_boot(csms, boot, "Pending", 30)
+            get = ocppj.encode_call("g-1", "GetBaseReport", {"requestId": 6, "reportBase": "FullInventory"})
+            await csms.send_text(get)
+            assert await site.station_receives() == json.loads(get)
+            accepted = ocppj.encode_result("g-1", {"status": "Accepted"})
+            await site.station.send_text(accepted)
+            assert await csms.receive_text() == accepted
+            report = await site.station_call("r-1", "NotifyReport", {"requestId": 6, "generatedAt": T, "seqNo": 0})
+            assert await csms.receive_text() == report  # as the station sent it, during the hold
+            await csms.send_text(ocppj.encode_result("r-1", {}))
+            assert await site.station_receives() == [3, "r-1", {}]  # the CSMS's own answer
+            again, _ = await receive_call(csms)  # the hold goes on: the boot again after its interval
+            assert again[2] == "BootNotification"
+            await accept_then_take_the_event(site, csms, again)  # and nothing else: the report was not queued
+        assert site.autonomy.queue.messages("CS01") == 0
+
+
+async def test_a_report_sent_on_during_the_pending_hold_is_answered_locally_if_the_leg_goes_first(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Like any call the lost CSMS left open: answered as the CSMS would, kept, and delivered on restore.
+    async with open_site(tmp_path) as site:
+        with trio.fail_after(120):
+            await go_local_with_a_reboot(site)
+            csms = await site.restored.receive()
+            boot, _ = await receive_call(csms)
+            await answer_boot(csms, boot, "Pending", 30)
+            part = {"requestId": 6, "generatedAt": T, "seqNo": 0}
+            report = await site.station_call("r-1", "NotifyReport", part)
+            assert await csms.receive_text() == report
+            await csms.aclose(1001, "gone before it answered")
+            assert await site.station_receives() == [3, "r-1", {}]
+            csms = await site.restored.receive()
+            delivered: list[tuple[str, Any]] = []
+            for verdict in ("Accepted", None, None):  # the boot, then the queue: the event, the report
+                call, _ = await receive_call(csms)
+                delivered.append((call[2], call[3].get("seqNo")))
+                answer = {"currentTime": T, "interval": 300, "status": verdict} if verdict else {}
+                await csms.send_text(ocppj.encode_result(call[1], answer))
+            await site.mode("relaying")
+        assert delivered == [("BootNotification", None), ("TransactionEvent", 1), ("NotifyReport", 0)]

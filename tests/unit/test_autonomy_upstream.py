@@ -1,145 +1,27 @@
 """The autonomous CSMS leg behind a real :class:`StationLink`, over in-memory websockets (issue #12 items 2, 3).
 
-The station and the CSMS are plain websocket ends a test drives; the link and the leg are the appliance's
-own. Timers (reconnect waits, ping timeouts, max_offline_s) run on trio's virtual clock (``autojump_clock``)
-and are asserted in virtual seconds. Every frame the controller writes to the station is validated.
+The set-up is :mod:`tests.support.autonomy_site`: the station and the CSMS are plain websocket ends a test
+drives; the link and the leg are the appliance's own. Timers (reconnect waits, ping timeouts, max_offline_s)
+run on trio's virtual clock (``autojump_clock``) and are asserted in virtual seconds. Every frame the
+controller writes to the station is validated.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
 from router import ocppj
-from router.autonomy.service import Autonomy, Mode, ReconnectPacer
+from router.autonomy.service import Autonomy, ReconnectPacer
 from router.autonomy.settings import AutonomySettings
-from router.autonomy.upstream import AutonomousUpstream, UpstreamTimings
-from router.link import LinkTimings, StationLink
-from router.metrics import RouterMetrics
-from router.observers import ObserverHub
 from router.store import Store
-from router.transport import ConnectionClosed, HandshakeFailed, WebSocket
-from tests.support.schemas import validate_frame
-from tests.unit.test_link import ws_pair
-
-NOW = datetime.datetime(2026, 12, 3, 12, 0, tzinfo=datetime.UTC)
-T = "2026-12-03T12:00:00Z"
-TOKEN = {"idToken": "TAG1", "type": "ISO14443"}
-#: One step of a scripted reconnection: unreachable, an HTTP refusal, or success.
-UNREACHABLE = "unreachable"
-
-
-def tx(event_type: str, seq_no: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "eventType": event_type,
-        "timestamp": T,
-        "triggerReason": "Authorized" if event_type == "Started" else "MeterValuePeriodic",
-        "seqNo": seq_no,
-        "transactionInfo": {"transactionId": "tx-1"},
-        **extra,
-    }
-
-
-@dataclass
-class Site:
-    autonomy: Autonomy
-    upstream: AutonomousUpstream
-    link: StationLink
-    station: WebSocket  # the station's own end
-    csms: WebSocket | None  # the CSMS's end of the first leg
-    restored: trio.MemoryReceiveChannel[WebSocket]  # the CSMS's ends of the legs re-opened
-    attempts_s: list[float] = field(default_factory=list)
-    sent: dict[str, str] = field(default_factory=dict)  # station call id -> action
-
-    async def station_call(self, message_id: str, action: str, payload: dict[str, Any]) -> str:
-        frame = ocppj.encode_call(message_id, action, payload)
-        self.sent[message_id] = action
-        await self.station.send_text(frame)
-        return frame
-
-    async def station_receives(self) -> list[Any]:
-        text = await self.station.receive_text()
-        return validate_frame(text, self.sent)
-
-    async def mode(self, mode: Mode) -> None:
-        while self.upstream.mode != mode:
-            changed = trio.Event()
-            self.autonomy.on_change(changed.set)
-            await changed.wait()
-
-
-@asynccontextmanager
-async def open_site(
-    tmp_path: Path, *, online: bool = True, script: list[str | int] | None = None, **settings: Any
-) -> AsyncIterator[Site]:
-    with Store.open(tmp_path / "state") as store:
-        registry = CollectorRegistry()
-        autonomy = Autonomy(
-            AutonomySettings(**{"reconnect_backoff_max_s": 8.0, **settings}),
-            store,
-            registry=registry,
-            wall_clock=lambda: NOW,
-            rng=random.Random(7),
-        )
-        station_end, lc_station = await ws_pair()
-        real, csms_end = await ws_pair() if online else (None, None)
-        restored_send, restored = trio.open_memory_channel[WebSocket](8)
-        steps = list(script or [])
-        attempts_s: list[float] = []
-
-        async def connect() -> WebSocket:
-            attempts_s.append(trio.current_time())
-            step = steps.pop(0) if steps else "ok"
-            if step == UNREACHABLE:
-                raise HandshakeFailed("connection refused", kind="unreachable")
-            if isinstance(step, int):
-                raise HandshakeFailed(f"HTTP {step}", status=step, kind="refused")
-            client, server = await ws_pair()
-            await restored_send.send(server)
-            return client
-
-        timings = UpstreamTimings(ping_interval_s=10, ping_timeout_s=5, replay_answer_timeout_s=20)
-        upstream = AutonomousUpstream("CS01", "ocpp2.0.1", real, autonomy=autonomy, connect=connect, timings=timings)
-        metrics = RouterMetrics(registry)
-        link = StationLink(
-            "CS01",
-            lc_station,
-            upstream,
-            metrics=metrics,
-            hub=ObserverHub(metrics),
-            timings=LinkTimings(station_ping_interval_s=0, csms_ping_interval_s=0),
-        )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(upstream.run)
-            upstream.call_station = link.call
-            nursery.start_soon(link.run)
-            yield Site(autonomy, upstream, link, station_end, csms_end, restored, attempts_s)
-            nursery.cancel_scope.cancel()
-
-
-async def boot_online(site: Site) -> None:
-    """The station boots and starts a transaction through the CSMS: the caches learn both verdicts."""
-    assert site.csms is not None
-    boot = {"reason": "PowerUp", "chargingStation": {"model": "M", "vendorName": "V"}}
-    frame = await site.station_call("b-1", "BootNotification", boot)
-    assert await site.csms.receive_text() == frame  # byte for byte
-    answer = ocppj.encode_result("b-1", {"currentTime": T, "interval": 300, "status": "Accepted"})
-    await site.csms.send_text(answer)
-    assert await site.station.receive_text() == answer
-    frame = await site.station_call("t-0", "TransactionEvent", tx("Started", 0, idToken=TOKEN))
-    assert await site.csms.receive_text() == frame
-    await site.csms.send_text(ocppj.encode_result("t-0", {"idTokenInfo": {"status": "Accepted"}}))
-    await site.station.receive_text()
+from router.transport import ConnectionClosed
+from tests.support.autonomy_site import NOW, TOKEN, UNREACHABLE, T, boot_online, open_site, tx
 
 
 async def test_a_lost_csms_leg_is_served_locally_restored_with_backoff_replayed_then_relayed(

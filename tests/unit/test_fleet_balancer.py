@@ -470,7 +470,7 @@ class Fleet:
         if station.speaks_16:
             # What the router writes to a 1.6 station (balancing.ocpp16), read back by this station itself.
             action_16, payload_16 = ocpp16.outgoing(action, payload)
-            validate_16(action_16, payload_16)
+            validate_call_16(action_16, payload_16)
             payload = read_16_profile(payload_16)
             self.stats["sent_16"] = self.stats.get("sent_16", 0) + 1
         if not station.connected:
@@ -516,7 +516,7 @@ class Fleet:
             self.stats["gone"] += 1
             return CallOutcome("gone", detail="link closed")
         if station.speaks_16:
-            validate_16(action, frame.answer, result=True)
+            validate_result_16(action, frame.answer)
         else:
             self.validate(action, frame.answer, result=True)
         return CallOutcome("answered", frame.answer)
@@ -667,11 +667,6 @@ class Fleet:
 # --- OCPP 1.6 stations --------------------------------------------------------------------------------
 
 
-def validate_16(action: str, payload: dict[str, Any], *, result: bool = False) -> None:
-    """Schema-check a 1.6 message (the OCPP 1.6 JSON schemas the `ocpp` package ships, limits as decimals)."""
-    (validate_result_16 if result else validate_call_16)(action, payload)
-
-
 def read_16_profile(payload: dict[str, Any]) -> dict[str, Any]:
     """A 1.6 SetChargingProfile.req as this simulation's station applies it (its own reading of 1.6)."""
     profile = payload["csChargingProfiles"]
@@ -722,9 +717,9 @@ def as_16(station: SimStation, action: str, payload: dict[str, Any]) -> list[Obs
     observed = []
     for source, kind, name, body, request in messages:
         if kind is MessageType.CALL and source == "station":
-            validate_16(name, body)
+            validate_call_16(name, body)
         else:
-            validate_16(name, body, result=True)
+            validate_result_16(name, body)
         observed.append(
             ObservedMessage(station.station_id, source, kind, "m", name, body, request, trio.current_time(), OCPP16)
         )
