@@ -45,6 +45,7 @@ import trio
 
 from ..app import App, run_app
 from ..observers import Observation
+from .building_meter import DEFAULT_BUILDING_PLAN, BuildingMeter, BuildingPlan, BuildingRecord, meter_entry
 from .clock import WallClock, utc_now
 from .ems_script import DEFAULT_EMS_PLAN, EmsEvent, EmsPlan, ems_script
 from .firmware_source import FirmwareSource
@@ -103,6 +104,7 @@ async def demo_main(
     firmware_after_s: float | None = 5.0,
     grid_amperes: float | None = DEMO_GRID_AMPERES,
     outage: OutagePlan | None = DEFAULT_OUTAGE_PLAN,
+    building: BuildingPlan | None = DEFAULT_BUILDING_PLAN,
 ) -> DemoSummary:
     """Run the demo until ``duration_s`` (0: no limit) elapses or ``stop`` is requested; return a summary.
 
@@ -110,7 +112,8 @@ async def demo_main(
     notable event; the summary is printed at the end in both cases. ``ems`` is the EMS script (None:
     none), ``firmware_after_s`` when, after the controller's boot, the sandbox CSMS publishes firmware
     (None: never), ``grid_amperes`` the site's grid limit per phase (None: unlimited), ``outage`` when
-    and for how long the sandbox CSMS goes away (None: never).
+    and for how long the sandbox CSMS goes away (None: never), ``building`` the simulated building's
+    load behind a grid meter the controller reads (None, or without a grid limit: no meter).
     """
     out = sys.stdout if out is None else out
     stop = StopRequest() if stop is None else stop
@@ -130,6 +133,7 @@ async def demo_main(
     csms = SandboxCsms(path=OCPP_PATH, seed=seed, clock=clock, frame_log=frame_log, on_event=output.line)
     site_limit = "-"
     outage_record = None if outage is None else OutageRecord(outage)
+    building_meter = None if building is None or grid_amperes is None else BuildingMeter(building, started_s)
     state = tempfile.TemporaryDirectory(prefix="ocpp-lc-demo-")
     try:
         async with trio.open_nursery() as everything:
@@ -144,7 +148,19 @@ async def demo_main(
                     publish_after_s=firmware_after_s,
                 )
             csms_port: int = await everything.start(csms.serve)
-            settings = demo_settings(csms_port, Path(state.name), specs, grid_amperes=grid_amperes)
+            meter, other_load = None, None
+            if building_meter is not None:
+                meter_port: int = await everything.start(building_meter.serve)
+                meter = meter_entry(building_meter.plan, meter_port)
+                other_load = building_meter.plan.worst_case_amperes()
+            settings = demo_settings(
+                csms_port,
+                Path(state.name),
+                specs,
+                grid_amperes=grid_amperes,
+                meter=meter,
+                other_load_amperes=other_load,
+            )
             app = await everything.start(run_app, settings)
             site_limit = limit_text(app.limits.status()["phases"])
             header = Header(
@@ -170,6 +186,11 @@ async def demo_main(
                 )
                 for number, spec in enumerate(specs, start=1)
             ]
+            if building_meter is not None:
+                rotations = [spec.phase_rotation for spec in specs]
+                building_meter.measure(
+                    lambda: [(sim.currents_amperes, rotation) for sim, rotation in zip(sims, rotations, strict=True)]
+                )
             output.line(f"ocpp-lc demo: controller {CONTROLLER_IDENTITY} takes stations on {header.station_url}")
             output.line(f"sandbox CSMS on {header.csms_url}, metrics on {header.metrics_url}")
             output.line(f"vendor firmware server on http://127.0.0.1:{source.port}/ (the file: {FIRMWARE_NAME})")
@@ -178,6 +199,11 @@ async def demo_main(
                 + (f"stopping after {duration_s:g} s or on Ctrl-C" if duration_s else "Ctrl-C to stop")
             )
             output.line(f"site limit {site_limit}: the controller balances the stations' sessions under it")
+            if meter is not None:
+                output.line(
+                    f"building behind a SunSpec grid meter on 127.0.0.1:{meter['port']} (Modbus TCP): "
+                    "the EVs get what the building leaves"
+                )
             capacity = max(OBSERVER_CAPACITY_MIN, OBSERVER_CAPACITY_PER_STATION * stations)
             with app.hub.subscribe("demo", capacity) as observations:
                 async with trio.open_nursery() as watchers:
@@ -195,7 +221,10 @@ async def demo_main(
                             ems_state,
                             csms.firmware,
                             outage_record,
+                            None if building_meter is None else building_meter.record,
                         )
+                    if building_meter is not None:
+                        watchers.start_soon(building_meter.watch, app, output.line)
                     if ems is not None:
                         watchers.start_soon(ems_script, ems, app, output, started_s, ems_events, ems_state)
                     if outage is not None and outage_record is not None:
@@ -247,6 +276,7 @@ async def demo_main(
         ems_events=tuple(ems_events),
         firmware=csms.firmware,
         outage=outage_record,
+        building=None if building_meter is None else building_meter.record,
     )
     output.write("\n".join(output.text(line) for line in summary.lines()) + "\n")
     return summary
@@ -284,6 +314,7 @@ async def _redraw(
     ems_state: list[str],
     firmware: FirmwareProgress,
     outage: OutageRecord | None,
+    building: BuildingRecord | None,
 ) -> None:
     """Redraw the live view in place, twice a second, on the terminal's alternate screen."""
     output.enter_screen()
@@ -306,6 +337,9 @@ async def _redraw(
                     ems=ems_state[0],
                     firmware=firmware_text(firmware),
                     outage="none" if outage is None else outage.text(now_s - started_s),
+                    building=""
+                    if building is None
+                    else building.text(app.status().get("meters"), now_s - started_s, "·" if output.unicode else "|"),
                 ),
             )
             output.frame(lines)

@@ -65,7 +65,13 @@ def station_specs(count: int, seed: int = DEFAULT_SEED) -> list[StationSpec]:
 
 
 def demo_settings(
-    csms_port: int, state_dir: Path, stations: list[StationSpec] | None = None, *, grid_amperes: float | None = None
+    csms_port: int,
+    state_dir: Path,
+    stations: list[StationSpec] | None = None,
+    *,
+    grid_amperes: float | None = None,
+    meter: dict[str, object] | None = None,
+    other_load_amperes: float | None = None,
 ) -> Settings:
     """The appliance's settings for the demo: everything on loopback, ports chosen by the OS, state in
     ``state_dir`` (a throw-away folder: the demo never touches an installed controller's state).
@@ -73,7 +79,9 @@ def demo_settings(
     With ``grid_amperes`` the site has that grid limit and ``stations`` are described in ``[site]``;
     balancing runs either way, tuned for a demo whose sessions last seconds, not hours: reallocation
     every second, increases at most every 2 s per station, an EV that takes less than it is given
-    handing the rest on after 5 s.
+    handing the rest on after 5 s. ``meter`` is a ``[[meters]]`` entry (the simulated building's grid
+    meter, which needs ``grid_amperes``), ``other_load_amperes`` what the site assumes for the building
+    while that meter cannot be read.
     """
     site: dict[str, object] = {
         "stations": [
@@ -89,8 +97,11 @@ def demo_settings(
     }
     if grid_amperes is not None:
         site["grid"] = {"max_current_amperes": grid_amperes}
+    if other_load_amperes is not None:
+        site["other_load_amperes"] = other_load_amperes
     return parse_settings(
         {
+            "meters": [] if meter is None else [meter],
             "controller": {"identity": CONTROLLER_IDENTITY},
             "state": {"dir": str(state_dir)},
             "stations": {"listen": "127.0.0.1:0", "path": OCPP_PATH},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .building_meter import BuildingRecord
 from .ems_script import EmsEvent
 from .outage import OutageRecord
 from .sandbox_csms import FirmwareProgress
@@ -41,6 +42,7 @@ class DemoSummary:
     firmware: FirmwareProgress = field(default_factory=FirmwareProgress)
     firmware_name: str = FIRMWARE_NAME
     outage: OutageRecord | None = None
+    building: BuildingRecord | None = None
 
     def lines(self) -> list[str]:
         """The summary as printed at the end of the demo (fits 80 columns)."""
@@ -83,6 +85,8 @@ class DemoSummary:
             )
         if self.outage is not None:
             lines.extend(self.outage.lines())
+        if self.building is not None:
+            lines.extend(self.building.lines())
         lines.append(f"  errors        {self.errors}")
         if self.observations_missed:
             lines.append(f"  (the view missed {self.observations_missed} observations: the figures above undercount)")
