@@ -97,8 +97,8 @@ class BuildingRecord:
     plan: BuildingPlan
     load_amperes: Phases3 = (0.0, 0.0, 0.0)
     peak_load_amperes: float = 0.0
-    #: The most balancing let the stations draw (after each reallocation) before the heat pump switched
-    #: on; while it ran, once the controller had had half its run to follow; after it stopped.
+    #: The most balancing let the stations draw (after each reallocation) in the half run's time before
+    #: the heat pump switched on; while it ran, once the controller had had half its run to follow; after.
     allowed_before_amperes: float | None = None
     allowed_during_amperes: float | None = None
     allowed_after_amperes: float | None = None
@@ -197,12 +197,15 @@ class BuildingMeter:
         off_at_s = on_at_s + plan.heat_pump_for_s
         # Half the heat pump's run: time enough for a poll, the decreases and their acceptance.
         settled_at_s = on_at_s + plan.heat_pump_for_s / 2
+        # "Before" is as long a while as "during", just before (not the start-up, nor another story).
+        before_from_s = on_at_s - plan.heat_pump_for_s / 2
         while True:
             now_s = trio.current_time()
             committed = balancer.phase_bounds_amperes()
             highest = max(committed)
             if now_s < on_at_s:
-                record.allowed_before_amperes = max(record.allowed_before_amperes or 0.0, highest)
+                if now_s >= before_from_s:
+                    record.allowed_before_amperes = max(record.allowed_before_amperes or 0.0, highest)
             elif now_s < off_at_s:
                 if not record.heat_pump_ran:
                     record.heat_pump_ran = True
@@ -220,6 +223,7 @@ class BuildingMeter:
                         f"{'-' if during is None else f'{during:.0f}'} A per phase while it ran, and get more again"
                     )
                 record.allowed_after_amperes = max(record.allowed_after_amperes or 0.0, highest)
-            boundary = min((at_s for at_s in (on_at_s, settled_at_s, off_at_s) if at_s > now_s), default=math.inf)
+            moments = (before_from_s, on_at_s, settled_at_s, off_at_s)
+            boundary = min((at_s for at_s in moments if at_s > now_s), default=math.inf)
             with trio.move_on_at(boundary):
                 await balancer.reallocated.wait()
