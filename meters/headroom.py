@@ -10,7 +10,14 @@ their current cannot talk the estimate down quickly. The EVs' capacity at the no
 
     headroom = node limit − smoothed other load − safety margin   (per phase, never below 0)
 
-and the balancing loop treats it as one more limit on that node, the lowest of all winning.
+and the balancing loop treats it as one more limit on that node, the lowest of all winning. A node
+that also has a power limit (``max_power_watts``: a contracted power below what the fuses carry) loses
+the same other load there, converted as the allocator converts power (the sum of the phase currents
+at the site's nominal voltage):
+
+    power headroom = node power limit − voltage × (other load + safety margin, summed over the phases)
+
+so the building and the EVs together stay within the node's power limit too.
 
 A reading that cannot be used (no answer, garbage, a wrong SunSpec model, nonsense values) changes
 nothing: the last headroom stays in force. Once no valid reading has come for ``stale_after_s``, or
@@ -48,6 +55,24 @@ class HeadroomPolicy:
     #: Non-EV load assumed while the meter fails; None: the node's EVs get ``failsafe_amperes``.
     fallback_other_load_amperes: float | None = None
     failsafe_amperes: float = 0.0
+    #: The node's configured power limit (W over all phases; None: none) and the site's nominal voltage.
+    node_power_watts: float | None = None
+    nominal_voltage_volts: float = 230.0
+
+    def power_headroom(self, other_load_amperes: Phases3) -> float | None:
+        """The EVs' power at the node with ``other_load_amperes`` elsewhere (None: no power limit)."""
+        if self.node_power_watts is None:
+            return None
+        taken_amperes = sum(other_load_amperes) + 3 * self.safety_margin_amperes
+        return max(0.0, self.node_power_watts - self.nominal_voltage_volts * taken_amperes)
+
+    def fallback_power_headroom(self) -> float | None:
+        """The EVs' power at the node while the meter cannot be trusted (the failsafe current bounds it
+        without a static other load)."""
+        if self.fallback_other_load_amperes is None:
+            return None
+        load = self.fallback_other_load_amperes
+        return self.power_headroom((load, load, load))
 
     def fallback_headroom(self) -> Phases3:
         """The EVs' capacity at the node while the meter cannot be trusted."""
@@ -65,6 +90,8 @@ class NodeHeadroom:
     def __init__(self, policy: HeadroomPolicy) -> None:
         self.policy = policy
         self.headroom_amperes: Phases3 = policy.fallback_headroom()
+        #: What the EVs may take at the node in watts, if it has a power limit.
+        self.power_headroom_watts: float | None = policy.fallback_power_headroom()
         self.other_load_amperes: Phases3 | None = None
         self.metered_amperes: Phases3 | None = None
         self.power_watts: float | None = None
@@ -88,7 +115,7 @@ class NodeHeadroom:
         self.last_valid_at_s = now_s
         self.fallback = False
         room = [max(0.0, policy.node_limit_amperes - load - policy.safety_margin_amperes) for load in other]
-        return self._set((room[0], room[1], room[2]))
+        return self._set((room[0], room[1], room[2]), policy.power_headroom(self.other_load_amperes))
 
     def check_stale(self, now_s: float) -> bool:
         """Fall back if no valid reading came for ``stale_after_s``; True when it falls back now."""
@@ -97,10 +124,11 @@ class NodeHeadroom:
         if self.last_valid_at_s is not None and now_s - self.last_valid_at_s < self.policy.stale_after_s:
             return False
         self.fallback = True
-        self._set(self.policy.fallback_headroom())
+        self._set(self.policy.fallback_headroom(), self.policy.fallback_power_headroom())
         return True
 
-    def _set(self, headroom: Phases3) -> bool:
-        changed = headroom != self.headroom_amperes
+    def _set(self, headroom: Phases3, power_watts: float | None) -> bool:
+        changed = headroom != self.headroom_amperes or power_watts != self.power_headroom_watts
         self.headroom_amperes = headroom
+        self.power_headroom_watts = power_watts
         return changed

@@ -79,6 +79,12 @@ class MeterMetrics:
             ["meter", "phase"],
             registry=registry,
         )
+        self.power_headroom = Gauge(
+            "ocpp_lc_meter_power_headroom_watts",
+            "What the meter's node leaves for its EVs in watts, when the node has a power limit (NaN: none).",
+            ["meter"],
+            registry=registry,
+        )
         self.power = Gauge(
             "ocpp_lc_meter_power_watts",
             "Total active power the meter measured last (negative: export).",
@@ -121,7 +127,8 @@ class MeterService:
         self.metrics = MeterMetrics(registry)
         self.tasks: list[MeterTask] = []
         for settings in meters:
-            limit = site.node_limits(settings.node).max_current_amperes
+            node_limits = site.node_limits(settings.node)
+            limit = node_limits.max_current_amperes
             if limit is None:
                 raise ValueError(f"meter {settings.name!r}: node {settings.node!r} has no max_current_amperes")
             fallback = settings.fallback_other_load_amperes
@@ -132,6 +139,8 @@ class MeterService:
                 stale_after_s=settings.stale_after_s,
                 fallback_other_load_amperes=site.other_load_amperes if fallback is None else fallback,
                 failsafe_amperes=failsafe_amperes,
+                node_power_watts=node_limits.max_power_watts,
+                nominal_voltage_volts=site.nominal_voltage_volts,
             )
             plausible = settings.plausible_max_amperes
             task = MeterTask(
@@ -156,7 +165,11 @@ class MeterService:
             found = outside(now)
             for task in self.tasks:
                 if task.settings.node == GRID_NODE_ID:
-                    found = found.tighter(SiteLimits(phase_current_amperes=task.state.headroom_amperes))
+                    state = task.state
+                    metered = SiteLimits(
+                        phase_current_amperes=state.headroom_amperes, power_watts=state.power_headroom_watts
+                    )
+                    found = found.tighter(metered)
             return found
 
         return limits
@@ -165,16 +178,17 @@ class MeterService:
         """The site model with every metered circuit's limit lowered to its headroom (its lowest phase)."""
         # Rounded down to 0.1 A (what a profile carries): a smoothed load that drifts by hundredths does
         # not make a new site model (and a new compiled site index for the allocator) at every poll.
-        metered = {
-            task.settings.node: math.floor(min(task.state.headroom_amperes) * 10 + 1e-9) / 10 for task in self.tasks
-        }
+        metered: dict[str, dict[str, float]] = {}
+        for task in self.tasks:
+            update = {"max_current_amperes": math.floor(min(task.state.headroom_amperes) * 10 + 1e-9) / 10}
+            if task.state.power_headroom_watts is not None:  # whole watts, for the same reason
+                update["max_power_watts"] = float(math.floor(task.state.power_headroom_watts))
+            metered[task.settings.node] = update
         metered.pop(GRID_NODE_ID, None)
         if not metered:
             return self.site
         circuits = tuple(
-            circuit.model_copy(update={"max_current_amperes": metered[circuit.circuit_id]})
-            if circuit.circuit_id in metered
-            else circuit
+            circuit.model_copy(update=metered[circuit.circuit_id]) if circuit.circuit_id in metered else circuit
             for circuit in self.site.circuits
         )
         # Validated anew rather than copied: the site caches lookups (its circuits among them).
@@ -281,6 +295,8 @@ class MeterService:
             metrics.current.labels(name, label).set(metered)
             metrics.other_load.labels(name, label).set(other)
             metrics.headroom.labels(name, label).set(state.headroom_amperes[phase])
+        power_room = state.power_headroom_watts
+        metrics.power_headroom.labels(name).set(math.nan if power_room is None else power_room)
         metrics.power.labels(name).set(math.nan if state.power_watts is None else state.power_watts)
         metrics.fallback.labels(name).set(1 if state.fallback else 0)
 
@@ -300,6 +316,9 @@ class MeterService:
                     if state.other_load_amperes is None or state.fallback
                     else [round(value, 3) for value in state.other_load_amperes],
                     "headroom_amperes": [round(value, 3) for value in state.headroom_amperes],
+                    "power_headroom_watts": None
+                    if state.power_headroom_watts is None
+                    else round(state.power_headroom_watts, 1),
                     "power_watts": state.power_watts,
                 }
             )

@@ -37,6 +37,7 @@ from balancing.schedules import PeriodLimit
 from balancing.upstream import EmsReporter
 from firmware_cache import FirmwareCache, FirmwareSettings, RequestInvalid
 from firmware_cache.service import STATUS_ACTION
+from meters.limits_view import node_limits
 from meters.service import MeterService
 
 from .autonomy.service import Autonomy
@@ -134,6 +135,14 @@ class App:
             "own_identity": own,
         }
 
+    def limits_document(self) -> dict[str, Any]:
+        """``GET /api/v1/limits``: the site limit and its sources, and per node the limit in force with
+        what the node's meter leaves (:mod:`meters.limits_view`)."""
+        at = self.limits.now()
+        document = self.limits.status(at)
+        document["nodes"] = node_limits(self.settings.site, self.limits.effective(at), self.meters)
+        return document
+
     def status(self) -> dict[str, Any]:
         """What ``GET /api/v1/status`` (and so ``ocpp-lc status``) reports."""
         # connected_at_s is on trio's clock; the wall-clock moment is derived from the age so that the
@@ -155,7 +164,7 @@ class App:
         return {
             "stations": stations,
             "own_identity": own,
-            "limits": self.limits.status(),
+            "limits": self.limits_document(),
             "balancing": None if self.balancer is None else self.balancer.status(),
             "meters": None if self.meters is None else self.meters.status(),
             "upstream": {"csms_url": self.settings.csms.url, "link_up": own.get("link_up")},
@@ -451,6 +460,7 @@ async def _serve(app: App, task_status: trio.TaskStatus[App]) -> None:
                 app.registry,
                 token=settings.http.token_value(),
                 status=app.status,
+                limits_document=app.limits_document,
                 allocations=None if app.balancer is None else app.balancer.evse_rows,
                 release_balancing=None if app.balancer is None else release_document(app.balancer),
             )

@@ -34,6 +34,7 @@ import httpx
 import trio
 import typer
 
+from meters.status import node_lines
 from meters.status import status_lines as meter_status_lines
 
 from .config import ConfigError, Settings, load_settings
@@ -327,6 +328,10 @@ def _print_status(document: dict[str, Any]) -> None:
     for source in limits.get("sources", []):
         state = "stale" if source.get("stale") else f"valid until {source['valid_until']}"
         typer.echo(f"  ems source {source['source']}: {_amount(source['limit_now'], source['unit'])}, {state}")
+    if limits.get("nodes"):
+        typer.echo("limit in force per node (the lowest of config, CSMS, EMS and the node's meter):")
+        for line in node_lines(limits["nodes"]):
+            typer.echo(line)
     balancing = document.get("balancing")
     if balancing is None:
         typer.echo("balancing: off ([balancing] enabled = false)")

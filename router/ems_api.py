@@ -7,7 +7,8 @@ Routes (JSON; every one needs ``Authorization: Bearer <[http] token>`` when a to
   (``{"error": ..., "fields": {"limit": "..."}}``) and the limit in force unchanged.
 * ``DELETE /api/v1/limits/{source}``: release it; 200, or 404 if the source had no limit.
 * ``GET /api/v1/limits``: the effective limit per phase and its source, and every EMS source with its
-  age and whether it is stale.
+  age and whether it is stale; from the App also ``nodes``: per node the limit in force and its source
+  (config, CSMS, EMS or a meter) and what the node's meter measures (``meters/limits_view.py``).
 * ``GET /api/v1/status``: what ``ocpp-lc status`` prints: connected stations, the own identity, the
   limits in force and the upstream (CSMS) state; the document comes from the App.
 * ``GET /api/v1/allocations``: one row per EVSE the balancing loop knows (allocation, installed limit,
@@ -63,12 +64,14 @@ class EmsApi:
         allocations: Callable[[], Sequence[dict[str, Any]]] | None = None,
         status: Callable[[], dict[str, Any]] | None = None,
         release_balancing: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+        limits_document: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._limits = limits
         self._token = None if token is None else token.encode()
         self._allocations = allocations
         self._status = status
         self._release_balancing = release_balancing
+        self._limits_document = limits_document or limits.status
         self.requests = Counter(
             "ocpp_lc_ems_api_requests",
             "EMS API requests by operation (set, release, read_limits, read_allocations, "
@@ -164,11 +167,11 @@ class EmsApi:
         return "ok", JSONResponse(document, headers=_NO_STORE)
 
     async def _read_limits(self, request: Request) -> tuple[str, Response]:
-        return "ok", JSONResponse(self._limits.status(), headers=_NO_STORE)
+        return "ok", JSONResponse(self._limits_document(), headers=_NO_STORE)
 
     async def _read_status(self, request: Request) -> tuple[str, Response]:
         # Without an App status (the API alone, in tests) the limits are still worth reporting.
-        document = self._status() if self._status is not None else {"limits": self._limits.status()}
+        document = self._status() if self._status is not None else {"limits": self._limits_document()}
         return "ok", JSONResponse(document, headers=_NO_STORE)
 
     async def _read_allocations(self, request: Request) -> tuple[str, Response]:

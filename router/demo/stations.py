@@ -373,6 +373,11 @@ class SimulatedStation:
 
     # -- the simulated meter -------------------------------------------------------------------
 
+    @property
+    def currents_amperes(self) -> tuple[float, ...]:
+        """What the EV draws now on each of the station's phases (its L1 first): what a grid meter sees."""
+        return tuple(self._currents_amperes)
+
     def limit_amperes(self) -> float | None:
         """The per-phase limit that the installed charging profiles impose now."""
         transaction = self._transaction

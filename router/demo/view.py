@@ -353,12 +353,16 @@ class SiteBalance:
     #: Site autonomy as the controller reports it: one line, and each station's mode when not relayed.
     autonomy: str = ""
     modes: dict[str, str] = field(default_factory=dict)
+    #: The simulated building and what its grid meter leaves for the EVs ("": no meter).
+    building: str = ""
 
 
 _PHASES: Final = ("L1", "L2", "L3")
 
 
-def site_balance(status: Mapping[str, Any], *, ems: str, firmware: str, outage: str = "") -> SiteBalance:
+def site_balance(
+    status: Mapping[str, Any], *, ems: str, firmware: str, outage: str = "", building: str = ""
+) -> SiteBalance:
     """Condense ``App.status()`` for the view."""
     balancing = status.get("balancing") or {}
     phases = balancing.get("phases") or {}
@@ -385,6 +389,7 @@ def site_balance(status: Mapping[str, Any], *, ems: str, firmware: str, outage: 
             str(station["station_id"]): str(station["mode"])
             for station in (status.get("autonomy") or {}).get("stations", [])
         },
+        building=building,
     )
 
 
@@ -507,6 +512,7 @@ def render_live(
                 f"draw {_triple(balance.measured_amperes)} A {dot} headroom {headroom} A"
                 + (f" {dot} OVERCOMMITTED" if balance.overcommitted else "")
             ),
+            *([ScreenLine(f"{'building':<11}{balance.building}")] if balance.building else []),
             ScreenLine(f"{'firmware':<11}{balance.firmware}"),
             ScreenLine(f"{'autonomy':<11}{balance.outage} {dot} {balance.autonomy}"),
         ]

@@ -423,9 +423,9 @@ async def test_ctrl_c_stops_the_demo_cleanly_with_a_summary() -> None:
     assert re.search(r"^  shutdown +station connections closed: (?:[1-9]|1[0-2]) with 1001$", output, re.MULTILINE)
     assert re.search(r"errors\s+0$", output, re.MULTILINE)
     # Nothing listens any more on the ports the demo announced: controller (stations and HTTP),
-    # sandbox CSMS and firmware source.
+    # sandbox CSMS, firmware source and the building's grid meter (#16).
     ports = {int(port) for port in re.findall(r"127\.0\.0\.1:(\d+)", output)}
-    assert len(ports) == 4
+    assert len(ports) == 5
     for port in ports:
         with pytest.raises(OSError):
             await trio.open_tcp_stream("127.0.0.1", port)

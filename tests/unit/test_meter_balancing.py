@@ -12,7 +12,7 @@ Site: a 100 A grid connection, a 2 A safety margin, three 3-phase stations of 6â
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 
@@ -100,7 +100,9 @@ async def metered_site(
     reader: ImageReader,
     fake: FakeStations,
     registry: CollectorRegistry,
+    outside: Callable[[datetime], SiteLimits] | None = None,
 ) -> AsyncIterator[tuple[Balancer, MeterService]]:
+    """The loop and the meter service over ``fake``; ``outside``: the CSMS/EMS limits (default: the fake's)."""
     service = MeterService((meter,), site_config, registry, readers={meter.name: reader})
     settings = LoopSettings(
         stack_level=STACK_LEVEL,
@@ -109,10 +111,9 @@ async def metered_site(
         rollout=RolloutPolicy(hysteresis_amperes=1.0, min_interval_s=30.0, resolution_amperes=0.1),
     )
 
-    def outside(now: datetime) -> SiteLimits:
-        return fake.limits_at(now)
-
-    balancer = Balancer(site_config, service.limits_at(outside), fake, settings, wall_clock=wall_clock)
+    balancer = Balancer(
+        site_config, service.limits_at(outside or fake.limits_at), fake, settings, wall_clock=wall_clock
+    )
     service.attach(balancer)
     with trio.fail_after(DEADLINE_S):
         async with trio.open_nursery() as nursery:
