@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balancing.allocator import Allocation, Session, SiteLimits, allocate
+from balancing.fill import EPSILON_AMPERES
 from balancing.site import GRID_NODE_ID, SiteConfig
 
 TOLERANCE = 1e-5
@@ -168,7 +169,13 @@ def test_no_limit_is_exceeded_and_each_evse_gets_zero_or_its_range(
         # Stations that ignore our profiles count at their maximum; the rest must fit in what they leave.
         allowed = max(cap, fixed.get(key, 0.0))
         assert loads.get(key, 0.0) <= allowed + TOLERANCE, key
-    if not any(fixed.get(key, 0.0) > cap + TOLERANCE for key, cap in caps.items()):
+    # The flag agrees with the fixed loads outside the band between the allocator's own epsilon and this test's
+    # tolerance (a fixed load 1e-5 A above a 0 W limit is over by the allocator's measure; the test must not
+    # demand otherwise: hypothesis found that case).
+    excess = max((fixed.get(key, 0.0) - cap for key, cap in caps.items()), default=-math.inf)
+    if excess > TOLERANCE:
+        assert allocation.overcommitted
+    elif excess <= EPSILON_AMPERES:
         assert not allocation.overcommitted
     assert set(allocation.evses) == {s.key for s in sessions}
     for session in sessions:
