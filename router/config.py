@@ -26,6 +26,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from balancing.site import SiteConfig
 from meters.settings import MeterSettings, site_problems
+from mqtt.settings import MqttSettings
 
 from .autonomy.settings import AutonomySettings
 from .own.device_model import PASSWORD_STRING
@@ -535,6 +536,7 @@ class Settings(BaseModel):
     autonomy: AutonomySettings = AutonomySettings()
     log: LogSettings = LogSettings()
     meters: tuple[MeterSettings, ...] = Field(default=(), strict=False)  # [[meters]]: see meters/settings.py
+    mqtt: MqttSettings = MqttSettings()  # [mqtt]: see mqtt/settings.py
 
     @model_validator(mode="after")
     def _meters_fit_the_site(self) -> Settings:
