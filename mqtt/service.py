@@ -19,6 +19,7 @@ The sampling is the rate limit the home-automation side needs, not a wait for so
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -110,6 +111,15 @@ def ssl_context(settings: MqttSettings) -> ssl.SSLContext | None:
     return context
 
 
+@contextlib.contextmanager
+def _lone_session_lost() -> Iterator[None]:
+    """A session's nursery raises SessionLost in a group; the loop handles it on its own."""
+    try:
+        yield
+    except* SessionLost as group:
+        raise group.exceptions[0] from None
+
+
 class MqttService:
     """The ``[mqtt]`` face over ``limits``; ``status_document`` builds what ``<prefix>/status`` carries."""
 
@@ -184,12 +194,13 @@ class MqttService:
         while True:
             try:
                 session = await connect(self._broker, self._message)
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(session.run)
-                    self._accepted(session, reconnect=sessions > 0)
-                    sessions += 1
-                    failures = 0
-                    nursery.start_soon(self._publish_status, session)
+                with _lone_session_lost():
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(session.run)
+                        self._accepted(session, reconnect=sessions > 0)
+                        sessions += 1
+                        failures = 0
+                        nursery.start_soon(self._publish_status, session)
             except SessionLost as lost:
                 failures += 1
                 self._lost(lost, failures)
@@ -230,6 +241,7 @@ class MqttService:
         if not was_connected:
             self.metrics.attempts.labels(lost.outcome).inc()
         self.last_error = lost.reason
+        self._notify()
         # Logged when it changes (a broker down for an hour is one line, not one per attempt).
         if was_connected or failures == 1:
             log.warning(

@@ -68,8 +68,9 @@ MessageHandler = Callable[[str, bytes, bool], None]
 class Session:
     """A connected client; :meth:`publish` and :meth:`subscribe` may be called from any trio task."""
 
-    def __init__(self, client: paho.Client, on_message: MessageHandler) -> None:
+    def __init__(self, client: paho.Client, on_message: MessageHandler, will: tuple[str, bytes] | None = None) -> None:
         self._client = client
+        self._will = will
         self._sock: Any = client.socket()
         self._on_message = on_message
         self._kick = trio.Event()
@@ -107,7 +108,7 @@ class Session:
     def _check(self, rc: MQTTErrorCode) -> None:
         self._kick.set()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise SessionLost(self._lost or paho.error_string(rc))
+            raise SessionLost(paho.error_string(rc).rstrip("."))
 
     async def _read(self) -> None:
         while True:
@@ -142,8 +143,9 @@ class Session:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drive the session until it fails (SessionLost) or is cancelled; reports once CONNACK accepted it.
 
-        Whatever ends it, the socket is closed on the way out (a cancelled session sends DISCONNECT
-        first if it can within a second, so the broker does not publish the will).
+        Whatever ends it, the socket is closed on the way out. A cancelled session first publishes what
+        the will says (``offline``) and sends DISCONNECT, within a second: after a clean DISCONNECT the
+        broker drops the will, so the controller says it itself.
         """
         try:
             async with trio.open_nursery() as nursery:
@@ -164,6 +166,8 @@ class Session:
     async def _goodbye(self) -> None:
         if self._client.socket() is None or self._lost is not None or not self._connack.is_set():
             return
+        if self._will is not None:
+            self._client.publish(self._will[0], self._will[1], qos=1, retain=True)
         self._client.disconnect()
         while self._client.want_write() and self._client.socket() is not None:
             await trio.lowlevel.wait_writable(self._sock)
@@ -225,4 +229,5 @@ async def connect(broker: Broker, on_message: MessageHandler) -> Session:
         raise SessionLost(
             f"cannot connect: {error.strerror or error}" if isinstance(error, OSError) else str(error), "unreachable"
         ) from None
-    return Session(client, on_message)
+    will = None if broker.will_topic is None else (broker.will_topic, broker.will_payload)
+    return Session(client, on_message, will)

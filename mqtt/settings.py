@@ -95,7 +95,7 @@ class MqttSettings(BaseModel):
     keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive (seconds)")
     connect_timeout_s: float = Field(default=10.0, ge=1, le=120, description="TCP, TLS and CONNACK time (seconds)")
     reconnect_min_s: float = Field(default=1.0, ge=0.1, le=600, description="first reconnect wait (seconds)")
-    reconnect_max_s: float = Field(default=60.0, ge=1, le=3600, description="longest reconnect wait (seconds)")
+    reconnect_max_s: float = Field(default=60.0, ge=0.1, le=3600, description="longest reconnect wait (seconds)")
     status_min_interval_s: float = Field(
         default=2.0, ge=0.1, le=3600, description="status published at most this often on change (seconds)"
     )
