@@ -269,5 +269,6 @@ class MqttService:
                 stamped = {**document, "at": self.ems.now().isoformat()}
                 session.publish(self.status_topic, json.dumps(stamped).encode(), retain=True)
                 self.metrics.status_published.inc()
+                self._notify()
                 published, published_at_s = document, now_s
             await trio.sleep(settings.status_min_interval_s)

@@ -107,6 +107,8 @@ class Session:
 
     def _check(self, rc: MQTTErrorCode) -> None:
         self._kick.set()
+        if self._refused is not None:
+            raise SessionLost(f"refused by the broker: {self._refused}", "refused")
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise SessionLost(paho.error_string(rc).rstrip("."))
 

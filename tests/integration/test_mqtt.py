@@ -75,9 +75,7 @@ class Controller:
 
 
 @asynccontextmanager
-async def controller(
-    broker: Broker, state_dir: Path, clock: WallClock, **mqtt: Any
-) -> AsyncIterator[Controller]:
+async def controller(broker: Broker, state_dir: Path, clock: WallClock, **mqtt: Any) -> AsyncIterator[Controller]:
     registry = CollectorRegistry()
     settings = MqttSettings.model_validate(
         {
@@ -141,9 +139,10 @@ async def test_bad_payloads_are_counted_logged_and_leave_the_limit_in_force(
     clock = WallClock()
     caplog.set_level(logging.WARNING, "ocpp_lc.mqtt")
     with trio.fail_after(TIMEOUT_S):
-        async with open_broker(tmp_path) as broker, controller(
-            broker, tmp_path / "state", clock, sources=["pv", "grid-ops"]
-        ) as lc:
+        async with (
+            open_broker(tmp_path) as broker,
+            controller(broker, tmp_path / "state", clock, sources=["pv", "grid-ops"]) as lc,
+        ):
             await lc.until(lambda: lc.metric("ocpp_lc_mqtt_connected") == 1)
             await pub(broker, topic("pv"), limit(25.0))
             await lc.handled("applied")
@@ -211,3 +210,85 @@ async def test_validity_runs_out_through_a_broker_outage_and_the_retained_limit_
             await pub(broker, topic("pv"), limit(18.0, valid_for_s=60), retain=True)
             await lc.handled("applied", 2)
             assert lc.phase_limits() == ((18.0, "ems:pv"),) * 3
+
+
+async def test_credentials_from_a_password_file_and_a_wrong_password_is_refused(tmp_path: Path) -> None:
+    passwords = tmp_path / "passwd"
+    with trio.fail_after(TIMEOUT_S):
+        await trio.run_process(["mosquitto_passwd", "-b", "-c", str(passwords), "lc", "right-horse-battery"])
+        extra = ["allow_anonymous false", f"password_file {passwords}"]
+        async with open_broker(tmp_path, extra=extra, client_args=("-u", "lc", "-P", "right-horse-battery")) as broker:
+            async with controller(broker, tmp_path / "s1", WallClock(), username="lc", password="wrong") as lc:
+                await lc.until(lambda: lc.metric("ocpp_lc_mqtt_connection_attempts_total", outcome="refused") >= 1)
+                assert lc.metric("ocpp_lc_mqtt_connected") == 0
+                assert "wrong" not in str(lc.service.status())
+            secret = tmp_path / "mqtt-password"
+            secret.write_text("right-horse-battery\n")
+            async with controller(broker, tmp_path / "s2", WallClock(), username="lc", password_file=str(secret)) as lc:
+                await lc.until(lambda: lc.metric("ocpp_lc_mqtt_connected") == 1)
+                await pub(broker, topic("pv"), limit(12.0))
+                await lc.handled("applied")
+                assert "right-horse" not in str(lc.service.status())
+
+
+async def test_tls_with_the_brokers_ca_connects_and_a_strange_ca_is_refused(tmp_path: Path) -> None:
+    ca = TestCa(tmp_path, "MQTT Test CA")
+    server = ca.issue("127.0.0.1", hosts=("127.0.0.1",))
+    strange = TestCa(tmp_path, "Someone Else")
+    extra = [f"cafile {ca.cert_file}", f"certfile {server.cert_file}", f"keyfile {server.key_file}"]
+    with trio.fail_after(TIMEOUT_S):
+        async with open_broker(tmp_path, extra=extra, client_args=("--cafile", str(ca.cert_file))) as broker:
+            async with controller(broker, tmp_path / "s1", WallClock(), tls=True, ca_file=str(strange.cert_file)) as lc:
+                await lc.until(lambda: lc.metric("ocpp_lc_mqtt_connection_attempts_total", outcome="tls") >= 1)
+                assert lc.metric("ocpp_lc_mqtt_connected") == 0
+            async with controller(broker, tmp_path / "s2", WallClock(), tls=True, ca_file=str(ca.cert_file)) as lc:
+                await lc.until(lambda: lc.metric("ocpp_lc_mqtt_connected") == 1)
+                await pub(broker, topic("pv"), limit(14.0))
+                await lc.handled("applied")
+                assert lc.phase_limits() == ((14.0, "ems:pv"),) * 3
+
+
+async def test_status_and_availability_topics(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with open_broker(tmp_path) as broker:
+            async with controller(broker, tmp_path / "state", WallClock()) as lc:
+                await lc.until(lambda: lc.metric("ocpp_lc_mqtt_connected") == 1)
+                assert await sub_one(broker, f"{PREFIX}/availability") == b"online"
+                await pub(broker, topic("pv"), limit(21.0))
+                await lc.handled("applied")
+                # Published on change (at most every status_min_interval_s), retained.
+                await lc.until(lambda: lc.metric("ocpp_lc_mqtt_status_published_total") >= 2)
+                document = json.loads(await sub_one(broker, f"{PREFIX}/status"))
+                assert document["limit"]["L1"] == {"limit_amperes": 21.0, "source": "ems:pv"}
+            # Stopped: it says so itself before DISCONNECT (after which the broker drops the will).
+            assert await sub_one(broker, f"{PREFIX}/availability") == b"offline"
+
+
+def test_reconnect_waits_double_up_to_the_maximum_with_jitter() -> None:
+    settings = MqttSettings(host="broker", reconnect_min_s=1.0, reconnect_max_s=30.0)
+    store = MemoryKeyValue()
+    limits = LimitSources(store, LimitBounds())
+    service = MqttService(
+        settings, limits, CollectorRegistry(), digests=MemoryKeyValue(), status_document=dict, rng=random.Random(1)
+    )
+    for failures, ceiling in ((1, 1.0), (2, 2.0), (3, 4.0), (5, 16.0), (6, 30.0), (40, 30.0)):
+        waits = [service.backoff_s(failures) for _ in range(50)]
+        assert all(ceiling / 2 <= wait <= ceiling for wait in waits)
+        assert len(set(waits)) > 1  # jitter: not in step with every other controller
+
+
+class MemoryKeyValue:
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def put(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+    def delete(self, key: str) -> bool:
+        return self.values.pop(key, None) is not None
+
+    def items(self) -> dict[str, Any]:
+        return dict(self.values)
