@@ -70,6 +70,8 @@ class MqttMetrics:
             ["outcome"],
             registry=registry,
         )
+        for outcome in ("ok", "unreachable", "timeout", "tls", "refused", "lost", "error"):
+            self.attempts.labels(outcome)
         self.reconnects = Counter(
             "ocpp_lc_mqtt_reconnects",
             "Sessions with the MQTT broker accepted after an earlier one was lost.",
