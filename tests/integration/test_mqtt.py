@@ -28,7 +28,7 @@ from mqtt.service import MqttService
 from mqtt.settings import MqttSettings
 from router.store import Store
 from tests.support.certs import TestCa
-from tests.support.mosquitto import Broker, needs_mosquitto, open_broker, pub, sub_one
+from tests.support.mosquitto import Broker, needs_mosquitto, open_broker, pub, sub_one, sub_until
 
 pytestmark = needs_mosquitto
 
@@ -257,9 +257,10 @@ async def test_status_and_availability_topics(tmp_path: Path) -> None:
                 await pub(broker, topic("pv"), limit(21.0))
                 await lc.handled("applied")
                 # Published on change (at most every status_min_interval_s), retained.
-                await lc.until(lambda: lc.metric("ocpp_lc_mqtt_status_published_total") >= 2)
-                document = json.loads(await sub_one(broker, f"{PREFIX}/status"))
-                assert document["limit"]["L1"] == {"limit_amperes": 21.0, "source": "ems:pv"}
+                text = await sub_until(broker, f"{PREFIX}/status", lambda line: b"ems:pv" in line)
+                assert json.loads(text)["limit"]["L1"] == {"limit_amperes": 21.0, "source": "ems:pv"}
+                assert await sub_one(broker, f"{PREFIX}/status") == text  # retained
+                assert lc.metric("ocpp_lc_mqtt_status_published_total") >= 2
             # Stopped: it says so itself before DISCONNECT (after which the broker drops the will).
             assert await sub_one(broker, f"{PREFIX}/availability") == b"offline"
 

@@ -16,7 +16,7 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,3 +164,24 @@ async def sub_one(broker: Broker, topic: str) -> bytes:
     with trio.fail_after(START_S):
         done = await trio.run_process(argv, capture_stdout=True)
     return bytes(done.stdout).removesuffix(b"\n")
+
+
+async def sub_until(broker: Broker, topic: str, condition: Callable[[bytes], bool]) -> bytes:
+    """The first message on ``topic`` (the retained one included) that meets ``condition``."""
+    assert MOSQUITTO_SUB is not None
+    argv = [MOSQUITTO_SUB, "-h", "127.0.0.1", "-p", str(broker.port), "-t", topic, *broker.client_args]
+    process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        buffer = b""
+        async for chunk in process.stdout:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                if condition(line):
+                    return line
+        raise OSError("mosquitto_sub ended")
+    finally:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
