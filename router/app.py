@@ -39,6 +39,8 @@ from firmware_cache import FirmwareCache, FirmwareSettings, RequestInvalid
 from firmware_cache.service import STATUS_ACTION
 from meters.limits_view import node_limits
 from meters.service import MeterService
+from mqtt.service import MqttService
+from mqtt.site_status import site_status
 
 from .autonomy.service import Autonomy
 from .balancing_wiring import build_balancer, clear_leftovers, feed_balancer, link_caller, release_document
@@ -88,6 +90,8 @@ class App:
     autonomy: Autonomy | None = None
     #: The site meters (``[[meters]]``) that limit balancing; None without meters or balancing.
     meters: MeterService | None = None
+    #: EMS limits and site status over MQTT (``[mqtt]``); None unless a broker is configured.
+    mqtt: MqttService | None = None
     station_port: int = 0
     http_port: int = 0
     #: Why the appliance was asked to restart (e.g. "RemoteReset"); None for a plain shutdown.
@@ -167,6 +171,7 @@ class App:
             "limits": self.limits_document(),
             "balancing": None if self.balancer is None else self.balancer.status(),
             "meters": None if self.meters is None else self.meters.status(),
+            "mqtt": None if self.mqtt is None else self.mqtt.status(),
             "upstream": {"csms_url": self.settings.csms.url, "link_up": own.get("link_up")},
             # Which stations are served locally (site autonomy) and what waits for the CSMS.
             "autonomy": None if self.autonomy is None else self.autonomy.status(),
@@ -302,6 +307,14 @@ def build_app(settings: Settings, store: Store, registry: CollectorRegistry | No
         )
         if leftovers.pending:
             app.leftover_profiles = leftovers
+    if settings.mqtt.enabled:
+        app.mqtt = MqttService(
+            settings.mqtt,
+            limits,
+            registry,
+            digests=store.namespace(MQTT_RETAINED_NAMESPACE),
+            status_document=lambda: site_status(limits, app.balancer),
+        )
     if settings.controller.connect:
         app.own = OwnIdentity(
             dataclasses.replace(own_settings, max_charging_profiles=csms_book.max_profiles),
@@ -341,6 +354,10 @@ EMS_REPORTED_NAMESPACE = "ems_reported"
 
 #: Store namespace of what the balancing loop knows of each station (EVSEs, transactions, installed limits).
 BALANCING_NAMESPACE = "balancing"
+
+
+#: Store namespace of the digests of the retained MQTT limits already applied (mqtt/ems.py).
+MQTT_RETAINED_NAMESPACE = "mqtt_retained"
 
 
 #: Store namespace of the EMS limits in force.
@@ -492,6 +509,8 @@ async def _serve(app: App, task_status: trio.TaskStatus[App]) -> None:
                 await nursery.start(app.own.run)
             if app.ems_reporter is not None:
                 await nursery.start(app.ems_reporter.run)
+            if app.mqtt is not None:
+                await nursery.start(app.mqtt.run)
             log.info(
                 "ocpp-lc %s up: stations on port %d, HTTP on port %d, CSMS at %s, state in %s%s",
                 settings.controller.identity,

@@ -36,6 +36,7 @@ import typer
 
 from meters.status import node_lines
 from meters.status import status_lines as meter_status_lines
+from mqtt.status import status_lines as mqtt_status_lines
 
 from .config import ConfigError, Settings, load_settings
 from .store import Store, StoreError
@@ -357,6 +358,8 @@ def _print_status(document: dict[str, Any]) -> None:
                 f"  measured {_amount(row.get('measured_current_amperes'), 'A')}{steer}"
             )
     for line in meter_status_lines(document.get("meters")):
+        typer.echo(line)
+    for line in mqtt_status_lines(document.get("mqtt")):
         typer.echo(line)
     upstream = document.get("upstream", {})
     link_up = upstream.get("link_up")

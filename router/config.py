@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from balancing.site import SiteConfig
 from meters.settings import MeterSettings, site_problems
+from mqtt.settings import MqttSettings
 
 from .autonomy.settings import AutonomySettings
 from .settings.balancing import BalancingSettings
@@ -75,6 +76,7 @@ class Settings(BaseModel):
     autonomy: AutonomySettings = AutonomySettings()
     log: LogSettings = LogSettings()
     meters: tuple[MeterSettings, ...] = Field(default=(), strict=False)  # [[meters]]: see meters/settings.py
+    mqtt: MqttSettings = MqttSettings()  # [mqtt]: see mqtt/settings.py
 
     @model_validator(mode="after")
     def _meters_fit_the_site(self) -> Settings:

@@ -184,6 +184,20 @@ RULE_TESTS: dict[str, Any] = {
                     'outcome="timeout"}',
                     "values": "0 0 0+30x30",
                 },
+                # MQTT (issue 16): the broker is lost from minute 2 to minute 9; the EMS sends a payload that is
+                # not JSON at minute 4, and nothing wrong after that.
+                {
+                    "series": 'ocpp_lc_mqtt_connected{instance="lc:8080",job="ocpp-lc"}',
+                    "values": "1 1 0 0 0 0 0 0 0 1x22",
+                },
+                {
+                    "series": 'ocpp_lc_mqtt_messages_total{instance="lc:8080",job="ocpp-lc",outcome="not_json"}',
+                    "values": "0 0 0 0 1x26",
+                },
+                {
+                    "series": 'ocpp_lc_mqtt_messages_total{instance="lc:8080",job="ocpp-lc",outcome="applied"}',
+                    "values": "0+1x30",
+                },
                 # Site autonomy (issue 12): the CSMS goes at minute 1 and stays away; max_offline_s is 20 min.
                 {
                     "series": 'ocpp_lc_autonomy_offline_longest_seconds{instance="lc:8080",job="ocpp-lc"}',
@@ -347,6 +361,39 @@ RULE_TESTS: dict[str, Any] = {
                         }
                     ],
                 },
+                # Five minutes without the broker is an alert; connected again, it clears.
+                {"eval_time": "6m", "alertname": "OcppLcMqttDisconnected", "exp_alerts": []},
+                {
+                    "eval_time": "7m",
+                    "alertname": "OcppLcMqttDisconnected",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {"severity": "warning", "instance": "lc:8080", "job": "ocpp-lc"},
+                            "exp_annotations": {
+                                "summary": "ocpp-lc on lc:8080 has not been connected to its MQTT broker for 5 minutes"
+                            },
+                        }
+                    ],
+                },
+                {"eval_time": "10m", "alertname": "OcppLcMqttDisconnected", "exp_alerts": []},
+                # A refused payload alerts for 15 minutes; applied ones never do.
+                {"eval_time": "3m", "alertname": "OcppLcMqttLimitsRefused", "exp_alerts": []},
+                {
+                    "eval_time": "5m",
+                    "alertname": "OcppLcMqttLimitsRefused",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "severity": "warning",
+                                "instance": "lc:8080",
+                                "job": "ocpp-lc",
+                                "outcome": "not_json",
+                            },
+                            "exp_annotations": {"summary": "EMS limits over MQTT refused on lc:8080 (not_json)"},
+                        }
+                    ],
+                },
+                {"eval_time": "25m", "alertname": "OcppLcMqttLimitsRefused", "exp_alerts": []},
                 # Autonomous for 15 minutes is an alert (minute 17: 16 minutes); close to max_offline_s a page.
                 {"eval_time": "16m", "alertname": "OcppLcSiteAutonomous", "exp_alerts": []},
                 {
@@ -531,8 +578,10 @@ async def test_every_metric_in_rules_and_dashboard_exists_on_a_running_controlle
     # exist only then.
     # A meter (nobody listens on port 1: it is polled and fails, which is all its metrics need).
     meters = [{"name": "grid-main", "host": "127.0.0.1", "port": 1}]
+    # An MQTT broker likewise (port 1: the attempts fail, the MQTT metrics exist all the same).
+    mqtt = {"host": "127.0.0.1", "port": 1}
     app = await lab.start_app(
-        csms.url, controller={"connect": True}, site={"grid": {"max_current_amperes": 100}}, meters=meters
+        csms.url, controller={"connect": True}, site={"grid": {"max_current_amperes": 100}}, meters=meters, mqtt=mqtt
     )
     with trio.fail_after(IO_TIMEOUT_S):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}", trust_env=False) as client:

@@ -18,6 +18,7 @@ from balancing.site import (
     StationDefaults,
 )
 from meters.settings import MeterSettings, RegisterMap
+from mqtt.settings import MqttSettings
 from router.autonomy.settings import AutonomySettings
 from router.config import (
     BalancingSettings,
@@ -139,6 +140,7 @@ def test_the_shipped_example_documents_every_key() -> None:
         "autonomy": AutonomySettings,
         "log": LogSettings,
         "meters": MeterSettings,
+        "mqtt": MqttSettings,
     }
     assert set(sections) == set(Settings.model_fields)
     tables = {"security", "grid", "circuits", "stations", "defaults", "policy", "registers"}
