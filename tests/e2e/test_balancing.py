@@ -270,6 +270,18 @@ def transaction_started(station_id: str) -> dict[str, Any]:
     }
 
 
+async def boot_and_start_transactions(stations: dict[str, Peer]) -> None:
+    """Each station booted (Accepted), its EVSE 1 Available, then a transaction started on it."""
+    for station_id, station in stations.items():
+        assert (await station.wait_for_event("boot"))["payload"]["status"] == "Accepted"
+        await call_station(
+            station,
+            "StatusNotification",
+            {"timestamp": now(), "connectorStatus": "Available", "evseId": 1, "connectorId": 1},
+        )
+        await call_station(station, "TransactionEvent", transaction_started(station_id))
+
+
 @asynccontextmanager
 async def open_site(open_relay: OpenRelay) -> AsyncIterator[tuple[Relay, dict[str, Peer]]]:
     """The appliance between the CSMS peer and three station peers (started together: start-up dominates)."""

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from router.cli import cli
 from tests.e2e.conftest import OpenRelay
-from tests.e2e.test_balancing import call_station, now, profile_answered, transaction_started
+from tests.e2e.test_balancing import boot_and_start_transactions, profile_answered
 from tests.support.modbus_meter import ModbusMeterServer, set_sunspec_currents, sunspec_image
 from tests.support.schemas import validate_frames
 
@@ -60,14 +60,7 @@ async def test_a_building_load_rising_by_40_amperes_reaches_the_stations_as_lowe
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{relay.app.http_port}", trust_env=False)
             )
             with trio.fail_after(TIMEOUT_S):
-                for station_id, station in stations.items():
-                    assert (await station.wait_for_event("boot"))["payload"]["status"] == "Accepted"
-                    await call_station(
-                        station,
-                        "StatusNotification",
-                        {"timestamp": now(), "connectorStatus": "Available", "evseId": 1, "connectorId": 1},
-                    )
-                    await call_station(station, "TransactionEvent", transaction_started(station_id))
+                await boot_and_start_transactions(stations)
                 for station_id, station in stations.items():
                     await profile_answered(station_id, station, "TxProfile", 32.0)
 

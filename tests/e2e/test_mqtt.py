@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from router.cli import cli
 from tests.e2e.conftest import OpenRelay
-from tests.e2e.test_balancing import call_station, now, profile_answered, transaction_started
+from tests.e2e.test_balancing import boot_and_start_transactions, profile_answered
 from tests.support.mosquitto import Broker, needs_mosquitto, open_broker, pub, sub_until
 from tests.support.schemas import validate_frames
 
@@ -62,14 +62,7 @@ async def test_an_ems_limit_over_mqtt_reaches_the_stations_and_the_status_topic(
                 )
             )
             stations = {s: await stack.enter_async_context(relay.station(s)) for s in STATIONS}
-            for station_id, station in stations.items():
-                assert (await station.wait_for_event("boot"))["payload"]["status"] == "Accepted"
-                await call_station(
-                    station,
-                    "StatusNotification",
-                    {"timestamp": now(), "connectorStatus": "Available", "evseId": 1, "connectorId": 1},
-                )
-                await call_station(station, "TransactionEvent", transaction_started(station_id))
+            await boot_and_start_transactions(stations)
             for station_id, station in stations.items():
                 assert (await profile_answered(station_id, station, "TxProfile", 10.0)).status == "Accepted"
             assert relay.metric("ocpp_lc_mqtt_messages_total", outcome="applied") == 1
