@@ -15,6 +15,8 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_core import PydanticCustomError
 
+from router.settings.values import check_readable_file
+
 _MODEL = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 #: A topic prefix: MQTT levels without wildcards, no leading or trailing '/'.
 _PREFIX = re.compile(r"[^/#+\x00]+(/[^/#+\x00]+)*")
@@ -25,20 +27,6 @@ _SOURCE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 def _problem(message: str, field: str) -> PydanticCustomError:
     # The "config" error type is how router/config.py reports a problem under a key of this table.
     return PydanticCustomError("config", "{message}", {"message": message, "field": field})
-
-
-def _absolute_readable(text: str) -> str:
-    path = Path(text)
-    if not path.is_absolute():
-        raise ValueError(f"must be an absolute path, got {text!r}")
-    if not path.is_file():
-        raise ValueError(f"no such file: {text!r}")
-    try:
-        with path.open("rb"):
-            pass
-    except OSError as error:
-        raise ValueError(f"cannot read {text!r}: {error.strerror}") from None
-    return text
 
 
 def _prefix(text: str) -> str:
@@ -60,7 +48,7 @@ def _sources(values: tuple[str, ...]) -> tuple[str, ...]:
     return values
 
 
-PathText = Annotated[str, AfterValidator(_absolute_readable)]
+PathText = Annotated[str, AfterValidator(check_readable_file)]
 
 
 class MqttSettings(BaseModel):
