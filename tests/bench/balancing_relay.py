@@ -9,9 +9,11 @@ Theory of operation. One trio loop runs, as in the controller, the balancing loo
 (:class:`balancing.loop.Balancer`, the benchmark site of ``allocation.py``: 20 tight circuits, mixed
 phases and priorities, underdrawing EVs, every EVSE in a transaction, stations answering every profile
 Accepted at once) and a *relay stand-in*: a loopback TCP server that echoes every frame, which is what
-the router does per frame (receive, write) and which, like it, can only run when the loop is free. An
-OS thread outside the loop plays the station: it sends a 200-byte frame, waits for the echo, records the
-round trip, 2,000 times a second. Its p99 is the relay's latency as a station sees it.
+the router does per frame (receive, write) and which, like it, can only run when the loop is free. A
+separate process plays the station (``balancing_relay.py station PORT SECONDS``): it sends a 200-byte
+frame, waits for the echo, records the round trip, ~1,600 times a second, and prints its samples when
+done. Its p99 is the relay's latency as a station sees it. (A station is another machine: a thread in the
+controller's own process would compete with it for the GIL and measure itself; see ``offloop.py``.)
 
 Two windows of ``--seconds`` each: *quiet* (balancing running, no events) and *burst* (every 0.5 s, 100
 TransactionEvents, Ended and Started again on 50 EVSEs, delivered one per checkpoint as the router's
@@ -27,8 +29,8 @@ import functools
 import itertools
 import socket
 import statistics
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,10 +61,14 @@ async def echo(stream: trio.SocketStream) -> None:
             await stream.send_all(data)
 
 
-def station_thread(port: int, stop: threading.Event, samples: list[tuple[float, float]]) -> None:
+def station(port: int, seconds: float) -> None:
+    """The station process: round trips for ``seconds``, then one ``started rtt`` line per sample on stdout
+    (``time.perf_counter`` is CLOCK_MONOTONIC on Linux, the same clock in every process)."""
+    samples: list[tuple[float, float]] = []
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        while not stop.is_set():
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
             started = time.perf_counter()
             sock.sendall(FRAME)
             received = 0
@@ -70,6 +76,33 @@ def station_thread(port: int, stop: threading.Event, samples: list[tuple[float, 
                 received += len(sock.recv(65536))
             samples.append((started, time.perf_counter() - started))
             time.sleep(0.0005)
+    sys.stdout.write("".join(f"{started!r} {rtt!r}\n" for started, rtt in samples))
+
+
+async def run_station(
+    port: int,
+    seconds: float,
+    samples: list[tuple[float, float]],
+    done: trio.Event,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Start the station process; once it has run, add its samples to ``samples`` and set ``done``."""
+    command = [sys.executable, __file__, "station", str(port), str(seconds)]
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+    task_status.started()
+    output = bytearray()
+    try:
+        with trio.fail_after(seconds + 60):
+            assert process.stdout is not None
+            while chunk := await process.stdout.receive_some(1 << 20):
+                output += chunk
+            await process.wait()
+    finally:
+        process.kill()
+    if process.returncode != 0:
+        raise RuntimeError(f"the station process failed ({process.returncode})")
+    samples.extend((float(at), float(rtt)) for at, rtt in (line.split() for line in output.decode().splitlines()))
+    done.set()
 
 
 def transaction_event(event_type: str, transaction_id: str, evse_id: int) -> dict[str, Any]:
@@ -142,9 +175,8 @@ async def main(args: argparse.Namespace) -> None:
                 )
         await trio.sleep(3.0)  # every profile out and accepted
         samples: list[tuple[float, float]] = []
-        stop = threading.Event()
-        thread = threading.Thread(target=station_thread, args=(port, stop, samples), daemon=True)
-        thread.start()
+        station_done = trio.Event()
+        await nursery.start(run_station, port, 2 * args.seconds + 1.5, samples, station_done)
         await trio.sleep(0.5)
         quiet_from = time.perf_counter()
         await trio.sleep(args.seconds)
@@ -166,8 +198,7 @@ async def main(args: argparse.Namespace) -> None:
             await trio.sleep(0.5)
         burst_to = time.perf_counter()
         spent = reallocations(registry) - before
-        stop.set()
-        await trio.to_thread.run_sync(thread.join)
+        await station_done.wait()
         nursery.cancel_scope.cancel()
     quiet = [rtt for at, rtt in samples if quiet_from <= at < burst_from]
     burst = [rtt for at, rtt in samples if burst_from <= at < burst_to]
@@ -188,6 +219,9 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["station"]:
+        station(int(sys.argv[2]), float(sys.argv[3]))
+        sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--evses", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=3.0)
