@@ -94,7 +94,7 @@ def _child(function: Callable[[], Any], write_fd: int, timeout_s: float, nice: i
             signal.set_wakeup_fd(-1)
         for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
             signal.signal(number, signal.SIG_DFL)
-        signal.setitimer(signal.ITIMER_REAL, max(timeout_s, 0.001))
+        signal.setitimer(signal.ITIMER_REAL, max(timeout_s, 1e-6))
         if nice:
             os.nice(nice)
         try:

@@ -46,6 +46,7 @@ from prometheus_client import CollectorRegistry
 from . import report
 from .allocator import Allocation, SiteLimits, allocate
 from .clearing import Cleared, clear_station, our_profile_ids
+from .forked_round import forked_round
 from .loop_types import (
     MAX_EVSE_ID,
     BalancerState,
@@ -59,8 +60,8 @@ from .loop_types import (
 from .observe import charging_priority, evse_of, measurement, transaction_facts
 from .records import EvseRecord, Purpose, StationRecord, decode, encode
 from .renewal import ProfileRenewal
-from .rollout import RolloutState, Step, plan
-from .scheduling import AllocationRunner
+from .rollout import Plan, RolloutState, Step, plan
+from .scheduling import RoundAnswer, RoundRunner
 from .sessions import SessionTracking, evse_id_usable
 from .site import SiteConfig
 from .station_profiles import CsmsProfiles
@@ -106,8 +107,10 @@ class Balancer(SessionTracking, ProfileRenewal):
         #: Set after every reallocation (tests and benchmarks wait on it).
         self.reallocated = trio.Event()
         self.last_duration_s = 0.0
-        #: Runs the allocator off the event loop on a large site (#17, :mod:`balancing.scheduling`).
-        self.allocation_runner = AllocationRunner()
+        #: Of the last round computed in a child: how long it kept the event loop (benchmarks read it).
+        self.last_on_loop_s = 0.0
+        #: Runs a large site's rounds in a forked child (#17, :mod:`balancing.scheduling`).
+        self.round_runner = RoundRunner()
         self._state = state
         self._stopping = False
         #: Set by :meth:`release`: the controller's profiles are being (or were) cleared; nothing is sent.
@@ -237,7 +240,10 @@ class Balancer(SessionTracking, ProfileRenewal):
                 with trio.move_on_at(self._deadline()):
                     await self._wake.wait()
                 self._wake = trio.Event()
-                self.reallocate(nursery, await self._allocate_ahead())
+                if self.round_runner.forks(len(self.rollout.evses)):
+                    await forked_round(self, nursery)  # a large site: computed off the loop (#17)
+                else:
+                    self.reallocate(nursery)
                 # Let the tasks just started send before looking again (answers wake us).
                 await trio.lowlevel.checkpoint()
 
@@ -283,52 +289,74 @@ class Balancer(SessionTracking, ProfileRenewal):
             at = upcoming
         return limits
 
-    async def _allocate_ahead(self) -> Allocation | None:
-        """The allocation for a snapshot of now, computed off the event loop on a large site (#17)."""
-        if self._stopping or self.released:
-            return None
-        now_s, wall = trio.current_time(), self._wall()
-        self._forget_gone(now_s)
-        self._lapse(wall)
-        sessions = self.rollout.allocator_sessions([self._session(record, wall) for record in self._records()])
-        return await self.allocation_runner.allocate(self.site, self._limits_ahead(wall), sessions, now_s)
-
-    def reallocate(self, nursery: trio.Nursery, ahead: Allocation | None = None) -> None:
-        """Allocate now (or take ``ahead``, computed moments ago) and start sending what the rollout plan allows."""
+    def reallocate(self, nursery: trio.Nursery) -> None:
+        """Allocate now and start sending what the rollout plan allows (the whole round on the loop)."""
         if self._stopping or self.released:
             return
         started = time.perf_counter()
-        now_s = trio.current_time()
-        wall = self._wall()
+        now_s, wall = trio.current_time(), self._wall()
+        governed = self._prepare_round(now_s, wall)
+        answer = self.compute_round(now_s, wall, self.limits)
+        self._take_answer(answer)
+        valid_to = wall + timedelta(seconds=self.settings.profile_validity_s)
+        for step in answer.plan.steps:
+            self._send_step(nursery, step, governed, now_s, valid_to)
+        self._end_round(nursery, answer.plan, wall, valid_to, started)
+
+    def _prepare_round(self, now_s: float, wall: datetime) -> set[tuple[str, int]]:
+        """What a round changes before it computes (stations gone, profiles lapsed, the limits ahead);
+        returns the EVSEs a CSMS profile governs or that cannot be steered (nothing is sent there)."""
         self._forget_gone(now_s)
         self._lapse(wall)
         self._count_defaults_under_transactions()
         self.limits = self._limits_ahead(wall)
-        governed = self._csms.governed(self._stations.values(), wall) | self._unsteerable()
-        if ahead is None:
-            sessions = [self._session(record, wall) for record in self._records()]
-            ahead = allocate(self.site, self.limits, self.rollout.allocator_sessions(sessions), now_s)
-        self.allocation = ahead
-        self._update_turns(now_s)
+        return self._csms.governed(self._stations.values(), wall) | self._unsteerable()
+
+    def compute_round(self, now_s: float, wall: datetime, limits: SiteLimits) -> RoundAnswer:
+        """The round's allocation, turns and plan, from the state as it is; changes nothing, so it can run
+        in a forked child (:mod:`balancing.forked_round`) as well as here."""
+        sessions = self.rollout.allocator_sessions([self._session(record, wall) for record in self._records()])
+        allocation = allocate(self.site, limits, sessions, now_s)
         renew_due = {record.key for record in self._records() if self._renewal_due(record, wall)}
-        steps = plan(self.site, self.limits, self.allocation, self.rollout, now_s, self.settings.rollout, renew_due)
-        self._next_due_s = steps.next_due_s
-        valid_to = wall + timedelta(seconds=self.settings.profile_validity_s)
-        for step in steps.steps:
-            station = self._stations.get(step.station_id)
-            if station is None or not self._connected(step.station_id, station):
-                continue  # nothing to send to; it stays counted at its maximum until it is back
-            if step.key in governed:
-                continue  # a CSMS profile outranks ours there: sending changes nothing
-            record = station.evses[step.evse_id]
-            if record.renewing:
-                continue  # one call of ours per EVSE: planned again once the renewal is answered
-            purpose: Purpose = "TxProfile" if record.transaction_id is not None else "TxDefaultProfile"
-            payload = self.profile_payload(record, purpose, step.current_amperes, valid_to, step.phases)
-            self.rollout.sent(step, now_s)
-            self._dirty.add(step.station_id)  # written before it goes out: a crash never forgets it
-            self.metrics.profiles.labels(step.kind, "sent").inc()
-            nursery.start_soon(self._send, step, purpose, payload, record.generation, valid_to)
+        cached = len(self.rollout._paths)
+        steps = plan(self.site, limits, allocation, self.rollout, now_s, self.settings.rollout, renew_due)
+        grown = len(self.rollout._paths) != cached
+        return RoundAnswer(
+            allocation,
+            self._turns(allocation, now_s),
+            steps,
+            (self.rollout._paths, self.rollout._shapes) if grown else None,
+        )
+
+    def _take_answer(self, answer: RoundAnswer) -> None:
+        self.allocation = answer.allocation
+        self._apply_turns(answer.turns)
+        self._next_due_s = answer.plan.next_due_s
+
+    def _send_step(
+        self, nursery: trio.Nursery, step: Step, governed: set[tuple[str, int]], now_s: float, valid_to: datetime
+    ) -> bool:
+        """Start sending one step of the plan; whether it went out."""
+        station = self._stations.get(step.station_id)
+        if station is None or not self._connected(step.station_id, station):
+            return False  # nothing to send to; it stays counted at its maximum until it is back
+        if step.key in governed:
+            return False  # a CSMS profile outranks ours there: sending changes nothing
+        record = station.evses[step.evse_id]
+        if record.renewing:
+            return False  # one call of ours per EVSE: planned again once the renewal is answered
+        purpose: Purpose = "TxProfile" if record.transaction_id is not None else "TxDefaultProfile"
+        payload = self.profile_payload(record, purpose, step.current_amperes, valid_to, step.phases)
+        self.rollout.sent(step, now_s)
+        self._dirty.add(step.station_id)  # written before it goes out: a crash never forgets it
+        self.metrics.profiles.labels(step.kind, "sent").inc()
+        nursery.start_soon(self._send, step, purpose, payload, record.generation, valid_to)
+        return True
+
+    def _end_round(
+        self, nursery: trio.Nursery, steps: Plan, wall: datetime, valid_to: datetime, started: float
+    ) -> None:
+        """Renew the defaults under transactions, write what changed, and tell whoever waits on a round."""
         calm = not steps.decreases and not self._decrease_in_flight()
         self._renew_defaults_under_transactions(nursery, wall, valid_to, {s.station_id for s in steps.steps}, calm)
         self._flush()

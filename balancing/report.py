@@ -38,10 +38,20 @@ class BalancingMetrics:
         )
         self.reallocation_seconds = Histogram(
             "ocpp_lc_balancing_reallocation_seconds",
-            "Time to compute one allocation and its rollout plan.",
+            "Time from the start of a balancing round to its last step started (a round computed in a child "
+            "process includes the child's time, during which the event loop goes on).",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=registry,
         )
+        self.child_rounds = Counter(
+            "ocpp_lc_balancing_child_rounds",
+            "Balancing rounds of a large site computed in a forked child process, by outcome (computed; "
+            "failed: the child crashed or timed out, and the round was computed on the event loop).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("computed", "failed"):
+            self.child_rounds.labels(outcome)
         self.csms_conflicts = Counter(
             "ocpp_lc_balancing_csms_profile_conflicts",
             "CSMS profiles or clears at a station that touched the controller's reserved profile ids or "

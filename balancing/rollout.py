@@ -151,6 +151,9 @@ class RolloutState:
     # every EVSE's lookup compare two sets of every constraint of the site (O(EVSEs x constraints) a plan).
     _shapes: dict[frozenset[ConstraintKey], int] = field(default_factory=dict, repr=False)
     _last_shape: tuple[frozenset[ConstraintKey], int] | None = field(default=None, repr=False)
+    #: Bumped by every change that may raise what an EVSE is counted at (all but a step sent, which the
+    #: plan counts itself, and an acceptance): a plan made before it may hold an increase that no longer fits.
+    raised: int = 0
 
     def path(
         self,
@@ -175,12 +178,15 @@ class RolloutState:
         self.evses[(station_id, evse_id)] = EvseApplied(
             station_id, evse_id, accepted_amperes=accepted_amperes, confirmed=accepted_amperes is not None
         )
+        self.raised += 1
 
     def session_started(self, key: EvseKey, phases_used: int | None) -> None:
         self.evses[key] = replace(self.evses[key], in_session=True, phases_used=phases_used)
+        self.raised += 1
 
     def session_ended(self, key: EvseKey) -> None:
         self.evses[key] = replace(self.evses[key], in_session=False, phases_used=None)
+        self.raised += 1
 
     def sent(self, step: Step, now_s: float) -> None:
         """A step was sent: an increase counts from now on; the station's rate-limit clock restarts
@@ -209,6 +215,7 @@ class RolloutState:
         self.evses[step.key] = replace(
             self.evses[step.key], in_flight_amperes=None, in_flight_phases=None, confirmed=False
         )
+        self.raised += 1
 
     def unanswered(self, step: Step) -> None:
         """No answer (timeout, link lost): whether it was applied is unknown, so the limit is unknown."""
@@ -230,6 +237,7 @@ class RolloutState:
             confirmed=False,
             lowest_possible_amperes=min(candidates) if candidates else None,
         )
+        self.raised += 1
 
     def installed(self, key: EvseKey, accepted_amperes: float | None, accepted_phases: int | None = None) -> None:
         """What the EVSE has installed changed without a step of ours (a transaction began or ended, the
@@ -244,6 +252,7 @@ class RolloutState:
             confirmed=accepted_amperes is not None,
             lowest_possible_amperes=None,
         )
+        self.raised += 1
 
     def restore(self, station_id: str, evse_id: int, ceiling_amperes: float | None, phases: int | None) -> None:
         """Know an EVSE taken back from the store after a restart: what it may have installed is at most
@@ -257,16 +266,19 @@ class RolloutState:
             confirmed=False,
             restored=True,
         )
+        self.raised += 1
 
     def fallback(self, key: EvseKey, amperes: float | None, phases: int | None = None) -> None:
         """Our TxDefaultProfile under the EVSE's running TxProfile (``None``: none, or no transaction)."""
         applied = self.evses[key]
         if (applied.fallback_amperes, applied.fallback_phases) != (amperes, phases):
             self.evses[key] = replace(applied, fallback_amperes=amperes, fallback_phases=phases)
+            self.raised += 1
 
     def overdraw(self, key: EvseKey, amperes: float | None) -> None:
         """The EVSE is measured drawing ``amperes``, above what it may (``None``: it complies again)."""
         self.evses[key] = replace(self.evses[key], overdraw_amperes=amperes)
+        self.raised += 1
 
     def forget_station(self, station_id: str) -> None:
         """Drop a station's EVSEs (it has been gone long enough)."""
@@ -279,6 +291,7 @@ class RolloutState:
         for key, applied in self.evses.items():
             if applied.station_id == station_id:
                 self.evses[key] = replace(applied, confirmed=False)
+        self.raised += 1
 
     def allocator_sessions(self, sessions: Iterable[Session]) -> list[Session]:
         """The sessions to allocate for: compliance from this record, plus untrusted idle EVSEs as fixed loads.

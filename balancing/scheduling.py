@@ -1,54 +1,87 @@
-"""Where the allocator runs: on the event loop for a small site, in a worker thread for a large one.
+"""Where a balancing round is computed: on the event loop for a small site, in a forked child for a large one.
 
-Theory of operation (issue #17: the relay never waits for the allocator). The allocator is a pure
-function of immutable values (the frozen :class:`~balancing.site.SiteConfig`, frozen
-:class:`~balancing.allocator.SiteLimits` and :class:`~balancing.allocator.Session` objects, a float),
-so :func:`trio.to_thread.run_sync` can run it on a tuple of them while the loop goes on relaying frames;
-most of its work is numpy, which lets go of the GIL while it computes. The loop then rolls out
-the answer with :func:`balancing.rollout.plan`, which checks every increase against what the stations
-may draw *now*, so an allocation made from a snapshot a few milliseconds old can hold back an increase
-but never let the site exceed a limit; whatever changed meanwhile has woken the loop again.
+Theory of operation (issue #17: the relay never waits for the allocator). A round's computation (the
+allocator's sessions, the allocation, the turns, the rollout plan) is a pure function of the loop's
+state, :meth:`balancing.loop.Balancer.compute_round`. On a large site it runs in a child forked from
+the controller (:mod:`balancing.forked`): the child sees the state as it was at the fork, for free, and
+the loop goes on relaying frames meanwhile; :mod:`balancing.forked_round` then applies the answer,
+checking every step against what changed meanwhile. A worker thread would not do: the round is Python
+code holding the GIL, and the relay would wait as long as if it ran inline (``tests/bench/offloop.py``).
 
-Coalescing comes from the same place: the loop waits on one :class:`trio.Event`; every observation
-sets it; while an allocation runs, a burst of events only sets it again, and the next allocation takes
-them all. A burst of 100 transaction events therefore costs about (burst length / allocation time)
-allocations, not 100.
+Coalescing comes from the same place: the loop waits on one :class:`trio.Event`; every observation sets
+it; while a round is computed a burst of events only sets it again, and the next round takes them all.
 
-Below ``threshold_sessions`` the thread hop (tens of microseconds, plus a trip through the scheduler)
-costs more than it saves, and unit tests on trio's virtual clock keep their exact timing.
+Below ``threshold_evses`` a fork (about a millisecond) costs more than the round; unit tests on trio's
+virtual clock keep their exact timing there too. A child that fails (it crashed, or gave no answer within
+``timeout_s``) is logged and the round is computed inline; after :data:`MAX_CHILD_FAILURES` in a row the
+runner stops forking (something in this environment breaks it) and says so.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
-import trio
+from . import forked
+from .allocator import Allocation
+from .loop_types import log
+from .rollout import Plan
+from .sessions import Turn
 
-from .allocator import Allocation, Session, SiteLimits, allocate
-from .site import SiteConfig
+T = TypeVar("T")
 
-#: Sessions from which the allocator runs in a worker thread (about 1 ms of allocation on this machine).
-THREAD_THRESHOLD_SESSIONS = 200
+#: EVSEs from which a round is computed in a forked child (a round of about 2 ms on this machine).
+FORK_THRESHOLD_EVSES = 200
+#: Failed children in a row after which rounds stay on the loop.
+MAX_CHILD_FAILURES = 3
 
 
-class AllocationRunner:
-    """Runs :func:`balancing.allocator.allocate` off the event loop once the site is large enough."""
+class RoundAnswer(NamedTuple):
+    """What :meth:`~balancing.loop.Balancer.compute_round` computed; ``path_cache`` is the rollout's path
+    cache when the plan added to it (a child's additions are kept by the parent: computing them is most
+    of a cold plan)."""
 
-    def __init__(self, threshold_sessions: int = THREAD_THRESHOLD_SESSIONS) -> None:
-        self.threshold_sessions = threshold_sessions
-        # One allocation at a time: a second would only compute from an older snapshot.
-        self._limiter = trio.CapacityLimiter(1)
-        #: Allocations run in a worker thread, and on the loop (tests and benchmarks read them).
-        self.threaded = 0
+    allocation: Allocation
+    turns: list[Turn]
+    plan: Plan
+    path_cache: tuple[dict, dict] | None  # type: ignore[type-arg]
+
+
+class RoundRunner:
+    """Decides where each round is computed, and computes it in a child when it should."""
+
+    def __init__(self, threshold_evses: int = FORK_THRESHOLD_EVSES, timeout_s: float = 5.0, *, nice: int = 10) -> None:
+        self.threshold_evses = threshold_evses
+        self.timeout_s = timeout_s
+        self.nice = nice
+        #: Rounds computed in a child, on the loop, and children that failed (tests and benchmarks read them).
+        self.forked = 0
         self.inline = 0
+        self.failures = 0
+        self._failed_in_a_row = 0
 
-    async def allocate(
-        self, site: SiteConfig, limits: SiteLimits, sessions: Sequence[Session], now_s: float
-    ) -> Allocation:
-        """The allocation for this snapshot; the caller's task waits, the event loop does not."""
-        snapshot = tuple(sessions)  # the caller's list may change while the thread reads it
-        if len(snapshot) < self.threshold_sessions:
-            self.inline += 1
-            return allocate(site, limits, snapshot, now_s)
-        self.threaded += 1
-        return await trio.to_thread.run_sync(allocate, site, limits, snapshot, now_s, limiter=self._limiter)
+    def forks(self, evses: int) -> bool:
+        """Whether the next round, on a site of ``evses`` EVSEs, is computed in a child (and counted so)."""
+        if forked.AVAILABLE and evses >= self.threshold_evses and self._failed_in_a_row < MAX_CHILD_FAILURES:
+            self.forked += 1
+            return True
+        self.inline += 1
+        return False
+
+    async def compute(self, function: Callable[[], T]) -> T | None:
+        """``function()`` computed in a forked child; ``None`` (logged) if the child failed."""
+        try:
+            answer = await forked.in_child(function, self.timeout_s, nice=self.nice)
+        except forked.ChildFailed as error:
+            self.failures += 1
+            self._failed_in_a_row += 1
+            log.warning("balancing round in a child process failed (%s): computed on the event loop", error)
+            if self._failed_in_a_row == MAX_CHILD_FAILURES:
+                log.error(
+                    "balancing: %d child rounds failed in a row; every round is computed on the event loop "
+                    "from now on (the relay waits for each)",
+                    MAX_CHILD_FAILURES,
+                )
+            return None
+        self._failed_in_a_row = 0
+        return answer

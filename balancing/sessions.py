@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
-from .allocator import Session, turn_after, underdraw_since
+from .allocator import Allocation, Session, turn_after, underdraw_since
 from .loop_types import MAX_EVSE_ID, LoopCore, log
 from .observe import Measurement, transaction_facts
 from .overdraw import is_overdrawing, overdraw_since
@@ -181,13 +181,38 @@ class SessionTracking(LoopCore):
             max_current_amperes=cap,
         )
 
-    def _update_turns(self, now_s: float) -> None:
+    def _turns(self, allocation: Allocation, now_s: float) -> list[Turn]:
+        """How each session's turn (served or waiting since) moves with this allocation: the changes only."""
+        changes: list[Turn] = []
         for record in self._records():
             if record.transaction_id is None:
                 continue
-            record.served_since_s, record.waiting_since_s = turn_after(
-                self.allocation.current_amperes(*record.key) > 0, record.served_since_s, record.waiting_since_s, now_s
-            )
+            served = allocation.current_amperes(*record.key) > 0
+            moved = turn_after(served, record.served_since_s, record.waiting_since_s, now_s)
+            if moved != (record.served_since_s, record.waiting_since_s):
+                changes.append(Turn(record.station_id, record.evse_id, record.generation, *moved))
+        return changes
+
+    def _apply_turns(self, turns: list[Turn]) -> None:
+        """Take the turns :meth:`_turns` computed (in a forked child, maybe), for sessions still the same."""
+        for turn in turns:
+            station = self._stations.get(turn.station_id)
+            record = None if station is None else station.evses.get(turn.evse_id)
+            if record is not None and record.generation == turn.generation:
+                record.served_since_s, record.waiting_since_s = turn.served_since_s, turn.waiting_since_s
+
+    def _update_turns(self, now_s: float) -> None:
+        self._apply_turns(self._turns(self.allocation, now_s))
+
+
+class Turn(NamedTuple):
+    """A session's turn after an allocation (:func:`balancing.allocator.turn_after`), for its generation."""
+
+    station_id: str
+    evse_id: int
+    generation: int
+    served_since_s: float | None
+    waiting_since_s: float
 
 
 def evse_id_usable(evse_id: int) -> bool:

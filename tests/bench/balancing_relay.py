@@ -3,7 +3,7 @@ transaction events (issue #17, Done-when 2).
 
 Run by hand (not collected by pytest)::
 
-    python tests/bench/balancing_relay.py [--evses 1000] [--seconds 3] [--mode threaded|inline|reference]
+    python tests/bench/balancing_relay.py [--evses 1000] [--seconds 3] [--mode forked|inline|reference]
 
 Theory of operation. One trio loop runs, as in the controller, the balancing loop
 (:class:`balancing.loop.Balancer`, the benchmark site of ``allocation.py``: 20 tight circuits, mixed
@@ -17,9 +17,11 @@ controller's own process would compete with it for the GIL and measure itself; s
 
 Two windows of ``--seconds`` each: *quiet* (balancing running, no events) and *burst* (every 0.5 s, 100
 TransactionEvents, Ended and Started again on 50 EVSEs, delivered one per checkpoint as the router's
-observer delivers them). It prints p50/p99/max of each window, their ratio, and how many allocations
-the bursts cost. ``--mode inline`` runs the (new) allocator on the event loop, ``--mode reference`` runs
-today's allocator there (tests/support/reference_allocator.py), for comparison.
+observer delivers them). It prints p50/p99/max of each window, their ratio, how many rounds the bursts
+cost and how long each kept the event loop. ``--mode forked`` (the default, what the controller does on a
+site this size) computes each round in a forked child (balancing.forked_round); ``--mode inline`` computes
+it on the event loop, and ``--mode reference`` does so with the first wave's allocator
+(tests/support/reference_allocator.py), for comparison.
 """
 
 from __future__ import annotations
@@ -135,8 +137,8 @@ async def main(args: argparse.Namespace) -> None:
     balancer = Balancer(
         site, lambda wall: SiteLimits(), accept_everything, LoopSettings(recompute_interval_s=10.0), registry=registry
     )
-    if args.mode != "threaded":
-        balancer.allocation_runner.threshold_sessions = 10**9
+    if args.mode != "forked":
+        balancer.round_runner.threshold_evses = 10**9
     if args.mode == "reference":
         from tests.support import reference_allocator
 
@@ -160,6 +162,13 @@ async def main(args: argparse.Namespace) -> None:
         reallocate_s.append(balancer.last_duration_s)
 
     balancer.reallocate = timed_reallocate  # type: ignore[method-assign]
+    real_forked_round = balancing_loop.forked_round
+
+    async def timed_forked_round(*call_args: Any) -> None:
+        await real_forked_round(*call_args)
+        reallocate_s.append(balancer.last_on_loop_s)
+
+    balancing_loop.forked_round = timed_forked_round  # type: ignore[assignment]
     stations = [station.station_id for station in site.stations]
     counter = itertools.count()
     async with trio.open_nursery() as nursery:
@@ -202,20 +211,22 @@ async def main(args: argparse.Namespace) -> None:
         nursery.cancel_scope.cancel()
     quiet = [rtt for at, rtt in samples if quiet_from <= at < burst_from]
     burst = [rtt for at, rtt in samples if burst_from <= at < burst_to]
-    runner = balancer.allocation_runner
+    runner = balancer.round_runner
     print(f"mode {args.mode}, {args.evses} EVSEs, {len(quiet)} + {len(burst)} round trips")
     for name, values in (("quiet", quiet), ("burst", burst)):
         p50, p99, worst = percentiles(values)
         print(f"  {name:5}: p50 {p50 * 1e3:6.3f} ms  p99 {p99 * 1e3:6.3f} ms  max {worst * 1e3:7.3f} ms")
     print(f"  burst p99 / quiet p99: {percentiles(burst)[1] / percentiles(quiet)[1]:.2f}")
     print(
-        f"  {bursts} bursts of 100 transaction events: {spent:.0f} reallocations "
-        f"({spent / max(bursts, 1):.1f} per burst); allocations threaded {runner.threaded}, inline {runner.inline}"
+        f"  {bursts} bursts of 100 transaction events: {spent:.0f} rounds ({spent / max(bursts, 1):.1f} per burst); "
+        f"rounds in a child {runner.forked} (failed {runner.failures}), on the loop {runner.inline}"
     )
-    print(
-        f"  on the loop during the bursts: reallocate() median {statistics.median(reallocate_s) * 1e3:.1f} ms, "
-        f"of which rollout.plan() {statistics.median(plan_s) * 1e3:.1f} ms"
-    )
+    if reallocate_s:
+        where = "outside the child" if args.mode == "forked" else "the whole round"
+        median_ms, max_ms = statistics.median(reallocate_s) * 1e3, max(reallocate_s) * 1e3
+        print(f"  on the loop per round during the bursts ({where}): median {median_ms:.2f} ms, max {max_ms:.2f} ms")
+    if plan_s and args.mode != "forked":
+        print(f"  of which rollout.plan() median {statistics.median(plan_s) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":
@@ -225,5 +236,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--evses", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--mode", choices=("threaded", "inline", "reference"), default="threaded")
+    parser.add_argument("--mode", choices=("forked", "inline", "reference"), default="forked")
     trio.run(main, parser.parse_args())

@@ -1,26 +1,32 @@
-"""Balancing at depot scale (issue #17): what keeps a reallocation off the relay's back.
+"""Balancing at depot scale (issue #17): what keeps a balancing round off the relay's back.
 
-* A burst of transaction events that arrives while an allocation runs off the event loop costs one
-  more allocation, not one per event (coalescing).
-* A large site's allocation runs in a worker thread, and the loop applies its result.
+* A large site's round is computed in a forked child (balancing.forked_round) and installs what a round on
+  the loop installs; a child that fails costs that round on the loop, and after three failures in a row
+  rounds stay there.
+* What changed while the child computed is not overruled by its plan: an increase planned before a limit
+  dropped, or before another EVSE became counted at more, is not sent; the next round plans again.
+* A burst of transaction events that arrives while a round is computed costs one more round, not one per
+  event (coalescing).
 * A rollout plan does not compare the site's whole constraint set once per EVSE (it did: a plan cost
   EVSEs x constraints, 180 ms of the event loop at 1,000 EVSEs; see tests/bench/balancing_relay.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
 
-from balancing import rollout
-from balancing.allocator import Allocation, Session, SiteLimits
+from balancing import forked, rollout
+from balancing.allocator import Allocation, SiteLimits
+from balancing.forked_round import bounds_rose
 from balancing.loop import Balancer
 from balancing.rollout import RolloutState, plan
-from balancing.scheduling import AllocationRunner
+from balancing.scheduling import MAX_CHILD_FAILURES, RoundRunner
 from balancing.site import SiteConfig
 from tests.unit.test_balancing_loop import (
     FakeStations,
@@ -31,23 +37,30 @@ from tests.unit.test_balancing_loop import (
     transaction_event,
 )
 
+T = TypeVar("T")
+needs_fork = pytest.mark.skipif(not forked.AVAILABLE, reason="needs fork (Linux)")
 
-class GatedRunner(AllocationRunner):
-    """Allocates as the real runner does, but allocation ``n`` waits until the test opens ``gates[n]``: it
-    stands for an allocation that takes a while in its thread, without depending on the machine's speed."""
+
+class GatedRunner(RoundRunner):
+    """Computes every round as a forked child does, from the state as it is when the round starts, but
+    hands round ``n``'s answer back only once the test opens ``gates[n]``: it stands for a child that takes
+    a while, without depending on the machine's speed (and keeps the virtual clock usable)."""
 
     def __init__(self) -> None:
-        super().__init__(threshold_sessions=10**9)  # after the gate, on the loop: settle() can see it finish
+        super().__init__(threshold_evses=0)
         self.gates = [trio.Event() for _ in range(3)]
         self.started = 0
 
-    async def allocate(
-        self, site: SiteConfig, limits: SiteLimits, sessions: Sequence[Session], now_s: float
-    ) -> Allocation:
+    def forks(self, evses: int) -> bool:
+        self.forked += 1
+        return True
+
+    async def compute(self, function: Callable[[], T]) -> T | None:
         gate = self.gates[min(self.started, len(self.gates) - 1)]
         self.started += 1
+        answer = function()  # the state at the fork
         await gate.wait()
-        return await super().allocate(site, limits, sessions, now_s)
+        return answer
 
     def open_all(self) -> None:
         for gate in self.gates:
@@ -58,7 +71,27 @@ def reallocations(registry: CollectorRegistry) -> float:
     return registry.get_sample_value("ocpp_lc_balancing_reallocations_total") or 0.0
 
 
-async def test_a_burst_during_an_allocation_costs_one_more_allocation(autojump_clock: trio.abc.Clock) -> None:
+def tx_profiles(fake: FakeStations) -> list[float]:
+    return [call.limit_amperes for call in fake.calls if call.transaction_id is not None]
+
+
+def served(fake: FakeStations, count: int) -> bool:
+    """Every session has its share of 3000 A installed (20 A; within the 1 A hysteresis below it, which a
+    share installed while some EVSE still counted at its maximum may keep), and the site is within its limit."""
+    installed = [fake.effective((f"CS{index}", 1)) for index in range(count)]
+    return all(value is not None and 19.0 <= value <= 20.0 for value in installed) and fake.total_drawable() <= 3000
+
+
+async def start_sessions(balancer: Balancer, count: int) -> None:
+    for index in range(count):
+        balancer.station_connected(f"CS{index}")
+        balancer.station_call(f"CS{index}", "StatusNotification", status_notification(1))
+    await settle()
+    for index in range(count):
+        balancer.station_call(f"CS{index}", "TransactionEvent", transaction_event("Started", f"TX-{index}"))
+
+
+async def test_a_burst_during_a_round_costs_one_more_round(autojump_clock: trio.abc.Clock) -> None:
     fake = FakeStations(limit_amperes=400.0)
     registry = CollectorRegistry()
     balancer = make_balancer(fake, registry=registry)
@@ -67,11 +100,11 @@ async def test_a_burst_during_an_allocation_costs_one_more_allocation(autojump_c
             balancer.station_connected(f"CS{index}")
             balancer.station_call(f"CS{index}", "StatusNotification", status_notification(1))
         await settle()
-        gated = balancer.allocation_runner = GatedRunner()
+        gated = balancer.round_runner = GatedRunner()
         before = reallocations(registry)
         balancer.wake()
         await settle()
-        assert gated.started == 1  # an allocation is under way (waiting at the gate)
+        assert gated.started == 1  # a round is under way (its answer waits at the gate)
         for index in range(50):  # 100 events, one per checkpoint, as the router's observer delivers them
             balancer.station_call(f"CS{index}", "TransactionEvent", transaction_event("Started", f"TX-{index}"))
             await trio.lowlevel.checkpoint()
@@ -79,7 +112,7 @@ async def test_a_burst_during_an_allocation_costs_one_more_allocation(autojump_c
             await trio.lowlevel.checkpoint()
         gated.gates[0].set()
         await settle()
-        # The first allocation was applied; the whole burst waits for one more, and for no third.
+        # The first round was applied; the whole burst waits for one more, and for no third.
         assert gated.started == 2
         assert reallocations(registry) - before == 1
         gated.open_all()
@@ -87,20 +120,139 @@ async def test_a_burst_during_an_allocation_costs_one_more_allocation(autojump_c
         assert all(fake.effective((f"CS{index}", 1)) == 8.0 for index in range(50))  # 400 A / 50, all served
 
 
-async def test_a_large_site_is_allocated_in_a_worker_thread() -> None:
-    fake = FakeStations(limit_amperes=10_000.0)
-    balancer: Balancer = make_balancer(fake)
-    balancer.allocation_runner = AllocationRunner(threshold_sessions=100)
+async def test_an_increase_planned_before_the_limit_dropped_is_not_sent(autojump_clock: trio.abc.Clock) -> None:
+    fake = FakeStations(limit_amperes=400.0, raise_on_violation=False)
+    balancer = make_balancer(fake)
+    gated = balancer.round_runner = GatedRunner()
+    gated.open_all()
+    async with running(balancer):
+        for index in range(50):
+            balancer.station_connected(f"CS{index}")
+            balancer.station_call(f"CS{index}", "StatusNotification", status_notification(1))
+        await settle()
+        gated.gates = [trio.Event() for _ in range(3)]
+        gated.started = 0
+        for index in range(50):
+            balancer.station_call(f"CS{index}", "TransactionEvent", transaction_event("Started", f"TX-{index}"))
+        await settle()
+        assert gated.started == 1  # planned 8 A each against 400 A; its answer waits at the gate
+        fake.limit_amperes = 100.0  # K14: the EMS lowers the site's limit meanwhile
+        gated.open_all()
+        await settle()
+    assert tx_profiles(fake), "the sessions were served"
+    # Within 100 A (16 sessions at 6.2 A, the others wait their turn): never the 8 A each planned against 400 A.
+    assert max(tx_profiles(fake)) < 8.0
+    assert sum(tx_profiles(fake)) <= 100.0
+
+
+async def test_an_increase_planned_before_another_evse_appeared_is_not_sent(autojump_clock: trio.abc.Clock) -> None:
+    fake = FakeStations(limit_amperes=400.0, raise_on_violation=False)
+    balancer = make_balancer(fake)
+    gated = balancer.round_runner = GatedRunner()
+    gated.open_all()
+    async with running(balancer):
+        for index in range(50):
+            balancer.station_connected(f"CS{index}")
+            balancer.station_call(f"CS{index}", "StatusNotification", status_notification(1))
+        await settle()
+        gated.gates = [trio.Event() for _ in range(3)]
+        gated.started = 0
+        for index in range(50):
+            balancer.station_call(f"CS{index}", "TransactionEvent", transaction_event("Started", f"TX-{index}"))
+        await settle()
+        assert gated.started == 1
+        # A station the plan never saw: what it has installed is unknown, so it counts at its maximum.
+        balancer.station_connected("CS-NEW")
+        balancer.station_call("CS-NEW", "StatusNotification", status_notification(1))
+        gated.open_all()
+        await settle()
+    shares = tx_profiles(fake)
+    assert shares
+    assert max(shares) < 8.0  # the new EVSE's 32 A came off the sessions' 8 A before any was sent
+    assert fake.violations == []
+
+
+async def test_a_step_for_an_evse_that_changed_meanwhile_is_not_sent(autojump_clock: trio.abc.Clock) -> None:
+    fake = FakeStations(limit_amperes=400.0)
+    balancer = make_balancer(fake)
+    gated = balancer.round_runner = GatedRunner()
+    gated.open_all()
+    async with running(balancer):
+        for index in range(50):
+            balancer.station_connected(f"CS{index}")
+            balancer.station_call(f"CS{index}", "StatusNotification", status_notification(1))
+        await settle()
+        gated.gates = [trio.Event() for _ in range(3)]
+        gated.started = 0
+        for index in range(50):
+            balancer.station_call(f"CS{index}", "TransactionEvent", transaction_event("Started", f"TX-{index}"))
+        await settle()
+        assert gated.started == 1  # 8 A planned for CS0's transaction
+        balancer.station_call("CS0", "TransactionEvent", transaction_event("Ended", "TX-0"))
+        gated.open_all()
+        await settle()
+    # The transaction is over: its 8 A must not become CS0's TxDefaultProfile (an idle EVSE gets 0 A here).
+    assert [call.limit_amperes for call in fake.to("CS0") if call.purpose == "TxDefaultProfile"] == [0.0]
+    assert [call for call in fake.to("CS0") if call.purpose == "TxProfile"] == []
+    assert balancer.allocation.current_amperes("CS1", 1) == pytest.approx(400.0 / 49, abs=0.1)  # planned again
+
+
+@needs_fork
+async def test_a_round_computed_in_a_child_installs_what_a_round_on_the_loop_does() -> None:
+    results = []
+    for runner in (RoundRunner(threshold_evses=100), RoundRunner(threshold_evses=10**9)):
+        fake = FakeStations(limit_amperes=3000.0)
+        registry = CollectorRegistry()
+        balancer = make_balancer(fake, registry=registry)
+        balancer.round_runner = runner
+        with trio.fail_after(60):
+            async with running(balancer):
+                await start_sessions(balancer, 150)
+                while not served(fake, 150):
+                    await balancer.reallocated.wait()
+        results.append([balancer.allocation.current_amperes(f"CS{index}", 1) for index in range(150)])
+        computed = registry.get_sample_value("ocpp_lc_balancing_child_rounds_total", {"outcome": "computed"})
+        assert (computed or 0) >= (1 if runner.threshold_evses == 100 else 0)
+        assert runner.forked >= 1 if runner.threshold_evses == 100 else runner.forked == 0
+    assert results[0] == results[1] == [20.0] * 150  # 3000 A / 150
+
+
+@needs_fork
+async def test_a_failing_child_costs_the_round_on_the_loop_and_three_stop_the_forking(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeStations(limit_amperes=3000.0)
+    registry = CollectorRegistry()
+    balancer = make_balancer(fake, registry=registry)
+    runner = balancer.round_runner = RoundRunner(threshold_evses=100, timeout_s=0.0)  # ends every child at once
     with trio.fail_after(60):
         async with running(balancer):
-            for index in range(150):
-                balancer.station_connected(f"CS{index}")
-                balancer.station_call(f"CS{index}", "StatusNotification", status_notification(1))
-                balancer.station_call(f"CS{index}", "TransactionEvent", transaction_event("Started", f"TX-{index}"))
-            while not all(fake.effective((f"CS{index}", 1)) == 32.0 for index in range(150)):
+            await start_sessions(balancer, 150)
+            while not served(fake, 150):
                 await balancer.reallocated.wait()
-    assert balancer.allocation_runner.threaded >= 1
-    assert balancer.allocation.current_amperes("CS149", 1) == 32.0
+    assert runner.failures == MAX_CHILD_FAILURES
+    assert registry.get_sample_value("ocpp_lc_balancing_child_rounds_total", {"outcome": "failed"}) == 3
+    assert not runner.forks(150)  # from now on every round is on the loop (and the site was balanced)
+    assert "computed on the event loop from now on" in caplog.text
+
+
+def test_bounds_rose_sees_a_new_evse_a_higher_bound_and_more_phases_but_not_a_lower_bound() -> None:
+    site = SiteConfig.model_validate({"stations": [{"station_id": "CS1", "phases": 3}]})
+    state = RolloutState()
+    state.add_evse("CS1", 1)
+    state.installed(("CS1", 1), 10.0, 1)  # numberPhases 1
+    state.session_started(("CS1", 1), 1)
+    before = dict(state.evses)
+    assert not bounds_rose(site, before, state.evses)
+    state.installed(("CS1", 1), 6.0, 1)  # lower: the plan's increases still fit
+    assert not bounds_rose(site, before, state.evses)
+    state.installed(("CS1", 1), 16.0)
+    assert bounds_rose(site, before, state.evses)
+    state.installed(("CS1", 1), 10.0, None)  # the same current, on every phase
+    assert bounds_rose(site, before, state.evses)
+    state.installed(("CS1", 1), 10.0, 1)
+    state.add_evse("CS1", 2, accepted_amperes=None)
+    assert bounds_rose(site, before, state.evses)
 
 
 class CountingSet(frozenset[tuple[str, int]]):
