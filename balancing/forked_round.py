@@ -1,10 +1,12 @@
 """A balancing round computed in a forked child, and applied on the loop without trusting it blindly.
 
-Theory of operation (issue #17). :func:`forked_round` does on the loop what must change the state
-before a round (:meth:`~balancing.loop.Balancer._prepare_round`: stations forgotten, profiles lapsed,
-the limits ahead), notes what every EVSE was counted at (``before``: the rollout's immutable
-:class:`~balancing.rollout.EvseApplied` of each) and has
-:meth:`~balancing.loop.Balancer.compute_round` computed in a child (:mod:`balancing.scheduling`).
+Theory of operation (issue #17). :func:`forked_round` takes the limits ahead and the EVSEs governed by
+CSMS profiles on the loop, notes what every EVSE was counted at (``before``: the rollout's immutable
+:class:`~balancing.rollout.EvseApplied` of each) and has :meth:`~balancing.loop.Balancer.compute_round`
+computed in a child (:mod:`balancing.scheduling`). The child also does the round's preparation (stations
+forgotten, profiles lapsed, our defaults under transactions counted: an O(EVSEs) pass each) on its copy,
+and names what it changed; the parent then does the same to those only (:func:`_take_preparation`), so
+the loop never walks every EVSE in one piece.
 While the child computes, the loop relays frames and takes observations: answers to earlier steps, a
 transaction starting, a station going away, a new limit. So when the answer comes back, it is applied
 step by step, and a step goes out only if it is still right:
@@ -30,7 +32,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import trio
@@ -42,6 +44,7 @@ from .site import SiteConfig
 
 if TYPE_CHECKING:
     from .loop import Balancer
+    from .scheduling import RoundAnswer
 
 #: Steps started between two checkpoints of the loop.
 SEND_CHUNK = 8
@@ -55,14 +58,15 @@ async def forked_round(balancer: Balancer, nursery: trio.Nursery) -> None:
         return
     started = time.perf_counter()
     now_s, wall = trio.current_time(), balancer._wall()
-    governed = balancer._prepare_round(now_s, wall)
+    governed = balancer._limits_and_governed(wall)
     limits = balancer.limits
     rollout = balancer.rollout
     before = dict(rollout.evses)
     raised = rollout.raised
     cached = len(rollout._paths)
     on_loop_s = time.perf_counter() - started
-    answer = await balancer.round_runner.compute(functools.partial(balancer.compute_round, now_s, wall, limits))
+    compute = functools.partial(balancer.compute_round, now_s, wall, limits, prepare=True)
+    answer = await balancer.round_runner.compute(compute)
     if answer is None:
         balancer.metrics.child_rounds.labels("failed").inc()
         balancer.reallocate(nursery)
@@ -76,9 +80,10 @@ async def forked_round(balancer: Balancer, nursery: trio.Nursery) -> None:
         # the next child (forked from here) start warm.
         rollout._paths, rollout._shapes = answer.path_cache
         rollout._last_shape = None
+    reference: dict[EvseKey, EvseApplied | None] = dict(before)
+    _take_preparation(balancer, answer, now_s, wall, reference)
     balancer._take_answer(answer)
     valid_to = balancer._wall() + timedelta(seconds=balancer.settings.profile_validity_s)
-    reference: dict[EvseKey, EvseApplied | None] = dict(before)
     holds = _limits_hold(balancer, limits)
     checked = raised
     dropped = False
@@ -104,8 +109,26 @@ async def forked_round(balancer: Balancer, nursery: trio.Nursery) -> None:
             reference[step.key] = rollout.evses[step.key]  # our own step: counted by the plan
     if dropped:
         balancer.wake()
-    balancer._end_round(nursery, answer.plan, wall, valid_to, started)
+    balancer._end_round(nursery, answer.plan, wall, valid_to, started, answer.default_renewals)
     balancer.last_on_loop_s = on_loop_s + time.perf_counter() - resumed
+
+
+def _take_preparation(
+    balancer: Balancer, answer: RoundAnswer, now_s: float, wall: datetime, reference: dict[EvseKey, EvseApplied | None]
+) -> None:
+    """Do to the parent's state what the child's preparation did to its copy, for the stations and EVSEs it
+    names only (the same methods, on the state as it is now). Where the result is what the child planned
+    from, that EVSE counts as unchanged for its step."""
+    balancer._forget_gone(now_s, answer.forgotten)
+    balancer._lapse(wall, [record for key in answer.lapsed if (record := balancer._record(key)) is not None])
+    prepared = answer.prepared or {}
+    records = [record for key in prepared if (record := balancer._record(key)) is not None]
+    balancer._count_defaults_under_transactions(records)
+    evses = balancer.rollout.evses
+    for key, applied in prepared.items():
+        now = evses.get(key)
+        if now is not None and now == applied:
+            reference[key] = now
 
 
 def _limits_hold(balancer: Balancer, planned: SiteLimits) -> bool:

@@ -35,7 +35,7 @@ before any increase goes out), and each step goes out as SetChargingProfile in i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -54,14 +54,14 @@ from .loop_types import (
     CallOutcome,
     LoopSettings,
     log,
-    reason_code,
-    timestamp,
 )
 from .observe import charging_priority, evse_of, measurement, transaction_facts
-from .records import EvseRecord, Purpose, StationRecord, decode, encode
+from .persistence import Persistence
+from .records import EvseRecord, Purpose, StationRecord
 from .renewal import ProfileRenewal
-from .rollout import Plan, RolloutState, Step, plan
+from .rollout import EvseApplied, Plan, RolloutState, plan
 from .scheduling import RoundAnswer, RoundRunner
+from .sending import ProfileSending
 from .sessions import SessionTracking, evse_id_usable
 from .site import SiteConfig
 from .station_profiles import CsmsProfiles
@@ -72,7 +72,7 @@ MAX_LOOKAHEAD_POINTS = 64
 __all__ = ["MAX_EVSE_ID", "Balancer", "BalancerState", "CallOutcome", "Caller", "LoopSettings", "Purpose"]
 
 
-class Balancer(SessionTracking, ProfileRenewal):
+class Balancer(SessionTracking, ProfileRenewal, ProfileSending, Persistence):
     """The live balancing loop; see the module docstring."""
 
     def __init__(
@@ -304,28 +304,53 @@ class Balancer(SessionTracking, ProfileRenewal):
         self._end_round(nursery, answer.plan, wall, valid_to, started)
 
     def _prepare_round(self, now_s: float, wall: datetime) -> set[tuple[str, int]]:
-        """What a round changes before it computes (stations gone, profiles lapsed, the limits ahead);
+        """What a round changes before it computes: the EVSEs (:meth:`_prepare_evses`), the limits ahead;
         returns the EVSEs a CSMS profile governs or that cannot be steered (nothing is sent there)."""
-        self._forget_gone(now_s)
-        self._lapse(wall)
+        self._prepare_evses(now_s, wall)
+        return self._limits_and_governed(wall)
+
+    def _prepare_evses(self, now_s: float, wall: datetime) -> tuple[list[str], list[tuple[str, int]]]:
+        """Stations gone long enough forgotten, lapsed profiles unknown, our defaults under transactions
+        counted; returns the stations forgotten and the EVSEs that lapsed."""
+        forgotten = self._forget_gone(now_s)
+        lapsed = self._lapse(wall)
         self._count_defaults_under_transactions()
+        return forgotten, lapsed
+
+    def _limits_and_governed(self, wall: datetime) -> set[tuple[str, int]]:
         self.limits = self._limits_ahead(wall)
         return self._csms.governed(self._stations.values(), wall) | self._unsteerable()
 
-    def compute_round(self, now_s: float, wall: datetime, limits: SiteLimits) -> RoundAnswer:
-        """The round's allocation, turns and plan, from the state as it is; changes nothing, so it can run
-        in a forked child (:mod:`balancing.forked_round`) as well as here."""
+    def compute_round(self, now_s: float, wall: datetime, limits: SiteLimits, *, prepare: bool = False) -> RoundAnswer:
+        """The round's allocation, turns and plan, from the state as it is. Changes nothing unless
+        ``prepare`` (in a forked child, :mod:`balancing.forked_round`: :meth:`_prepare_evses` on the child's
+        copy first, and the answer says what it changed, for the parent to do the same)."""
+        prepared: dict[tuple[str, int], EvseApplied] | None = None
+        forgotten: list[str] = []
+        lapsed: list[tuple[str, int]] = []
+        if prepare:
+            before = dict(self.rollout.evses)
+            forgotten, lapsed = self._prepare_evses(now_s, wall)
+            prepared = {key: applied for key, applied in self.rollout.evses.items() if before.get(key) is not applied}
         sessions = self.rollout.allocator_sessions([self._session(record, wall) for record in self._records()])
         allocation = allocate(self.site, limits, sessions, now_s)
         renew_due = {record.key for record in self._records() if self._renewal_due(record, wall)}
         cached = len(self.rollout._paths)
         steps = plan(self.site, limits, allocation, self.rollout, now_s, self.settings.rollout, renew_due)
         grown = len(self.rollout._paths) != cached
+        renewals: tuple[str, ...] | None = None
+        if prepare:
+            busy = {step.station_id for step in steps.steps}
+            renewals = tuple(sorted({record.station_id for record, *_ in self._default_renewals(wall, busy)}))
         return RoundAnswer(
             allocation,
             self._turns(allocation, now_s),
             steps,
             (self.rollout._paths, self.rollout._shapes) if grown else None,
+            prepared,
+            tuple(forgotten),
+            tuple(lapsed),
+            renewals,
         )
 
     def _take_answer(self, answer: RoundAnswer) -> None:
@@ -333,32 +358,20 @@ class Balancer(SessionTracking, ProfileRenewal):
         self._apply_turns(answer.turns)
         self._next_due_s = answer.plan.next_due_s
 
-    def _send_step(
-        self, nursery: trio.Nursery, step: Step, governed: set[tuple[str, int]], now_s: float, valid_to: datetime
-    ) -> bool:
-        """Start sending one step of the plan; whether it went out."""
-        station = self._stations.get(step.station_id)
-        if station is None or not self._connected(step.station_id, station):
-            return False  # nothing to send to; it stays counted at its maximum until it is back
-        if step.key in governed:
-            return False  # a CSMS profile outranks ours there: sending changes nothing
-        record = station.evses[step.evse_id]
-        if record.renewing:
-            return False  # one call of ours per EVSE: planned again once the renewal is answered
-        purpose: Purpose = "TxProfile" if record.transaction_id is not None else "TxDefaultProfile"
-        payload = self.profile_payload(record, purpose, step.current_amperes, valid_to, step.phases)
-        self.rollout.sent(step, now_s)
-        self._dirty.add(step.station_id)  # written before it goes out: a crash never forgets it
-        self.metrics.profiles.labels(step.kind, "sent").inc()
-        nursery.start_soon(self._send, step, purpose, payload, record.generation, valid_to)
-        return True
-
     def _end_round(
-        self, nursery: trio.Nursery, steps: Plan, wall: datetime, valid_to: datetime, started: float
+        self,
+        nursery: trio.Nursery,
+        steps: Plan,
+        wall: datetime,
+        valid_to: datetime,
+        started: float,
+        renewal_stations: Iterable[str] | None = None,
     ) -> None:
-        """Renew the defaults under transactions, write what changed, and tell whoever waits on a round."""
+        """Renew the defaults under transactions (at every station, or at ``renewal_stations``), write what
+        changed, and tell whoever waits on a round."""
         calm = not steps.decreases and not self._decrease_in_flight()
-        self._renew_defaults_under_transactions(nursery, wall, valid_to, {s.station_id for s in steps.steps}, calm)
+        busy = {step.station_id for step in steps.steps}
+        self._renew_defaults_under_transactions(nursery, wall, valid_to, busy, calm, renewal_stations)
         self._flush()
         self.last_duration_s = time.perf_counter() - started
         self.metrics.reallocations.inc()
@@ -378,103 +391,6 @@ class Balancer(SessionTracking, ProfileRenewal):
                 if applied is not None and (applied.confirmed or applied.in_flight_amperes is not None):
                     self.rollout.installed(record.key, None)
         return result
-
-    def profile_payload(
-        self,
-        record: EvseRecord,
-        purpose: Purpose,
-        amperes: float,
-        valid_to: datetime | None = None,
-        phases: int | None = None,
-    ) -> dict[str, Any]:
-        """The SetChargingProfileRequest that installs ``amperes`` per phase on one EVSE."""
-        profile_id = self.settings.profile_id(record.evse_id, purpose)
-        period: dict[str, Any] = {"startPeriod": 0, "limit": amperes}
-        if phases is not None and phases < 3:
-            period["numberPhases"] = phases  # K01.FR.49: without it the station assumes 3
-        profile: dict[str, Any] = {
-            "id": profile_id,
-            "stackLevel": self.settings.stack_level,
-            "chargingProfilePurpose": purpose,
-            # Relative with one open-ended period: in force from now (or the transaction's start) on.
-            "chargingProfileKind": "Relative",
-            "chargingSchedule": [{"id": profile_id, "chargingRateUnit": "A", "chargingSchedulePeriod": [period]}],
-        }
-        if valid_to is not None:
-            profile["validTo"] = timestamp(valid_to)
-        if purpose == "TxProfile":
-            profile["transactionId"] = record.transaction_id
-        return {"evseId": record.evse_id, "chargingProfile": profile}
-
-    async def _call(self, station_id: str, action: str, payload: dict[str, Any]) -> CallOutcome:
-        try:
-            return await self._caller(station_id, action, payload)
-        except Exception as error:  # defence in depth: one station's failure must not stop the loop
-            log.exception("[%s] %s failed unexpectedly", station_id, action)
-            return CallOutcome("gone", detail=type(error).__name__)
-
-    async def _send(
-        self, step: Step, purpose: Purpose, payload: dict[str, Any], generation: int, valid_to: datetime
-    ) -> None:
-        outcome = await self._call(step.station_id, "SetChargingProfile", payload)
-        accepted = outcome.status == "answered" and (outcome.payload or {}).get("status") == "Accepted"
-        label = "accepted" if accepted else "rejected" if outcome.status == "answered" else outcome.status
-        self.metrics.profiles.labels(step.kind, label).inc()
-        station = self._stations.get(step.station_id)
-        record = None if station is None else station.evses.get(step.evse_id)
-        # A TxProfile for a transaction that ended meanwhile is rightly refused (K01.FR.09): not a fault.
-        overtaken = record is None or record.generation != generation
-        status_info = (outcome.payload or {}).get("statusInfo") if outcome.status == "answered" else None
-        ended_there = purpose == "TxProfile" and reason_code(status_info) == "TxNotFound"
-        if not accepted and not self._stopping and not overtaken and ended_there:
-            # The transaction ended at the station before the profile arrived; its TransactionEvent is on its
-            # way: counted at its maximum until that comes, but not a fault worth a warning.
-            log.info("[%s] TxProfile on EVSE %d: the transaction has ended there", step.station_id, step.evse_id)
-        elif not accepted and not self._stopping and not overtaken:
-            log.warning(
-                "[%s] %s of %.1f A on EVSE %d: %s%s; counted at its maximum until it accepts one",
-                step.station_id,
-                purpose,
-                step.current_amperes,
-                step.evse_id,
-                label,
-                f" ({outcome.detail or status_info})" if outcome.detail or status_info else "",
-            )
-        self._settle(step, purpose, record, generation, accepted, outcome.status, valid_to)
-        self.wake()
-
-    def _settle(
-        self,
-        step: Step,
-        purpose: Purpose,
-        record: EvseRecord | None,
-        generation: int,
-        accepted: bool,
-        status: str,
-        valid_to: datetime,
-    ) -> None:
-        if record is None or step.key not in self.rollout.evses:
-            return  # forgotten meanwhile
-        self._dirty.add(step.station_id)
-        if accepted and purpose == "TxDefaultProfile":
-            record.default_amperes = step.current_amperes
-            record.default_phases = step.phases
-        if accepted:
-            record.valid_until[purpose] = valid_to
-        if record.generation != generation:
-            # A transaction started or ended while this was under way. No TxProfile of ours exists for
-            # the transaction there is now (one would carry the new generation), so our
-            # TxDefaultProfile governs the EVSE, idle or not: known if the station accepted one.
-            self.rollout.installed(step.key, self._default_in_force(record))
-            return
-        if accepted:
-            self.rollout.accepted(step)
-            if purpose == "TxProfile":
-                record.tx_profile_accepted = True
-        elif status == "answered" or status == "error":
-            self.rollout.rejected(step)
-        else:
-            self.rollout.unanswered(step)
 
     def _connected(self, station_id: str, station: StationRecord) -> bool:
         if self._is_connected is not None:
@@ -509,6 +425,11 @@ class Balancer(SessionTracking, ProfileRenewal):
             if not station.forgotten:
                 yield from station.evses.values()
 
+    def _record(self, key: tuple[str, int]) -> EvseRecord | None:
+        """The record of one EVSE, if it is known and its station not forgotten."""
+        station = self._stations.get(key[0])
+        return None if station is None or station.forgotten else station.evses.get(key[1])
+
     def _station(self, station_id: str) -> StationRecord:
         """The record of a station, made on first mention; one not connected then may be forgotten later."""
         station = self._stations.get(station_id)
@@ -530,10 +451,13 @@ class Balancer(SessionTracking, ProfileRenewal):
             self.wake()
         return record
 
-    def _forget_gone(self, now_s: float) -> None:
+    def _forget_gone(self, now_s: float, station_ids: Iterable[str] | None = None) -> list[str]:
+        """Forget the stations gone for ``forget_disconnected_after_s`` (of all, or of ``station_ids``)."""
         hold_s = self.settings.forget_disconnected_after_s
-        for station_id, station in list(self._stations.items()):
-            if station.forgotten:
+        forgotten = []
+        for station_id in list(self._stations) if station_ids is None else station_ids:
+            station = self._stations.get(station_id)
+            if station is None or station.forgotten:
                 continue
             if self._is_connected is not None and self._is_connected(station_id):
                 station.disconnected_at_s = None
@@ -547,53 +471,8 @@ class Balancer(SessionTracking, ProfileRenewal):
                 station.forgotten = True
                 self.rollout.forget_station(station_id)
                 self._dirty.add(station_id)
-
-    # --- persistence ---------------------------------------------------------------------------
-
-    def _flush(self) -> None:
-        """Write what changed since the last flush, in one transaction (never per answer: fsyncs add up)."""
-        if self._state is None or not self._dirty:
-            return
-        items: dict[str, Any] = {}
-        for station_id in sorted(self._dirty):
-            station = self._stations.get(station_id)
-            if station is None:
-                self._state.delete(station_id)
-                continue
-            ceilings: dict[int, tuple[float | None, int | None]] = {}
-            for evse_id, record in station.evses.items():
-                applied = self.rollout.evses.get(record.key)
-                if applied is None or applied.accepted_amperes is None:
-                    continue
-                # The most it may have installed: a step in flight may already be in force there.
-                ceiling = max(applied.accepted_amperes, applied.in_flight_amperes or 0.0)
-                phases = applied.accepted_phases
-                if applied.in_flight_amperes is not None and phases is not None:
-                    phases = None if applied.in_flight_phases is None else max(phases, applied.in_flight_phases)
-                ceilings[evse_id] = (ceiling, phases)
-            items[station_id] = encode(station, ceilings)
-        self._dirty.clear()
-        if items:
-            self._state.put_many(items)
-
-    def _restore(self, state: BalancerState) -> None:
-        """Take back what was known before a restart. Every EVSE counts at its maximum until its station
-        accepts a profile again (it is retried at once), never above what it may have installed."""
-        for station_id, stored in sorted(state.items().items()):
-            try:
-                station, evses = decode(station_id, stored)
-            except (KeyError, TypeError, ValueError, AttributeError) as error:
-                log.error("[%s] balancing state in the store is unreadable (%s): learned again", station_id, error)
-                continue
-            self._stations[station_id] = station
-            if station.forgotten:
-                continue
-            for item in evses:
-                record = item.record
-                self.rollout.restore(station_id, record.evse_id, item.ceiling_amperes, item.phases)
-                if record.transaction_id is not None:
-                    self.rollout.session_started(record.key, record.phases_used)
-                    record.tx_profile_accepted = "TxProfile" in record.valid_until
+                forgotten.append(station_id)
+        return forgotten
 
     # --- reading -----------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ its limit is unknown, counted at its maximum, until the station accepts one of o
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -49,9 +49,10 @@ class ProfileRenewal(LoopCore):
         ]
         return min(upcoming, default=None)
 
-    def _count_defaults_under_transactions(self) -> None:
-        """Tell the rollout which EVSEs carry our TxDefaultProfile under a running TxProfile, and at what."""
-        for record in self._records():
+    def _count_defaults_under_transactions(self, records: Iterable[EvseRecord] | None = None) -> None:
+        """Tell the rollout which EVSEs carry our TxDefaultProfile under a running TxProfile, and at what
+        (every EVSE, or those of ``records``)."""
+        for record in self._records() if records is None else records:
             if record.key in self.rollout.evses:
                 under = self._default_in_force(record) if record.governing == "TxProfile" else None
                 phases = record.default_phases
@@ -90,14 +91,30 @@ class ProfileRenewal(LoopCore):
         valid_to: datetime,
         busy: Collection[str] = (),
         calm: bool = True,
+        station_ids: Iterable[str] | None = None,
     ) -> None:
         """Our TxDefaultProfile under a running TxProfile governs again when the transaction ends: keep it
         valid, and never above what the transaction is counted at (see :meth:`_default_under_transaction`).
         Only at stations with nothing else of ours under way (``busy``: steps sent this round): what governs
         the EVSEs now goes first. Lowering it only regains capacity (it is counted meanwhile), so that waits,
-        like an increase, until no decrease is planned or under way anywhere (``calm``)."""
-        for station_id, station in self._stations.items():
-            if not self._connected(station_id, station) or station_id in busy:
+        like an increase, until no decrease is planned or under way anywhere (``calm``). ``station_ids``:
+        look at these stations only (those :meth:`_default_renewals` named in a forked child)."""
+        for record, target, phases, lower in self._default_renewals(wall, busy, calm, station_ids):
+            record.renewing_to = (target, phases)
+            payload = self.profile_payload(record, "TxDefaultProfile", target, valid_to, phases)
+            kind = "decrease" if lower else "renew"
+            self.metrics.profiles.labels(kind, "sent").inc()
+            nursery.start_soon(self._renew_default, record, payload, (target, phases), valid_to, kind)
+
+    def _default_renewals(
+        self, wall: datetime, busy: Collection[str] = (), calm: bool = True, station_ids: Iterable[str] | None = None
+    ) -> list[tuple[EvseRecord, float, int | None, bool]]:
+        """The TxDefaultProfiles under transactions to send now, one per station at most: (record, amperes,
+        numberPhases, lowering). Reads only; see :meth:`_renew_defaults_under_transactions`."""
+        result = []
+        for station_id in self._stations if station_ids is None else station_ids:
+            station = self._stations.get(station_id)
+            if station is None or not self._connected(station_id, station) or station_id in busy:
                 continue
             if any(record.renewing or self._in_flight(record) for record in station.evses.values()):
                 continue
@@ -115,12 +132,9 @@ class ProfileRenewal(LoopCore):
                     continue
                 if not lower:
                     target, phases = record.default_amperes, record.default_phases  # renewed as it is
-                record.renewing_to = (target, phases)
-                payload = self.profile_payload(record, "TxDefaultProfile", target, valid_to, phases)
-                kind = "decrease" if lower else "renew"
-                self.metrics.profiles.labels(kind, "sent").inc()
-                nursery.start_soon(self._renew_default, record, payload, (target, phases), valid_to, kind)
+                result.append((record, target, phases, lower))
                 break  # one call of ours at a time per station
+        return result
 
     def _decrease_in_flight(self) -> bool:
         return any(
@@ -172,14 +186,18 @@ class ProfileRenewal(LoopCore):
             return max(record.default_amperes, record.renewing_to[0])
         return record.default_amperes
 
-    def _lapse(self, wall: datetime) -> None:
-        """A profile of ours that lapsed (never renewed) no longer holds the EVSE: its limit is unknown."""
-        for record in self._records():
+    def _lapse(self, wall: datetime, records: Iterable[EvseRecord] | None = None) -> list[tuple[str, int]]:
+        """A profile of ours that lapsed (never renewed) no longer holds the EVSE: its limit is unknown.
+        Looks at every EVSE (or those of ``records``); returns those it changed."""
+        changed = []
+        for record in self._records() if records is None else records:
+            lapsed = False
             default_until = record.valid_until.get("TxDefaultProfile")
             if default_until is not None and default_until <= wall:
                 del record.valid_until["TxDefaultProfile"]
                 record.default_amperes = None
                 self._dirty.add(record.station_id)
+                lapsed = True
             until = record.valid_until.get(record.governing)
             applied = self.rollout.evses.get(record.key)
             if until is not None and until <= wall and applied is not None and applied.confirmed:
@@ -187,6 +205,10 @@ class ProfileRenewal(LoopCore):
                 del record.valid_until[record.governing]
                 self.rollout.installed(record.key, None)
                 self._dirty.add(record.station_id)
+                lapsed = True
+            if lapsed:
+                changed.append(record.key)
+        return changed
 
 
 def _fewer(phases: int | None, than: int | None) -> bool:

@@ -25,7 +25,7 @@ from typing import NamedTuple, TypeVar
 from . import forked
 from .allocator import Allocation
 from .loop_types import log
-from .rollout import Plan
+from .rollout import EvseApplied, Plan
 from .sessions import Turn
 
 T = TypeVar("T")
@@ -37,14 +37,21 @@ MAX_CHILD_FAILURES = 3
 
 
 class RoundAnswer(NamedTuple):
-    """What :meth:`~balancing.loop.Balancer.compute_round` computed; ``path_cache`` is the rollout's path
-    cache when the plan added to it (a child's additions are kept by the parent: computing them is most
-    of a cold plan)."""
+    """What :meth:`~balancing.loop.Balancer.compute_round` computed. ``path_cache`` is the rollout's path
+    cache when the plan added to it (a child's additions are kept by the parent: computing them is most of
+    a cold plan). A round computed in a child also prepared the child's copy of the state first; the rest
+    tells the parent what that changed: ``prepared`` (the EVSEs it counted differently, as it counted
+    them), ``forgotten`` (stations), ``lapsed`` (EVSEs), and ``default_renewals`` (the stations where a
+    TxDefaultProfile under a transaction is due)."""
 
     allocation: Allocation
     turns: list[Turn]
     plan: Plan
     path_cache: tuple[dict, dict] | None  # type: ignore[type-arg]
+    prepared: dict[tuple[str, int], EvseApplied] | None = None
+    forgotten: tuple[str, ...] = ()
+    lapsed: tuple[tuple[str, int], ...] = ()
+    default_renewals: tuple[str, ...] | None = None
 
 
 class RoundRunner:

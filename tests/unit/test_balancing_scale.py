@@ -218,6 +218,30 @@ async def test_a_round_computed_in_a_child_installs_what_a_round_on_the_loop_doe
 
 
 @needs_fork
+async def test_what_the_child_prepared_is_done_to_the_parent_too() -> None:
+    """The child forgets the stations gone long enough and counts our defaults under transactions on its
+    copy; the parent must end up with the same (else it would keep balancing a station that is gone)."""
+    fake = FakeStations(limit_amperes=3000.0)
+    balancer = make_balancer(fake, forget_after_s=0.0)
+    balancer.round_runner = RoundRunner(threshold_evses=100)
+    with trio.fail_after(60):
+        async with running(balancer):
+            await start_sessions(balancer, 150)
+            balancer.station_connected("GONE")
+            balancer.station_call("GONE", "StatusNotification", status_notification(1))
+            while not served(fake, 150):
+                await balancer.reallocated.wait()
+            forked_before = balancer.round_runner.forked
+            balancer.station_disconnected("GONE")
+            while balancer.round_runner.forked == forked_before or ("GONE", 1) in balancer.rollout.evses:
+                await balancer.reallocated.wait()
+    record = balancer.station_record("GONE")
+    assert record is not None and record.forgotten
+    assert ("GONE", 1) not in balancer.rollout.evses
+    assert all(key[0] != "GONE" for key in balancer.allocation.evses)
+
+
+@needs_fork
 async def test_a_failing_child_costs_the_round_on_the_loop_and_three_stop_the_forking(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
