@@ -57,6 +57,9 @@ class RoundAnswer(NamedTuple):
 class RoundRunner:
     """Decides where each round is computed, and computes it in a child when it should."""
 
+    #: A threshold no site reaches: every round on the event loop.
+    NEVER = 1 << 62
+
     def __init__(self, threshold_evses: int = FORK_THRESHOLD_EVSES, timeout_s: float = 5.0, *, nice: int = 10) -> None:
         self.threshold_evses = threshold_evses
         self.timeout_s = timeout_s

@@ -25,6 +25,7 @@ from balancing.limits import LimitSources
 from balancing.loop import Balancer, BalancerState, Caller, CallOutcome, LoopSettings
 from balancing.overdraw import OverdrawPolicy
 from balancing.rollout import RolloutPolicy
+from balancing.scheduling import RoundRunner
 from meters.service import MeterService
 
 from .config import Settings
@@ -77,6 +78,8 @@ def build_balancer(
         state=state,
         is_connected=lambda station_id: links.get(station_id) is not None,
     )
+    threshold = config.child_process_from_evses or RoundRunner.NEVER
+    balancer.round_runner = RoundRunner(threshold, config.child_process_timeout_s)
     if meters is not None:
         meters.attach(balancer)
     return balancer

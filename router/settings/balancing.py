@@ -82,3 +82,17 @@ class BalancingSettings(BaseModel):
     observer_queue: int = Field(
         default=10_000, ge=100, le=1_000_000, description="relayed messages buffered for the loop (count)"
     )
+    child_process_from_evses: int = Field(
+        default=200,
+        ge=0,
+        le=1_000_000,
+        description="from this many EVSEs on, each balancing round is computed in a forked child process, so "
+        "relaying never waits for it (count; 0: never, every round on the event loop)",
+    )
+    child_process_timeout_s: float = Field(
+        default=5.0,
+        ge=0.5,
+        le=120,
+        description="a child process that has not answered a round by then is ended and the round is computed "
+        "on the event loop (s)",
+    )

@@ -36,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from router.app import App
@@ -67,6 +68,14 @@ BALANCING = {
     "idle_current_amperes": 0,
 }
 CALL, CALLRESULT = 2, 3
+
+
+def metric_value(metrics: str, sample: str) -> float:
+    """One sample's value in a /metrics page (0 if it is not there)."""
+    for line in metrics.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def now() -> str:
@@ -283,10 +292,13 @@ async def boot_and_start_transactions(stations: dict[str, Peer]) -> None:
 
 
 @asynccontextmanager
-async def open_site(open_relay: OpenRelay) -> AsyncIterator[tuple[Relay, dict[str, Peer]]]:
+async def open_site(
+    open_relay: OpenRelay, balancing: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[Relay, dict[str, Peer]]]:
     """The appliance between the CSMS peer and three station peers (started together: start-up dominates)."""
     async with AsyncExitStack() as stack:
-        relay = await stack.enter_async_context(open_relay(controller=CONTROLLER, site=SITE, balancing=BALANCING))
+        settings = BALANCING | (balancing or {})
+        relay = await stack.enter_async_context(open_relay(controller=CONTROLLER, site=SITE, balancing=settings))
         stations = {station_id: await stack.enter_async_context(relay.station(station_id)) for station_id in STATIONS}
         yield relay, stations
 
@@ -294,11 +306,18 @@ async def open_site(open_relay: OpenRelay) -> AsyncIterator[tuple[Relay, dict[st
 # -- the scenario ----------------------------------------------------------------------------------
 
 
+#: Where the appliance computes its balancing rounds: on the event loop (a small site), or in a forked
+#: child process as on a site of 200 EVSEs or more (#17; here from the first EVSE on), which must make no
+#: difference a station or the CSMS could see.
+ROUNDS = {"on the loop": {}, "in a child process": {"child_process_from_evses": 1}}
+
+
+@pytest.mark.parametrize("rounds", list(ROUNDS))
 async def test_sessions_ems_limit_release_and_csms_site_limit_reach_the_stations_decreases_first(
-    open_relay: OpenRelay,
+    open_relay: OpenRelay, rounds: str
 ) -> None:
     async with (
-        open_site(open_relay) as (relay, stations),
+        open_site(open_relay, ROUNDS[rounds]) as (relay, stations),
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{relay.app.http_port}", trust_env=False) as http,
     ):
         csms = relay.csms
@@ -438,6 +457,10 @@ async def test_sessions_ems_limit_release_and_csms_site_limit_reach_the_stations
                     raise AssertionError(f"{name}: {error}") from None
             for received in (r for s, p in stations.items() for r in profiles_received(s, p)):
                 assert received.status == "Accepted", received
+            metrics = (await http.get("/metrics")).text
+            in_child = metric_value(metrics, 'ocpp_lc_balancing_child_rounds_total{outcome="computed"}')
+            assert (in_child > 0) == (rounds == "in a child process"), in_child
+            assert metric_value(metrics, 'ocpp_lc_balancing_child_rounds_total{outcome="failed"}') == 0
 
     # Every frame on every connection: what the controller wrote (its profiles, its own identity's
     # calls and answers, the CSMS's answers relayed) and what the peers wrote (for pairing results).
