@@ -276,7 +276,8 @@ def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], 
     """Share the site's capacity among the sessions; see the module docstring for the rules.
 
     Raises ValueError if two sessions name the same EVSE. Safe to call from any thread: the compiled
-    site it shares with other calls is used under its lock (:mod:`balancing.scheduling` runs it in one).
+    site it shares with other calls is used under its lock (a large site's rounds run it in a forked
+    child process, :mod:`balancing.scheduling`).
     """
     with site_index(site).lock:
         return _allocate(site, limits, sessions, now_s)

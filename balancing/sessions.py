@@ -201,9 +201,6 @@ class SessionTracking(LoopCore):
             if record is not None and record.generation == turn.generation:
                 record.served_since_s, record.waiting_since_s = turn.served_since_s, turn.waiting_since_s
 
-    def _update_turns(self, now_s: float) -> None:
-        self._apply_turns(self._turns(self.allocation, now_s))
-
 
 class Turn(NamedTuple):
     """A session's turn after an allocation (:func:`balancing.allocator.turn_after`), for its generation."""

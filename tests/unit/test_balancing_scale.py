@@ -82,13 +82,33 @@ def served(fake: FakeStations, count: int) -> bool:
     return all(value is not None and 19.0 <= value <= 20.0 for value in installed) and fake.total_drawable() <= 3000
 
 
-async def start_sessions(balancer: Balancer, count: int) -> None:
+def connect_idle(balancer: Balancer, count: int) -> None:
     for index in range(count):
         balancer.station_connected(f"CS{index}")
         balancer.station_call(f"CS{index}", "StatusNotification", status_notification(1))
-    await settle()
+
+
+def start_transactions(balancer: Balancer, count: int) -> None:
     for index in range(count):
         balancer.station_call(f"CS{index}", "TransactionEvent", transaction_event("Started", f"TX-{index}"))
+
+
+async def start_sessions(balancer: Balancer, count: int) -> None:
+    connect_idle(balancer, count)
+    await settle()
+    start_transactions(balancer, count)
+
+
+async def shares_planned_behind_the_gate(balancer: Balancer, gated: GatedRunner, count: int = 50) -> None:
+    """``count`` idle EVSEs get their defaults, then a transaction starts on each: the round that plans
+    their shares has computed, and its answer waits at the gate."""
+    connect_idle(balancer, count)
+    await settle()
+    gated.gates = [trio.Event() for _ in range(3)]
+    gated.started = 0
+    start_transactions(balancer, count)
+    await settle()
+    assert gated.started == 1
 
 
 async def test_a_burst_during_a_round_costs_one_more_round(autojump_clock: trio.abc.Clock) -> None:
@@ -126,16 +146,7 @@ async def test_an_increase_planned_before_the_limit_dropped_is_not_sent(autojump
     gated = balancer.round_runner = GatedRunner()
     gated.open_all()
     async with running(balancer):
-        for index in range(50):
-            balancer.station_connected(f"CS{index}")
-            balancer.station_call(f"CS{index}", "StatusNotification", status_notification(1))
-        await settle()
-        gated.gates = [trio.Event() for _ in range(3)]
-        gated.started = 0
-        for index in range(50):
-            balancer.station_call(f"CS{index}", "TransactionEvent", transaction_event("Started", f"TX-{index}"))
-        await settle()
-        assert gated.started == 1  # planned 8 A each against 400 A; its answer waits at the gate
+        await shares_planned_behind_the_gate(balancer, gated)  # 8 A each against 400 A
         fake.limit_amperes = 100.0  # K14: the EMS lowers the site's limit meanwhile
         gated.open_all()
         await settle()
@@ -151,16 +162,7 @@ async def test_an_increase_planned_before_another_evse_appeared_is_not_sent(auto
     gated = balancer.round_runner = GatedRunner()
     gated.open_all()
     async with running(balancer):
-        for index in range(50):
-            balancer.station_connected(f"CS{index}")
-            balancer.station_call(f"CS{index}", "StatusNotification", status_notification(1))
-        await settle()
-        gated.gates = [trio.Event() for _ in range(3)]
-        gated.started = 0
-        for index in range(50):
-            balancer.station_call(f"CS{index}", "TransactionEvent", transaction_event("Started", f"TX-{index}"))
-        await settle()
-        assert gated.started == 1
+        await shares_planned_behind_the_gate(balancer, gated)
         # A station the plan never saw: what it has installed is unknown, so it counts at its maximum.
         balancer.station_connected("CS-NEW")
         balancer.station_call("CS-NEW", "StatusNotification", status_notification(1))
@@ -178,16 +180,7 @@ async def test_a_step_for_an_evse_that_changed_meanwhile_is_not_sent(autojump_cl
     gated = balancer.round_runner = GatedRunner()
     gated.open_all()
     async with running(balancer):
-        for index in range(50):
-            balancer.station_connected(f"CS{index}")
-            balancer.station_call(f"CS{index}", "StatusNotification", status_notification(1))
-        await settle()
-        gated.gates = [trio.Event() for _ in range(3)]
-        gated.started = 0
-        for index in range(50):
-            balancer.station_call(f"CS{index}", "TransactionEvent", transaction_event("Started", f"TX-{index}"))
-        await settle()
-        assert gated.started == 1  # 8 A planned for CS0's transaction
+        await shares_planned_behind_the_gate(balancer, gated)  # 8 A planned for CS0's transaction
         balancer.station_call("CS0", "TransactionEvent", transaction_event("Ended", "TX-0"))
         gated.open_all()
         await settle()
