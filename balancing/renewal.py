@@ -55,10 +55,7 @@ class ProfileRenewal(LoopCore):
         for record in self._records() if records is None else records:
             if record.key in self.rollout.evses:
                 under = self._default_in_force(record) if record.governing == "TxProfile" else None
-                phases = record.default_phases
-                if record.renewing_to is not None and _fewer(phases, record.renewing_to[1]):
-                    phases = record.renewing_to[1]  # the wider of the two counts while it is under way
-                self.rollout.fallback(record.key, under, None if under is None else phases)
+                self.rollout.fallback(record.key, under, None if under is None else self._default_phases(record))
 
     def _default_under_transaction(self, record: EvseRecord) -> tuple[float, int | None] | None:
         """What our TxDefaultProfile under a running TxProfile should allow, per phase and on how many
@@ -185,6 +182,15 @@ class ProfileRenewal(LoopCore):
         if record.renewing_to is not None:
             return max(record.default_amperes, record.renewing_to[0])
         return record.default_amperes
+
+    def _default_phases(self, record: EvseRecord) -> int | None:
+        """The numberPhases of our TxDefaultProfile at the station (``None``: every phase): as accepted, and
+        the wider of two while a change is under way. A default narrowed under a 1-phase EV's transaction
+        stays narrowed once that transaction ends, until a wider one is accepted."""
+        phases = record.default_phases
+        if record.renewing_to is not None and _fewer(phases, record.renewing_to[1]):
+            phases = record.renewing_to[1]
+        return phases
 
     def _lapse(self, wall: datetime, records: Iterable[EvseRecord] | None = None) -> list[tuple[str, int]]:
         """A profile of ours that lapsed (never renewed) no longer holds the EVSE: its limit is unknown.

@@ -338,10 +338,16 @@ def _more_phases(a: int | None, b: int | None) -> int | None:
 
 
 def session_phases(station: StationConfig, applied: EvseApplied) -> int:
-    """How many phases an EVSE's own profile lets it load: the most of what its EV uses (all while idle or
-    unknown), what its installed profile allows (numberPhases; all while unknown) and what a profile in
-    flight allows."""
-    used = applied.phases_used if applied.in_session and applied.phases_used is not None else station.phases
+    """How many phases an EVSE's own profile lets it load: the most of what its EV uses (all while unknown),
+    what its installed profile allows (numberPhases; all while unknown) and what a profile in flight allows.
+
+    An idle EVSE has no EV to go by: any EV may arrive, and a station that accepted a numberPhases has
+    said it will use no more (K01.FR.43), so a trusted idle EVSE loads the phases of its installed
+    profile; an untrusted one every phase of its station."""
+    if applied.in_session:
+        used = station.phases if applied.phases_used is None else applied.phases_used
+    else:
+        used = 1 if applied.trusted and applied.accepted_phases is not None else station.phases
     allowed = station.phases if applied.accepted_phases is None else applied.accepted_phases
     flight = applied.in_flight_phases if applied.in_flight_amperes is not None else None
     return max(1, min(station.phases, max(used, allowed, flight or 0)))

@@ -131,7 +131,7 @@ class ProfileSending(LoopCore):
             # A transaction started or ended while this was under way. No TxProfile of ours exists for
             # the transaction there is now (one would carry the new generation), so our
             # TxDefaultProfile governs the EVSE, idle or not: known if the station accepted one.
-            self.rollout.installed(step.key, self._default_in_force(record))
+            self.rollout.installed(step.key, self._default_in_force(record), self._default_phases(record))
             return
         if accepted:
             self.rollout.accepted(step)

@@ -73,10 +73,6 @@ class SessionTracking(LoopCore):
         if facts.measurement is not None:
             self._measured(record, facts.measurement)
 
-    def _default_phases(self, record: EvseRecord) -> int | None:
-        phases = self.site.station(record.station_id).phases
-        return None if phases >= 3 else phases
-
     def _end_session(self, record: EvseRecord) -> None:
         station = self._stations[record.station_id]
         record.tx_profile_accepted = False

@@ -475,6 +475,37 @@ async def test_the_default_under_a_one_phase_transaction_is_counted_on_its_phase
         assert balancer.phase_bounds_amperes() == (32.0, 0.0, 0.0)
 
 
+async def test_a_default_narrowed_under_a_transaction_is_counted_narrowed_once_it_ends(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Found by the demo under load (an EMS limit of 12 A read as 18 A committed): once a 1-phase EV's
+    transaction ended, the EVSE was counted at its TxDefaultProfile on every phase of its station, while
+    the default the station holds had been narrowed to one phase (numberPhases 1, K01.FR.49) and governs
+    as it is (K02.FR.05). The phases it loads are those of the default installed, until a wider one is
+    accepted."""
+    fake = Recording(limit_amperes=40.0)
+    settings = loop_settings(idle_current_amperes=6.0, min_interval_s=0)
+    balancer = Balancer(GRID_SITE, fake.limits_at, fake, settings, wall_clock=wall_clock)
+    async with running(balancer):
+        balancer.station_connected("CS1")
+        balancer.station_call("CS1", "StatusNotification", status_notification(1))
+        await settle()
+        balancer.station_call("CS1", "TransactionEvent", transaction_event("Started", "TX-1", numberOfPhasesUsed=1))
+        await settle()
+        defaults = [p for p in fake.set_profiles("CS1") if p["chargingProfilePurpose"] == "TxDefaultProfile"]
+        assert default_period(defaults[-1]) == {"startPeriod": 0, "limit": 6.0, "numberPhases": 1}
+        fake.delay_s["CS1"] = 5.0  # what follows the end is not answered yet
+        balancer.station_call("CS1", "TransactionEvent", transaction_event("Ended", "TX-1", seq_no=1))
+        assert balancer.phase_bounds_amperes() == (6.0, 0.0, 0.0)
+        assert row(balancer, "CS1")["compliant"] is True
+        await trio.sleep(10)
+        await settle()
+        # Idle, it is offered its idle current on every phase again (any EV may come).
+        defaults = [p for p in fake.set_profiles("CS1") if p["chargingProfilePurpose"] == "TxDefaultProfile"]
+        assert default_period(defaults[-1]) == {"startPeriod": 0, "limit": 6.0}
+        assert balancer.phase_bounds_amperes() == (6.0, 6.0, 6.0)
+
+
 def test_a_default_under_a_transaction_counts_on_its_own_phases_and_at_its_own_limit() -> None:
     """The rollout's bound (pure): our TxDefaultProfile under a running TxProfile raises what the EVSE is
     counted at to its limit, and widens the phases counted to its numberPhases, until it is narrowed."""

@@ -96,7 +96,7 @@ from router.observers import ObservedMessage
 from router.ocppj import MessageType
 from tests.support.schemas import validate_call, validate_call_16, validate_result, validate_result_16
 
-SEED = 20251126
+SEED = 20261204
 EVENTS = 1_000
 VOLTAGE = 230.0
 CALL_TIMEOUT_S = 5.0
