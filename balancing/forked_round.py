@@ -29,27 +29,101 @@ small site.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import pickle
 import time
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import trio
 import trio.lowlevel
 
 from .allocator import EPSILON_AMPERES, SiteLimits
-from .rollout import EvseApplied, bound_amperes, counted_phases
+from .rollout import EvseApplied, Plan, Step, StepKind, bound_amperes, counted_phases
 from .site import SiteConfig
 
 if TYPE_CHECKING:
     from .loop import Balancer
     from .scheduling import RoundAnswer
 
-#: Steps started between two checkpoints of the loop.
-SEND_CHUNK = 8
+#: The most the loop spends on one piece of applying an answer before it lets the relay run (a step sent
+#: is about 20 us; the relay's own p99 is a few hundred).
+SLICE_S = 0.0001
 
 EvseKey = tuple[str, int]
+EVSE_APPLIED_FIELDS = tuple(field.name for field in dataclasses.fields(EvseApplied))
+StepFields = tuple[str, int, float, StepKind, "int | None"]
+
+
+class PackedRound(NamedTuple):
+    """A :class:`~balancing.scheduling.RoundAnswer` as the child sends it. What would cost the loop a
+    millisecond to unpickle in one piece comes apart: the steps and turns as plain tuples (a frozen
+    dataclass or a named tuple costs its constructor each to unpickle; a step is rebuilt as it is sent),
+    the allocation and the path cache pickled on their own, taken between two checkpoints."""
+
+    allocation: bytes
+    turns: tuple[tuple[str, int, int, float | None, float], ...]
+    steps: tuple[StepFields, ...]  # in plan order: decreases, retries, increases, renewals
+    counts: tuple[int, int, int]  # how many decreases, retries, increases lead them
+    waiting: tuple[EvseKey, ...]
+    next_due_s: float | None
+    path_cache: bytes | None
+    prepared: dict[EvseKey, tuple[object, ...]] | None  # the EvseApplied fields of each, in order
+    forgotten: tuple[str, ...]
+    lapsed: tuple[EvseKey, ...]
+    default_renewals: tuple[str, ...] | None
+    next_renewal: datetime | None
+
+
+def pack(answer: RoundAnswer) -> PackedRound:
+    """In the child: the answer, packed to be taken on the loop in slices."""
+    plan = answer.plan
+    return PackedRound(
+        pickle.dumps(answer.allocation, protocol=pickle.HIGHEST_PROTOCOL),
+        tuple(tuple(turn) for turn in answer.turns),  # type: ignore[misc]
+        tuple((step.station_id, step.evse_id, step.current_amperes, step.kind, step.phases) for step in plan.steps),
+        (len(plan.decreases), len(plan.retries), len(plan.increases)),
+        plan.waiting,
+        plan.next_due_s,
+        None if answer.path_cache is None else pickle.dumps(answer.path_cache, protocol=pickle.HIGHEST_PROTOCOL),
+        None if answer.prepared is None else {key: _fields(applied) for key, applied in answer.prepared.items()},
+        answer.forgotten,
+        answer.lapsed,
+        answer.default_renewals,
+        answer.next_renewal,
+    )
+
+
+def _fields(applied: EvseApplied) -> tuple[object, ...]:
+    return tuple(getattr(applied, name) for name in EVSE_APPLIED_FIELDS)
+
+
+def _compute_packed(balancer: Balancer, now_s: float, wall: datetime, limits: SiteLimits) -> PackedRound:
+    return pack(balancer.compute_round(now_s, wall, limits, prepare=True))
+
+
+class _Slices:
+    """Time on the loop, given back to the relay every :data:`SLICE_S`."""
+
+    def __init__(self, balancer: Balancer, on_loop_s: float) -> None:
+        self.balancer = balancer
+        self.on_loop_s = on_loop_s
+        self.resumed = time.perf_counter()
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.resumed > SLICE_S
+
+    async def pause(self) -> bool:
+        """Let the relay run; whether the round may go on (the balancer is not stopping)."""
+        self.on_loop_s += time.perf_counter() - self.resumed
+        await trio.lowlevel.checkpoint()
+        self.resumed = time.perf_counter()
+        return not (self.balancer._stopping or self.balancer.released)
+
+    def total_s(self) -> float:
+        return self.on_loop_s + time.perf_counter() - self.resumed
 
 
 async def forked_round(balancer: Balancer, nursery: trio.Nursery) -> None:
@@ -65,36 +139,43 @@ async def forked_round(balancer: Balancer, nursery: trio.Nursery) -> None:
     raised = rollout.raised
     cached = len(rollout._paths)
     on_loop_s = time.perf_counter() - started
-    compute = functools.partial(balancer.compute_round, now_s, wall, limits, prepare=True)
-    answer = await balancer.round_runner.compute(compute)
-    if answer is None:
+    packed = await balancer.round_runner.compute(functools.partial(_compute_packed, balancer, now_s, wall, limits))
+    if packed is None:
         balancer.metrics.child_rounds.labels("failed").inc()
         balancer.reallocate(nursery)
         return
     balancer.metrics.child_rounds.labels("computed").inc()
-    if balancer._stopping or balancer.released:
+    slices = _Slices(balancer, on_loop_s)
+    if not await slices.pause():
         return
-    resumed = time.perf_counter()
-    if answer.path_cache is not None and len(rollout._paths) == cached:
+    allocation = pickle.loads(packed.allocation)
+    if packed.path_cache is not None and len(rollout._paths) == cached:
         # The child's plan filled the path cache; the parent's next plan (inline, after a failure) and
         # the next child (forked from here) start warm.
-        rollout._paths, rollout._shapes = answer.path_cache
+        rollout._paths, rollout._shapes = pickle.loads(packed.path_cache)
         rollout._last_shape = None
+    if not await slices.pause():
+        return
     reference: dict[EvseKey, EvseApplied | None] = dict(before)
-    _take_preparation(balancer, answer, now_s, wall, reference)
-    balancer._take_answer(answer)
+    _take_preparation(balancer, packed, now_s, wall, reference)
+    replaced = balancer.allocation  # freed below, in a slice of its own (thousands of objects)
+    balancer._take_answer(allocation, packed.turns, packed.next_due_s)
+    balancer.renewal_hint, balancer.renewal_hinted = packed.next_renewal, True
+    if not await slices.pause():
+        return
+    del replaced
     valid_to = balancer._wall() + timedelta(seconds=balancer.settings.profile_validity_s)
     holds = _limits_hold(balancer, limits)
     checked = raised
     dropped = False
-    for index, step in enumerate(answer.plan.steps):
-        if index and index % SEND_CHUNK == 0:
-            on_loop_s += time.perf_counter() - resumed
-            await trio.lowlevel.checkpoint()
-            resumed = time.perf_counter()
-            if balancer._stopping or balancer.released:
+    steps: list[Step] = []
+    for fields in packed.steps:
+        if slices.due():
+            if not await slices.pause():
                 return
             holds = holds and _limits_hold(balancer, limits)
+        step = Step(*fields)
+        steps.append(step)
         if rollout.evses.get(step.key) is not reference.get(step.key):
             dropped = True  # its EVSE changed meanwhile: planned again from what is known now
             continue
@@ -109,12 +190,22 @@ async def forked_round(balancer: Balancer, nursery: trio.Nursery) -> None:
             reference[step.key] = rollout.evses[step.key]  # our own step: counted by the plan
     if dropped:
         balancer.wake()
-    balancer._end_round(nursery, answer.plan, wall, valid_to, started, answer.default_renewals)
-    balancer.last_on_loop_s = on_loop_s + time.perf_counter() - resumed
+    decreases, retries, increases = packed.counts
+    retried, increased = decreases + retries, decreases + retries + increases
+    plan = Plan(
+        tuple(steps[:decreases]),
+        tuple(steps[decreases:retried]),
+        tuple(steps[retried:increased]),
+        tuple(steps[increased:]),
+        packed.waiting,
+        packed.next_due_s,
+    )
+    balancer._end_round(nursery, plan, wall, valid_to, started, packed.default_renewals)
+    balancer.last_on_loop_s = slices.total_s()
 
 
 def _take_preparation(
-    balancer: Balancer, answer: RoundAnswer, now_s: float, wall: datetime, reference: dict[EvseKey, EvseApplied | None]
+    balancer: Balancer, answer: PackedRound, now_s: float, wall: datetime, reference: dict[EvseKey, EvseApplied | None]
 ) -> None:
     """Do to the parent's state what the child's preparation did to its copy, for the stations and EVSEs it
     names only (the same methods, on the state as it is now). Where the result is what the child planned
@@ -125,9 +216,9 @@ def _take_preparation(
     records = [record for key in prepared if (record := balancer._record(key)) is not None]
     balancer._count_defaults_under_transactions(records)
     evses = balancer.rollout.evses
-    for key, applied in prepared.items():
+    for key, fields in prepared.items():
         now = evses.get(key)
-        if now is not None and now == applied:
+        if now is not None and _fields(now) == fields:
             reference[key] = now
 
 

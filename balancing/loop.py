@@ -100,6 +100,9 @@ class Balancer(SessionTracking, ProfileRenewal, ProfileSending, Persistence):
         self.limits = SiteLimits()
         self._wake = trio.Event()
         self._next_due_s: float | None = None
+        #: After a forked round, the next renewal as its child found it (None: none), see :meth:`_deadline`.
+        self.renewal_hint: datetime | None = None
+        self.renewal_hinted = False
         self.metrics = report.BalancingMetrics(registry if registry is not None else CollectorRegistry())
         if registry is not None:
             registry.register(report.BalancingCollector(self))
@@ -239,10 +242,13 @@ class Balancer(SessionTracking, ProfileRenewal, ProfileSending, Persistence):
             while True:
                 with trio.move_on_at(self._deadline()):
                     await self._wake.wait()
-                self._wake = trio.Event()
                 if self.round_runner.forks(len(self.rollout.evses)):
-                    await forked_round(self, nursery)  # a large site: computed off the loop (#17)
+                    # A large site: computed off the loop (#17), once the burst that woke us is in.
+                    await trio.sleep(self.round_runner.gather_s)
+                    self._wake = trio.Event()
+                    await forked_round(self, nursery)
                 else:
+                    self._wake = trio.Event()
                     self.reallocate(nursery)
                 # Let the tasks just started send before looking again (answers wake us).
                 await trio.lowlevel.checkpoint()
@@ -256,7 +262,14 @@ class Balancer(SessionTracking, ProfileRenewal, ProfileSending, Persistence):
         upcoming = self._next_wake_for_limits(wall)
         if upcoming is not None:
             deadline = min(deadline, now_s + max(0.0, (upcoming - wall).total_seconds()) + 0.001)
-        renewal = self._next_renewal(wall)
+        if not self.renewal_hinted:
+            renewal = self._next_renewal(wall)
+        else:
+            # After a forked round: the child's look at every EVSE (at the fork). A profile accepted since
+            # then may be due before it, so the hint holds for a quarter of the validity at most: looked at
+            # again by then, it is renewed with a quarter of its validity to spare at the latest.
+            renewal = self.renewal_hint
+            deadline = min(deadline, now_s + self.settings.profile_validity_s / 4)
         if renewal is not None:
             deadline = min(deadline, now_s + max(0.0, (renewal - wall).total_seconds()) + 0.001)
         return deadline
@@ -297,7 +310,8 @@ class Balancer(SessionTracking, ProfileRenewal, ProfileSending, Persistence):
         now_s, wall = trio.current_time(), self._wall()
         governed = self._prepare_round(now_s, wall)
         answer = self.compute_round(now_s, wall, self.limits)
-        self._take_answer(answer)
+        self._take_answer(answer.allocation, answer.turns, answer.plan.next_due_s)
+        self.renewal_hinted = False
         valid_to = wall + timedelta(seconds=self.settings.profile_validity_s)
         for step in answer.plan.steps:
             self._send_step(nursery, step, governed, now_s, valid_to)
@@ -339,9 +353,11 @@ class Balancer(SessionTracking, ProfileRenewal, ProfileSending, Persistence):
         steps = plan(self.site, limits, allocation, self.rollout, now_s, self.settings.rollout, renew_due)
         grown = len(self.rollout._paths) != cached
         renewals: tuple[str, ...] | None = None
+        next_renewal = None
         if prepare:
             busy = {step.station_id for step in steps.steps}
             renewals = tuple(sorted({record.station_id for record, *_ in self._default_renewals(wall, busy)}))
+            next_renewal = self._next_renewal(wall)
         return RoundAnswer(
             allocation,
             self._turns(allocation, now_s),
@@ -351,12 +367,18 @@ class Balancer(SessionTracking, ProfileRenewal, ProfileSending, Persistence):
             tuple(forgotten),
             tuple(lapsed),
             renewals,
+            next_renewal,
         )
 
-    def _take_answer(self, answer: RoundAnswer) -> None:
-        self.allocation = answer.allocation
-        self._apply_turns(answer.turns)
-        self._next_due_s = answer.plan.next_due_s
+    def _take_answer(
+        self,
+        allocation: Allocation,
+        turns: Iterable[tuple[str, int, int, float | None, float]],
+        next_due_s: float | None,
+    ) -> None:
+        self.allocation = allocation
+        self._apply_turns(turns)
+        self._next_due_s = next_due_s
 
     def _end_round(
         self,
@@ -369,7 +391,10 @@ class Balancer(SessionTracking, ProfileRenewal, ProfileSending, Persistence):
     ) -> None:
         """Renew the defaults under transactions (at every station, or at ``renewal_stations``), write what
         changed, and tell whoever waits on a round."""
-        calm = not steps.decreases and not self._decrease_in_flight()
+
+        def calm() -> bool:
+            return not steps.decreases and not self._decrease_in_flight()
+
         busy = {step.station_id for step in steps.steps}
         self._renew_defaults_under_transactions(nursery, wall, valid_to, busy, calm, renewal_stations)
         self._flush()

@@ -10,7 +10,7 @@ its limit is unknown, counted at its maximum, until the station accepts one of o
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -87,14 +87,15 @@ class ProfileRenewal(LoopCore):
         wall: datetime,
         valid_to: datetime,
         busy: Collection[str] = (),
-        calm: bool = True,
+        calm: bool | Callable[[], bool] = True,
         station_ids: Iterable[str] | None = None,
     ) -> None:
         """Our TxDefaultProfile under a running TxProfile governs again when the transaction ends: keep it
         valid, and never above what the transaction is counted at (see :meth:`_default_under_transaction`).
         Only at stations with nothing else of ours under way (``busy``: steps sent this round): what governs
         the EVSEs now goes first. Lowering it only regains capacity (it is counted meanwhile), so that waits,
-        like an increase, until no decrease is planned or under way anywhere (``calm``). ``station_ids``:
+        like an increase, until no decrease is planned or under way anywhere (``calm``, or a function that
+        says so: asked only if a default is to be lowered, since looking at every EVSE costs). ``station_ids``:
         look at these stations only (those :meth:`_default_renewals` named in a forked child)."""
         for record, target, phases, lower in self._default_renewals(wall, busy, calm, station_ids):
             record.renewing_to = (target, phases)
@@ -104,7 +105,11 @@ class ProfileRenewal(LoopCore):
             nursery.start_soon(self._renew_default, record, payload, (target, phases), valid_to, kind)
 
     def _default_renewals(
-        self, wall: datetime, busy: Collection[str] = (), calm: bool = True, station_ids: Iterable[str] | None = None
+        self,
+        wall: datetime,
+        busy: Collection[str] = (),
+        calm: bool | Callable[[], bool] = True,
+        station_ids: Iterable[str] | None = None,
     ) -> list[tuple[EvseRecord, float, int | None, bool]]:
         """The TxDefaultProfiles under transactions to send now, one per station at most: (record, amperes,
         numberPhases, lowering). Reads only; see :meth:`_renew_defaults_under_transactions`."""
@@ -124,7 +129,9 @@ class ProfileRenewal(LoopCore):
                 target, phases = wanted
                 at = self._renewal_at(record, "TxDefaultProfile")
                 lower = target < record.default_amperes - EPSILON_AMPERES or _fewer(phases, record.default_phases)
-                lower = lower and calm
+                if lower and not isinstance(calm, bool):
+                    calm = bool(calm())
+                lower = lower and bool(calm)
                 if not lower and (at is None or at > wall):
                     continue
                 if not lower:

@@ -10,6 +10,9 @@ code holding the GIL, and the relay would wait as long as if it ran inline (``te
 
 Coalescing comes from the same place: the loop waits on one :class:`trio.Event`; every observation sets
 it; while a round is computed a burst of events only sets it again, and the next round takes them all.
+On a large site the loop also lets ``gather_s`` pass between the wake-up and the fork: a burst (a
+hundred transaction events arrive over a few milliseconds) is then one round rather than three, and
+every round is a fork that stops the loop for about two milliseconds (its page tables are copied).
 
 Below ``threshold_evses`` a fork (about a millisecond) costs more than the round; unit tests on trio's
 virtual clock keep their exact timing there too. A child that fails (it crashed, or gave no answer within
@@ -20,6 +23,7 @@ runner stops forking (something in this environment breaks it) and says so.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import NamedTuple, TypeVar
 
 from . import forked
@@ -34,6 +38,8 @@ T = TypeVar("T")
 FORK_THRESHOLD_EVSES = 200
 #: Failed children in a row after which rounds stay on the loop.
 MAX_CHILD_FAILURES = 3
+#: How long a large site's loop gathers observations after a wake-up before it forks a round.
+GATHER_S = 0.05
 
 
 class RoundAnswer(NamedTuple):
@@ -41,8 +47,9 @@ class RoundAnswer(NamedTuple):
     cache when the plan added to it (a child's additions are kept by the parent: computing them is most of
     a cold plan). A round computed in a child also prepared the child's copy of the state first; the rest
     tells the parent what that changed: ``prepared`` (the EVSEs it counted differently, as it counted
-    them), ``forgotten`` (stations), ``lapsed`` (EVSEs), and ``default_renewals`` (the stations where a
-    TxDefaultProfile under a transaction is due)."""
+    them), ``forgotten`` (stations), ``lapsed`` (EVSEs), ``default_renewals`` (the stations where a
+    TxDefaultProfile under a transaction is due) and ``next_renewal`` (when the next profile of ours is to
+    be renewed: looking at every EVSE for it is the loop's largest cost between two rounds)."""
 
     allocation: Allocation
     turns: list[Turn]
@@ -52,6 +59,7 @@ class RoundAnswer(NamedTuple):
     forgotten: tuple[str, ...] = ()
     lapsed: tuple[tuple[str, int], ...] = ()
     default_renewals: tuple[str, ...] | None = None
+    next_renewal: datetime | None = None
 
 
 class RoundRunner:
@@ -60,10 +68,18 @@ class RoundRunner:
     #: A threshold no site reaches: every round on the event loop.
     NEVER = 1 << 62
 
-    def __init__(self, threshold_evses: int = FORK_THRESHOLD_EVSES, timeout_s: float = 5.0, *, nice: int = 10) -> None:
+    def __init__(
+        self,
+        threshold_evses: int = FORK_THRESHOLD_EVSES,
+        timeout_s: float = 5.0,
+        *,
+        nice: int = 10,
+        gather_s: float = GATHER_S,
+    ) -> None:
         self.threshold_evses = threshold_evses
         self.timeout_s = timeout_s
         self.nice = nice
+        self.gather_s = gather_s
         #: Rounds computed in a child, on the loop, and children that failed (tests and benchmarks read them).
         self.forked = 0
         self.inline = 0

@@ -3,6 +3,7 @@ and overdraw), and the allocator's view of each EVSE (:class:`~balancing.allocat
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -189,13 +190,14 @@ class SessionTracking(LoopCore):
                 changes.append(Turn(record.station_id, record.evse_id, record.generation, *moved))
         return changes
 
-    def _apply_turns(self, turns: list[Turn]) -> None:
-        """Take the turns :meth:`_turns` computed (in a forked child, maybe), for sessions still the same."""
-        for turn in turns:
-            station = self._stations.get(turn.station_id)
-            record = None if station is None else station.evses.get(turn.evse_id)
-            if record is not None and record.generation == turn.generation:
-                record.served_since_s, record.waiting_since_s = turn.served_since_s, turn.waiting_since_s
+    def _apply_turns(self, turns: Iterable[tuple[str, int, int, float | None, float]]) -> None:
+        """Take the turns :meth:`_turns` computed (in a forked child, maybe, which sends them as plain
+        tuples: a :class:`Turn` costs its constructor to unpickle), for sessions still the same."""
+        for station_id, evse_id, generation, served_since_s, waiting_since_s in turns:
+            station = self._stations.get(station_id)
+            record = None if station is None else station.evses.get(evse_id)
+            if record is not None and record.generation == generation:
+                record.served_since_s, record.waiting_since_s = served_since_s, waiting_since_s
 
 
 class Turn(NamedTuple):
