@@ -19,9 +19,10 @@ step by step, and a step goes out only if it is still right:
   Decreases, retries and renewals never raise a bound, so they only need their EVSE unchanged.
 
 A dropped step wakes the loop at once, so the round after this one (computed from the state as it is
-then, with every burst event coalesced into it) sends it. The steps go out in chunks of
-:data:`SEND_CHUNK` with a checkpoint between them: a plan of a few hundred steps is a few milliseconds
-of Python, which the relay should not wait for in one piece; each chunk checks again.
+then, with every burst event coalesced into it) sends it. Everything the loop does with the answer is
+cut into slices of :data:`SLICE_S` with a checkpoint between them (a plan of a few hundred steps is a
+few milliseconds of Python, which the relay should not wait for in one piece); after each, the checks
+above are made again. The child packs its answer for that (:class:`PackedRound`).
 
 A child that failed costs the round on the loop (:meth:`~balancing.loop.Balancer.reallocate`), as on a
 small site.
@@ -135,7 +136,7 @@ async def forked_round(balancer: Balancer, nursery: trio.Nursery) -> None:
     governed = balancer._limits_and_governed(wall)
     limits = balancer.limits
     rollout = balancer.rollout
-    before = dict(rollout.evses)
+    before: dict[EvseKey, EvseApplied | None] = dict(rollout.evses)
     raised = rollout.raised
     cached = len(rollout._paths)
     on_loop_s = time.perf_counter() - started
@@ -156,8 +157,10 @@ async def forked_round(balancer: Balancer, nursery: trio.Nursery) -> None:
         rollout._last_shape = None
     if not await slices.pause():
         return
-    reference: dict[EvseKey, EvseApplied | None] = dict(before)
+    reference: dict[EvseKey, EvseApplied | None] = before  # what each step is checked against, from here on
     _take_preparation(balancer, packed, now_s, wall, reference)
+    if not await slices.pause():
+        return
     replaced = balancer.allocation  # freed below, in a slice of its own (thousands of objects)
     balancer._take_answer(allocation, packed.turns, packed.next_due_s)
     balancer.renewal_hint, balancer.renewal_hinted = packed.next_renewal, True
