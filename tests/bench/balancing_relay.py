@@ -3,7 +3,7 @@ transaction events (issue #17, Done-when 2).
 
 Run by hand (not collected by pytest)::
 
-    python tests/bench/balancing_relay.py [--evses 1000] [--seconds 3] [--mode forked|inline|reference]
+    python tests/bench/balancing_relay.py [--evses 1000] [--seconds 3] [--mode forked|inline|reference|events]
 
 Theory of operation. One trio loop runs, as in the controller, the balancing loop
 (:class:`balancing.loop.Balancer`, the benchmark site of ``allocation.py``: 20 tight circuits, mixed
@@ -21,7 +21,8 @@ observer delivers them). It prints p50/p99/max of each window, their ratio, how 
 cost and how long each kept the event loop. ``--mode forked`` (the default, what the controller does on a
 site this size) computes each round in a forked child (balancing.forked_round); ``--mode inline`` computes
 it on the event loop, and ``--mode reference`` does so with the first wave's allocator
-(tests/support/reference_allocator.py), for comparison.
+(tests/support/reference_allocator.py), for comparison. ``--mode events`` is the baseline: the balancer
+takes the same events and never computes a round, so it shows what the events alone cost the relay.
 """
 
 from __future__ import annotations
@@ -137,7 +138,13 @@ async def main(args: argparse.Namespace) -> None:
     balancer = Balancer(
         site, lambda wall: SiteLimits(), accept_everything, LoopSettings(recompute_interval_s=10.0), registry=registry
     )
-    if args.mode != "forked":
+    if args.mode == "events":
+        # The baseline: the same events taken by the balancer, and no round ever computed or applied.
+        async def no_round(*_: Any) -> None:
+            await trio.lowlevel.checkpoint()
+
+        balancing_loop.forked_round = no_round  # type: ignore[assignment]
+    elif args.mode != "forked":
         balancer.round_runner.threshold_evses = 10**9
     if args.mode == "reference":
         from tests.support import reference_allocator
@@ -166,7 +173,8 @@ async def main(args: argparse.Namespace) -> None:
 
     async def timed_forked_round(*call_args: Any) -> None:
         await real_forked_round(*call_args)
-        reallocate_s.append(balancer.last_on_loop_s)
+        if args.mode != "events":
+            reallocate_s.append(balancer.last_on_loop_s)
 
     balancing_loop.forked_round = timed_forked_round  # type: ignore[assignment]
     stations = [station.station_id for station in site.stations]
@@ -236,5 +244,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--evses", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--mode", choices=("forked", "inline", "reference"), default="forked")
+    parser.add_argument("--mode", choices=("forked", "inline", "reference", "events"), default="forked")
     trio.run(main, parser.parse_args())
