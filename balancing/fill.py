@@ -64,9 +64,14 @@ def admit(candidates: IntArray, amount: FloatArray, index: IntArray, weight: Flo
     """
     if len(candidates) == 0:
         return candidates
-    # What does not fit now never will (slack only shrinks): drop it before any sorting.
-    fits = (slack[index[candidates]] + EPSILON_AMPERES >= weight[candidates] * amount[candidates][:, None]).all(axis=1)
-    candidates = candidates[fits]
+    # What does not fit now never will (slack only shrinks): drop it before any sorting. Column by column,
+    # from the last (the rows end with the grid, which every EVSE loads): once a shared constraint is
+    # full, the candidates behind it are gone before the wider columns are looked at.
+    for column in range(index.shape[1] - 1, -1, -1):
+        if not len(candidates):
+            break
+        need = weight[candidates, column] * amount[candidates]
+        candidates = candidates[slack[index[candidates, column]] + EPSILON_AMPERES >= need]
     count = len(candidates)
     if count == 0:
         return candidates
@@ -76,7 +81,8 @@ def admit(candidates: IntArray, amount: FloatArray, index: IntArray, weight: Flo
     entry_position = np.broadcast_to(np.arange(count)[:, None], rows_index.shape)[used]
     entry_constraint = rows_index[used]
     entry_need = need[used]
-    order = np.argsort(entry_constraint, kind="stable")  # by constraint, then turn (entries come in turn order)
+    # By constraint, then turn: one sort of an exact integer key (a stable sort costs twice as much).
+    order = np.argsort(entry_constraint * count + entry_position)
     entry_position = entry_position[order]
     entry_constraint = entry_constraint[order]
     entry_need = entry_need[order]
@@ -139,8 +145,11 @@ def water_fill(
     event_point = np.concatenate((lows[entry_member], highs[entry_member]))
     event_change = np.concatenate((entry_weight, -entry_weight))
     event_member = np.concatenate((entry_member, entry_member))
-    # By constraint, then point (at one point the order of changes does not move the level found).
-    order = np.lexsort((event_point, event_constraint))
+    # By constraint, then point (at one point the order of changes does not move the level found): the
+    # points ranked first, then one sort of an exact integer key (a fifth of what np.lexsort costs).
+    point_rank = np.empty(len(event_point), dtype=np.intp)
+    point_rank[np.argsort(event_point)] = np.arange(len(event_point))
+    order = np.argsort(event_constraint * len(event_point) + point_rank)
     event_constraint = event_constraint[order]
     event_point = event_point[order]
     event_change = event_change[order]

@@ -1,6 +1,6 @@
 """Benchmark: allocation time for 100, 1,000 and 10,000 EVSEs (issue 5, Done-when 6).
 
-Run: /work/venv/bin/python tests/bench/allocation.py [--reference] [--runs N]
+Run: /work/venv/bin/python tests/bench/allocation.py [--reference] [--runs N] [--steady-heap]
 
 ``--reference`` times the allocator as it was before issue 17 (tests/support/reference_allocator.py) on
 the same sites, for a comparison made on the same machine at the same time.
@@ -66,11 +66,33 @@ def build(evse_count: int, seed: int = 1) -> tuple[SiteConfig, list[Session]]:
     return site, sessions
 
 
+def steady_heap() -> None:
+    """glibc's defaults give the large numpy temporaries (10,000 x 9 arrays) back to the kernel when they
+    are freed, so every call faults their pages in again (~3 us a page on this VM); the thresholds raised,
+    the heap keeps them. Same as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    for option in (m_trim_threshold, m_mmap_threshold):
+        if libc.mallopt(option, 1 << 30) != 1:
+            raise SystemExit("mallopt failed (glibc only)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="allocation time for 100, 1,000 and 10,000 EVSEs")
     parser.add_argument("--reference", action="store_true", help="time the pre-#17 allocator instead")
     parser.add_argument("--runs", type=int, default=0, help="timed calls per size (default 20; 5 at 10,000)")
+    parser.add_argument(
+        "--steady-heap",
+        action="store_true",
+        help="keep freed memory in the process (glibc mallopt): times the work without the page faults of "
+        "memory handed back to the kernel between calls and faulted in again",
+    )
     args = parser.parse_args()
+    if args.steady_heap:
+        steady_heap()
     allocator = allocate
     if args.reference:
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
