@@ -55,7 +55,8 @@ SLICE_S = 0.0001
 
 EvseKey = tuple[str, int]
 EVSE_APPLIED_FIELDS = tuple(field.name for field in dataclasses.fields(EvseApplied))
-StepFields = tuple[str, int, float, StepKind, "int | None"]
+STEP_FIELDS = tuple(field.name for field in dataclasses.fields(Step))
+StepFields = tuple[str, int, float, StepKind, "int | None"]  # Step's fields, in STEP_FIELDS order
 
 
 class PackedRound(NamedTuple):
@@ -84,7 +85,7 @@ def pack(answer: RoundAnswer) -> PackedRound:
     return PackedRound(
         pickle.dumps(answer.allocation, protocol=pickle.HIGHEST_PROTOCOL),
         tuple(tuple(turn) for turn in answer.turns),  # type: ignore[misc]
-        tuple((step.station_id, step.evse_id, step.current_amperes, step.kind, step.phases) for step in plan.steps),
+        tuple(tuple(getattr(step, name) for name in STEP_FIELDS) for step in plan.steps),
         (len(plan.decreases), len(plan.retries), len(plan.increases)),
         plan.waiting,
         plan.next_due_s,
