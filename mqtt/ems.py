@@ -19,7 +19,10 @@ limit is renewing it.
 
 Bad input (not JSON, wrong shape, out of range, a source that is not accepted) gets a log line and a
 count in ``ocpp_lc_mqtt_messages_total{outcome}``; the limit in force is unchanged, because
-``LimitSources.set`` changes nothing unless the whole document is valid and stored.
+``LimitSources.set`` changes nothing unless the whole document is valid and stored. An EMS that keeps
+publishing nonsense is counted every time but logged on a budget (:class:`router.log_budget.LogBudget`:
+10 lines a minute per source, every topic that is not an accepted source's sharing one), the next line
+let through saying how many were held back.
 
 Synchronous and free of I/O beyond the store: the MQTT driver calls :meth:`handle` from its read path
 and acknowledges a QoS 1 message only after it returns, so PUBACK means the limit is stored durably.
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from balancing.limits import SOURCE_NAME, LimitInvalid, LimitSources, LimitStore
+from router.log_budget import LogBudget
 
 log = logging.getLogger("ocpp_lc.mqtt.ems")
 
@@ -62,11 +66,24 @@ class EmsTopics:
         *,
         digests: LimitStore,
         accepted_sources: Collection[str] = (),
+        log_budget: LogBudget | None = None,
     ) -> None:
         self._limits = limits
         self._prefix = prefix
         self._digests = digests
         self._accepted = frozenset(accepted_sources)
+        self._budget = LogBudget() if log_budget is None else log_budget
+
+    def _refused(self, key: str, message: str, *args: object) -> None:
+        """A refusal's warning, within the log budget of ``key`` (its source; ``""``: topics of no
+        accepted source)."""
+        allowed, held_back = self._budget.allow(key)
+        if not allowed:
+            return
+        if held_back:
+            message += " (%d more refusals were not logged in the last %g s)"
+            args = (*args, held_back, self._budget.window_s)
+        log.warning(message, *args)
 
     def now(self) -> datetime:
         """The wall clock the limits are judged by."""
@@ -96,7 +113,7 @@ class EmsTopics:
         source = self.source_of(topic)
         if source is None:
             accepted = ", ".join(sorted(self._accepted)) if self._accepted else "names of 1 to 64 letters, digits, _-."
-            log.warning("MQTT: message on %r ignored: not an accepted EMS source (%s)", topic[:200], accepted)
+            self._refused("", "MQTT: message on %r ignored: not an accepted EMS source (%s)", topic[:200], accepted)
             return Handled("unknown_source", None)
         if not payload:
             released = self._limits.release(source)
@@ -110,7 +127,8 @@ class EmsTopics:
         try:
             json.loads(payload)
         except (UnicodeDecodeError, ValueError):
-            log.warning(
+            self._refused(
+                source,
                 "MQTT: EMS limit for %r refused: not JSON (%r); the limit in force is unchanged",
                 source,
                 payload[:_SHOWN_BYTES],
@@ -120,7 +138,8 @@ class EmsTopics:
             limit = self._limits.set(source, payload)
         except LimitInvalid as invalid:
             outcome = "expired" if _only_expired(invalid) else "unknown_source" if _only_source(invalid) else "invalid"
-            log.warning(
+            self._refused(
+                source,
                 "MQTT: %sEMS limit for %r refused (%s): %s; the limit in force is unchanged",
                 "retained " if retained else "",
                 source,
