@@ -10,6 +10,7 @@ its limit is unknown, counted at its maximum, until the station accepts one of o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -87,15 +88,15 @@ class ProfileRenewal(LoopCore):
         wall: datetime,
         valid_to: datetime,
         busy: Collection[str] = (),
-        calm: bool | Callable[[], bool] = True,
+        calm: Callable[[], bool] = lambda: True,
         station_ids: Iterable[str] | None = None,
     ) -> None:
         """Our TxDefaultProfile under a running TxProfile governs again when the transaction ends: keep it
         valid, and never above what the transaction is counted at (see :meth:`_default_under_transaction`).
         Only at stations with nothing else of ours under way (``busy``: steps sent this round): what governs
         the EVSEs now goes first. Lowering it only regains capacity (it is counted meanwhile), so that waits,
-        like an increase, until no decrease is planned or under way anywhere (``calm``, or a function that
-        says so: asked only if a default is to be lowered, since looking at every EVSE costs). ``station_ids``:
+        like an increase, until no decrease is planned or under way anywhere (``calm`` says so: asked once,
+        and only if a default is to be lowered, since looking at every EVSE costs). ``station_ids``:
         look at these stations only (those :meth:`_default_renewals` named in a forked child)."""
         for record, target, phases, lower in self._default_renewals(wall, busy, calm, station_ids):
             record.renewing_to = (target, phases)
@@ -108,11 +109,12 @@ class ProfileRenewal(LoopCore):
         self,
         wall: datetime,
         busy: Collection[str] = (),
-        calm: bool | Callable[[], bool] = True,
+        calm: Callable[[], bool] = lambda: True,
         station_ids: Iterable[str] | None = None,
     ) -> list[tuple[EvseRecord, float, int | None, bool]]:
         """The TxDefaultProfiles under transactions to send now, one per station at most: (record, amperes,
         numberPhases, lowering). Reads only; see :meth:`_renew_defaults_under_transactions`."""
+        is_calm = functools.cache(calm)
         result = []
         for station_id in self._stations if station_ids is None else station_ids:
             station = self._stations.get(station_id)
@@ -129,9 +131,7 @@ class ProfileRenewal(LoopCore):
                 target, phases = wanted
                 at = self._renewal_at(record, "TxDefaultProfile")
                 lower = target < record.default_amperes - EPSILON_AMPERES or _fewer(phases, record.default_phases)
-                if lower and not isinstance(calm, bool):
-                    calm = bool(calm())
-                lower = lower and bool(calm)
+                lower = lower and is_calm()
                 if not lower and (at is None or at > wall):
                     continue
                 if not lower:

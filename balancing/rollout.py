@@ -347,7 +347,8 @@ def session_phases(station: StationConfig, applied: EvseApplied) -> int:
     if applied.in_session:
         used = station.phases if applied.phases_used is None else applied.phases_used
     else:
-        used = 1 if applied.trusted and applied.accepted_phases is not None else station.phases
+        trusted_phases = applied.accepted_phases if applied.trusted else None
+        used = station.phases if trusted_phases is None else trusted_phases
     allowed = station.phases if applied.accepted_phases is None else applied.accepted_phases
     flight = applied.in_flight_phases if applied.in_flight_amperes is not None else None
     return max(1, min(station.phases, max(used, allowed, flight or 0)))

@@ -461,18 +461,24 @@ async def test_the_default_under_a_one_phase_transaction_is_counted_on_its_phase
     settings = loop_settings(idle_current_amperes=6.0, min_interval_s=0)
     balancer = Balancer(GRID_SITE, fake.limits_at, fake, settings, wall_clock=wall_clock)
     async with running(balancer):
-        balancer.station_connected("CS1")
-        balancer.station_call("CS1", "StatusNotification", status_notification(1))
-        await settle()
-        (first,) = fake.set_profiles("CS1")
-        assert "numberPhases" not in default_period(first)  # idle: any EV may come, on every phase
-        balancer.station_call("CS1", "TransactionEvent", transaction_event("Started", "TX-1", numberOfPhasesUsed=1))
-        await settle()
+        await one_phase_transaction_over_the_idle_default(balancer, fake)
         tx = [p for p in fake.set_profiles("CS1") if p["chargingProfilePurpose"] == "TxProfile"]
         assert default_period(tx[-1]) == {"startPeriod": 0, "limit": 32.0, "numberPhases": 1}
-        defaults = [p for p in fake.set_profiles("CS1") if p["chargingProfilePurpose"] == "TxDefaultProfile"]
-        assert default_period(defaults[-1]) == {"startPeriod": 0, "limit": 6.0, "numberPhases": 1}
         assert balancer.phase_bounds_amperes() == (32.0, 0.0, 0.0)
+
+
+async def one_phase_transaction_over_the_idle_default(balancer: Balancer, fake: Recording) -> None:
+    """CS1 idle with our 6 A TxDefaultProfile on every phase, then a 1-phase EV's transaction: the default
+    under it is narrowed to numberPhases 1."""
+    balancer.station_connected("CS1")
+    balancer.station_call("CS1", "StatusNotification", status_notification(1))
+    await settle()
+    (first,) = fake.set_profiles("CS1")
+    assert "numberPhases" not in default_period(first)  # idle: any EV may come, on every phase
+    balancer.station_call("CS1", "TransactionEvent", transaction_event("Started", "TX-1", numberOfPhasesUsed=1))
+    await settle()
+    defaults = [p for p in fake.set_profiles("CS1") if p["chargingProfilePurpose"] == "TxDefaultProfile"]
+    assert default_period(defaults[-1]) == {"startPeriod": 0, "limit": 6.0, "numberPhases": 1}
 
 
 async def test_a_default_narrowed_under_a_transaction_is_counted_narrowed_once_it_ends(
@@ -487,13 +493,7 @@ async def test_a_default_narrowed_under_a_transaction_is_counted_narrowed_once_i
     settings = loop_settings(idle_current_amperes=6.0, min_interval_s=0)
     balancer = Balancer(GRID_SITE, fake.limits_at, fake, settings, wall_clock=wall_clock)
     async with running(balancer):
-        balancer.station_connected("CS1")
-        balancer.station_call("CS1", "StatusNotification", status_notification(1))
-        await settle()
-        balancer.station_call("CS1", "TransactionEvent", transaction_event("Started", "TX-1", numberOfPhasesUsed=1))
-        await settle()
-        defaults = [p for p in fake.set_profiles("CS1") if p["chargingProfilePurpose"] == "TxDefaultProfile"]
-        assert default_period(defaults[-1]) == {"startPeriod": 0, "limit": 6.0, "numberPhases": 1}
+        await one_phase_transaction_over_the_idle_default(balancer, fake)
         fake.delay_s["CS1"] = 5.0  # what follows the end is not answered yet
         balancer.station_call("CS1", "TransactionEvent", transaction_event("Ended", "TX-1", seq_no=1))
         assert balancer.phase_bounds_amperes() == (6.0, 0.0, 0.0)
