@@ -31,7 +31,7 @@ import pickle
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import trio
 import trio.lowlevel
@@ -46,11 +46,23 @@ class ChildFailed(Exception):
     """The forked child gave no usable answer; the message says why."""
 
 
-async def in_child(function: Callable[[], T], timeout_s: float, *, nice: int = 10) -> T:
+class Afterwards(NamedTuple):
+    """A second answer from the same child: ``compute()`` runs there once the first answer is sent, and the
+    parent hands its result to ``deliver`` (``None`` if the child gave none) from a task in ``nursery``."""
+
+    compute: Callable[[], Any]
+    deliver: Callable[[Any], None]
+    nursery: trio.Nursery
+
+
+async def in_child(
+    function: Callable[[], T], timeout_s: float, *, nice: int = 10, afterwards: Afterwards | None = None
+) -> T:
     """``function()`` computed in a forked child; the calling task waits, the event loop does not.
 
     Cancellation kills the child. Raises :class:`ChildFailed` if the child raised, gave no answer within
-    ``timeout_s``, or answered with something that cannot be read back.
+    ``timeout_s``, or answered with something that cannot be read back. With ``afterwards``, the child goes
+    on to compute a second answer (within the same ``timeout_s``), delivered when it comes.
     """
     read_fd, write_fd = os.pipe()
     try:
@@ -61,31 +73,83 @@ async def in_child(function: Callable[[], T], timeout_s: float, *, nice: int = 1
         raise
     if pid == 0:  # pragma: no cover - the child (coverage does not follow it)
         os.close(read_fd)
-        _child(function, write_fd, timeout_s, nice)
+        _child(function, write_fd, timeout_s, nice, None if afterwards is None else afterwards.compute)
     os.close(write_fd)
-    stream = trio.lowlevel.FdStream(read_fd)
-    chunks: list[bytes] = []
+    frames = _Frames(trio.lowlevel.FdStream(read_fd))
+    handed_on = False
     try:
-        async with stream:
-            while chunk := await stream.receive_some(1 << 20):
-                chunks.append(chunk)
+        first = await frames.next()
+        if first is None:
+            raise ChildFailed(f"the child ended without an answer (killed after {timeout_s:g} s, or crashed)")
+        value = _value(first)
+        if afterwards is not None:
+            afterwards.nursery.start_soon(_second, frames, pid, afterwards.deliver)
+            handed_on = True
     except BaseException:
         _kill(pid)
         raise
     finally:
-        await _reap(pid)
-    if not chunks:
-        raise ChildFailed(f"the child ended without an answer (killed after {timeout_s:g} s, or crashed)")
+        if not handed_on:
+            await frames.close()
+            await _reap(pid)
+    return value  # type: ignore[no-any-return]
+
+
+def _value(frame: bytes) -> Any:
     try:
-        outcome, value = pickle.loads(b"".join(chunks))
+        outcome, value = pickle.loads(frame)
     except Exception as error:
         raise ChildFailed(f"its answer is unreadable ({type(error).__name__})") from None
     if outcome != "ok":
         raise ChildFailed(str(value))
-    return value  # type: ignore[no-any-return]
+    return value
 
 
-def _child(function: Callable[[], Any], write_fd: int, timeout_s: float, nice: int) -> None:  # pragma: no cover
+async def _second(frames: _Frames, pid: int, deliver: Callable[[Any], None]) -> None:
+    value = None
+    try:
+        frame = await frames.next()
+        if frame is not None:
+            with contextlib.suppress(ChildFailed):
+                value = _value(frame)
+    except BaseException:
+        _kill(pid)
+        raise
+    finally:
+        await frames.close()
+        await _reap(pid)
+    deliver(value)
+
+
+class _Frames:
+    """The child's answers on the pipe: each a pickle behind its length (8 bytes, big-endian)."""
+
+    def __init__(self, stream: trio.lowlevel.FdStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    async def next(self) -> bytes | None:
+        """The next frame; ``None`` if the pipe ended before one was complete."""
+        while True:
+            if len(self._buffer) >= 8:
+                size = int.from_bytes(self._buffer[:8], "big")
+                if len(self._buffer) >= 8 + size:
+                    frame = bytes(self._buffer[8 : 8 + size])
+                    del self._buffer[: 8 + size]
+                    return frame
+            chunk = await self._stream.receive_some(1 << 20)
+            if not chunk:
+                return None
+            self._buffer += chunk
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()
+
+
+def _child(  # pragma: no cover - runs in the child
+    function: Callable[[], Any], write_fd: int, timeout_s: float, nice: int, then: Callable[[], Any] | None
+) -> None:
     status = 1
     try:
         gc.disable()
@@ -97,13 +161,18 @@ def _child(function: Callable[[], Any], write_fd: int, timeout_s: float, nice: i
         signal.setitimer(signal.ITIMER_REAL, max(timeout_s, 1e-6))
         if nice:
             os.nice(nice)
-        try:
-            answer = pickle.dumps(("ok", function()), protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as error:
-            answer = pickle.dumps(("error", f"{type(error).__name__}: {error}"), protocol=pickle.HIGHEST_PROTOCOL)
-        view = memoryview(answer)
-        while view:
-            view = view[os.write(write_fd, view) :]
+        for compute in (function,) if then is None else (function, then):
+            failed = False
+            try:
+                answer = pickle.dumps(("ok", compute()), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as error:
+                answer = pickle.dumps(("error", f"{type(error).__name__}: {error}"), protocol=pickle.HIGHEST_PROTOCOL)
+                failed = True
+            view = memoryview(len(answer).to_bytes(8, "big") + answer)
+            while view:
+                view = view[os.write(write_fd, view) :]
+            if failed:
+                break
         status = 0
     finally:
         os._exit(status)

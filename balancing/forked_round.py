@@ -38,11 +38,14 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import trio
 import trio.lowlevel
 
-from .allocator import EPSILON_AMPERES, SiteLimits
+from .allocator import EPSILON_AMPERES, AllocatedEvses, Allocation, SiteLimits
+from .forked import Afterwards
 from .rollout import EvseApplied, Plan, Step, StepKind, bound_amperes, counted_phases
+from .settling import Foreseen
 from .site import SiteConfig
 
 if TYPE_CHECKING:
@@ -79,11 +82,12 @@ class PackedRound(NamedTuple):
     next_renewal: datetime | None
 
 
-def pack(answer: RoundAnswer) -> PackedRound:
-    """In the child: the answer, packed to be taken on the loop in slices."""
+def pack(answer: RoundAnswer, previous: Allocation | None = None) -> PackedRound:
+    """In the child: the answer, packed to be taken on the loop in slices. ``previous`` is the allocation
+    the parent holds (as it was at the fork): where the new one has the same EVSEs, its keys are not sent."""
     plan = answer.plan
     return PackedRound(
-        pickle.dumps(answer.allocation, protocol=pickle.HIGHEST_PROTOCOL),
+        _pack_allocation(answer.allocation, previous),
         tuple(tuple(turn) for turn in answer.turns),  # type: ignore[misc]
         tuple(tuple(getattr(step, name) for name in STEP_FIELDS) for step in plan.steps),
         (len(plan.decreases), len(plan.retries), len(plan.increases)),
@@ -98,12 +102,100 @@ def pack(answer: RoundAnswer) -> PackedRound:
     )
 
 
+def _pack_allocation(allocation: Allocation, previous: Allocation | None) -> bytes:
+    """An allocation as arrays. Its keys (thousands of tuples: most of what unpickling it costs the loop)
+    are left out when they are the previous allocation's, which they are unless an EVSE came or went."""
+    evses = allocation.evses
+    if not isinstance(evses, AllocatedEvses):
+        return pickle.dumps(allocation, protocol=pickle.HIGHEST_PROTOCOL)
+    keys: list[EvseKey] | None = evses._keys
+    if previous is not None and isinstance(previous.evses, AllocatedEvses) and previous.evses._keys == keys:
+        keys = None
+    arrays = (evses._allocated, evses._count, evses._mask, evses._fixed)
+    fields = (keys, arrays, allocation.overcommitted, allocation.computed_at_s)
+    return pickle.dumps(fields, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpack_allocation(packed: bytes, previous: Allocation) -> Allocation:
+    """The allocation :func:`_pack_allocation` packed, with ``previous`` the one it was packed against."""
+    value = pickle.loads(packed)
+    if isinstance(value, Allocation):
+        return value
+    keys, arrays, overcommitted, computed_at_s = value
+    if keys is None:
+        assert isinstance(previous.evses, AllocatedEvses)  # packed against it: the same EVSEs
+        keys = previous.evses._keys
+    return Allocation(AllocatedEvses(keys, *arrays), overcommitted, computed_at_s)
+
+
 def _fields(applied: EvseApplied) -> tuple[object, ...]:
     return tuple(getattr(applied, name) for name in EVSE_APPLIED_FIELDS)
 
 
-def _compute_packed(balancer: Balancer, now_s: float, wall: datetime, limits: SiteLimits) -> PackedRound:
-    return pack(balancer.compute_round(now_s, wall, limits, prepare=True))
+class _ChildRound:
+    """In the child: the round (:meth:`compute`, the first answer) and the one after it (:meth:`foresee`)."""
+
+    def __init__(
+        self, balancer: Balancer, now_s: float, wall: datetime, limits: SiteLimits, governed: set[EvseKey]
+    ) -> None:
+        self.balancer, self.now_s, self.wall, self.limits, self.governed = balancer, now_s, wall, limits, governed
+        self.answer: RoundAnswer | None = None
+
+    def compute(self) -> PackedRound:
+        previous = self.balancer.allocation  # the parent's, as at the fork
+        self.answer = self.balancer.compute_round(self.now_s, self.wall, self.limits, prepare=True)
+        return pack(self.answer, previous)
+
+    def foresee(self) -> Foreseen | None:
+        assert self.answer is not None
+        return _foresee(self.balancer, self.answer, self.now_s, self.wall, self.limits, self.governed)
+
+
+def _foresee(
+    balancer: Balancer,
+    answer: RoundAnswer,
+    now_s: float,
+    wall: datetime,
+    limits: SiteLimits,
+    governed: set[EvseKey],
+) -> Foreseen | None:
+    """In the child, after its round: the round its steps' acceptances would wake, computed on the child's
+    copy with every step sent and accepted (the loop's own methods for both). If it would send nothing and
+    change no allocation or turn: its timers and the EVSEs its preparation counts anew (the parent does
+    that to those), else ``None`` (:mod:`balancing.settling`)."""
+    if answer.default_renewals:
+        return None  # the parent renews defaults after the round: their answers are a round of their own
+    balancer._take_answer(answer.allocation, answer.turns, answer.plan.next_due_s)
+    valid_to = wall + timedelta(seconds=balancer.settings.profile_validity_s)
+    for step in answer.plan.steps:
+        started = balancer._start_step(step, governed, now_s, valid_to)
+        if started is None:
+            return None
+        purpose, _, record = started
+        balancer._settle(step, purpose, record, record.generation, True, "answered", valid_to)
+    following = balancer.compute_round(now_s, wall, limits, prepare=True)
+    if (
+        following.plan.steps
+        or following.default_renewals
+        or following.turns
+        or following.forgotten
+        or following.lapsed
+        or not _same_allocation(following.allocation, answer.allocation)
+    ):
+        return None
+    return Foreseen(following.plan.next_due_s, following.next_renewal, tuple(following.prepared or ()))
+
+
+def _same_allocation(a: Allocation, b: Allocation) -> bool:
+    if not (isinstance(a.evses, AllocatedEvses) and isinstance(b.evses, AllocatedEvses)):
+        return a == b
+    x, y = a.evses, b.evses
+    arrays = ((x._allocated, y._allocated), (x._count, y._count), (x._mask, y._mask), (x._fixed, y._fixed))
+    return (
+        a.overcommitted == b.overcommitted
+        and x._keys == y._keys
+        and all(np.array_equal(first, second) for first, second in arrays)
+    )
 
 
 class _Slices:
@@ -136,12 +228,21 @@ async def forked_round(balancer: Balancer, nursery: trio.Nursery) -> None:
     now_s, wall = trio.current_time(), balancer._wall()
     governed = balancer._limits_and_governed(wall)
     limits = balancer.limits
+    on_loop_s = time.perf_counter() - started
+    await trio.lowlevel.checkpoint()  # the fork is a step of its own (it is the longest the loop waits)
+    if balancer._stopping or balancer.released:
+        return
+    resumed = time.perf_counter()
     rollout = balancer.rollout
     before: dict[EvseKey, EvseApplied | None] = dict(rollout.evses)
     raised = rollout.raised
     cached = len(rollout._paths)
-    on_loop_s = time.perf_counter() - started
-    packed = await balancer.round_runner.compute(functools.partial(_compute_packed, balancer, now_s, wall, limits))
+    previous = balancer.allocation  # what the child packs its allocation against
+    number = balancer.settling.round_forked()
+    on_loop_s += time.perf_counter() - resumed
+    child = _ChildRound(balancer, now_s, wall, limits, governed)
+    deliver = functools.partial(balancer.settling.foresight, number)
+    packed = await balancer.round_runner.compute(child.compute, Afterwards(child.foresee, deliver, nursery))
     if packed is None:
         balancer.metrics.child_rounds.labels("failed").inc()
         balancer.reallocate(nursery)
@@ -150,7 +251,7 @@ async def forked_round(balancer: Balancer, nursery: trio.Nursery) -> None:
     slices = _Slices(balancer, on_loop_s)
     if not await slices.pause():
         return
-    allocation = pickle.loads(packed.allocation)
+    allocation = _unpack_allocation(packed.allocation, previous)
     if packed.path_cache is not None and len(rollout._paths) == cached:
         # The child's plan filled the path cache; the parent's next plan (inline, after a failure) and
         # the next child (forked from here) start warm.
@@ -192,6 +293,9 @@ async def forked_round(balancer: Balancer, nursery: trio.Nursery) -> None:
                 continue
         if balancer._send_step(nursery, step, governed, now_s, valid_to):
             reference[step.key] = rollout.evses[step.key]  # our own step: counted by the plan
+            balancer.settling.step_sent(step.key)
+        else:
+            balancer.settling.changed()  # the child foresaw the next round with it sent
     if dropped:
         balancer.wake()
     decreases, retries, increases = packed.counts
@@ -205,6 +309,7 @@ async def forked_round(balancer: Balancer, nursery: trio.Nursery) -> None:
         packed.next_due_s,
     )
     balancer._end_round(nursery, plan, wall, valid_to, started, packed.default_renewals)
+    balancer.settling.round_applied()
     balancer.last_on_loop_s = slices.total_s()
 
 

@@ -63,6 +63,7 @@ from .rollout import EvseApplied, Plan, RolloutState, plan
 from .scheduling import RoundAnswer, RoundRunner
 from .sending import ProfileSending
 from .sessions import SessionTracking, evse_id_usable
+from .settling import Settling
 from .site import SiteConfig
 from .station_profiles import CsmsProfiles
 
@@ -114,6 +115,8 @@ class Balancer(SessionTracking, ProfileRenewal, ProfileSending, Persistence):
         self.last_on_loop_s = 0.0
         #: Runs a large site's rounds in a forked child (#17, :mod:`balancing.scheduling`).
         self.round_runner = RoundRunner()
+        #: After a forked round whose next round its child foresaw to be empty (:mod:`balancing.settling`).
+        self.settling = Settling()
         self._state = state
         self._stopping = False
         #: Set by :meth:`release`: the controller's profiles are being (or were) cleared; nothing is sent.
@@ -129,6 +132,12 @@ class Balancer(SessionTracking, ProfileRenewal, ProfileSending, Persistence):
 
     def wake(self) -> None:
         """Recompute soon: something the allocation depends on changed."""
+        self.settling.changed()
+        self._wake.set()
+
+    def _answered(self, key: tuple[str, int], accepted: bool) -> None:
+        """A step of ours was answered: look again (an accepted decrease may make room for an increase)."""
+        self.settling.step_answered(key, accepted)
         self._wake.set()
 
     def stop(self) -> None:
@@ -242,6 +251,13 @@ class Balancer(SessionTracking, ProfileRenewal, ProfileSending, Persistence):
             while True:
                 with trio.move_on_at(self._deadline()):
                     await self._wake.wait()
+                if self._wake.is_set() and self.settling.waiting():
+                    # Maybe only answers the last round's child foresaw: then that round is computed already.
+                    await self.settling.delivered()
+                    if self.settling.waiting():
+                        self._wake = trio.Event()
+                        self._settle_foreseen()
+                        continue
                 if self.round_runner.forks(len(self.rollout.evses)):
                     # A large site: computed off the loop (#17), once the burst that woke us is in.
                     await trio.sleep(self.round_runner.gather_s)
@@ -252,6 +268,17 @@ class Balancer(SessionTracking, ProfileRenewal, ProfileSending, Persistence):
                     self.reallocate(nursery)
                 # Let the tasks just started send before looking again (answers wake us).
                 await trio.lowlevel.checkpoint()
+
+    def _settle_foreseen(self) -> None:
+        """Once every step of the last forked round is accepted: its foreseen next round's timers."""
+        foreseen = self.settling.settled()
+        if foreseen is not None:
+            self._count_defaults_under_transactions(
+                [record for key in foreseen.recounted if (record := self._record(key)) is not None]
+            )
+            self._next_due_s, self.renewal_hint = foreseen.next_due_s, foreseen.next_renewal
+            self.renewal_hinted = True
+            self.metrics.child_rounds.labels("foreseen").inc()
 
     def _deadline(self) -> float:
         now_s = trio.current_time()

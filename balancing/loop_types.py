@@ -95,6 +95,9 @@ class LoopCore:
     def wake(self) -> None:
         raise NotImplementedError
 
+    def _answered(self, key: tuple[str, int], accepted: bool) -> None:
+        raise NotImplementedError
+
     def _records(self) -> Iterator[EvseRecord]:
         raise NotImplementedError
 

@@ -46,11 +46,12 @@ class BalancingMetrics:
         self.child_rounds = Counter(
             "ocpp_lc_balancing_child_rounds",
             "Balancing rounds of a large site computed in a forked child process, by outcome (computed; "
-            "failed: the child crashed or timed out, and the round was computed on the event loop).",
+            "failed: the child crashed or timed out, and the round was computed on the event loop; "
+            "foreseen: the round its answers would have woken, found empty by the child before, not run).",
             ["outcome"],
             registry=registry,
         )
-        for outcome in ("computed", "failed"):
+        for outcome in ("computed", "failed", "foreseen"):
             self.child_rounds.labels(outcome)
         self.csms_conflicts = Counter(
             "ocpp_lc_balancing_csms_profile_conflicts",

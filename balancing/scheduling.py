@@ -94,10 +94,11 @@ class RoundRunner:
         self.inline += 1
         return False
 
-    async def compute(self, function: Callable[[], T]) -> T | None:
-        """``function()`` computed in a forked child; ``None`` (logged) if the child failed."""
+    async def compute(self, function: Callable[[], T], afterwards: forked.Afterwards | None = None) -> T | None:
+        """``function()`` computed in a forked child; ``None`` (logged) if the child failed. With
+        ``afterwards``, the same child goes on to a second answer (:func:`balancing.forked.in_child`)."""
         try:
-            answer = await forked.in_child(function, self.timeout_s, nice=self.nice)
+            answer = await forked.in_child(function, self.timeout_s, nice=self.nice, afterwards=afterwards)
         except forked.ChildFailed as error:
             self.failures += 1
             self._failed_in_a_row += 1

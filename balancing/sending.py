@@ -29,21 +29,32 @@ class ProfileSending(LoopCore):
         self, nursery: trio.Nursery, step: Step, governed: set[tuple[str, int]], now_s: float, valid_to: datetime
     ) -> bool:
         """Start sending one step of the plan; whether it went out."""
+        started = self._start_step(step, governed, now_s, valid_to)
+        if started is None:
+            return False
+        purpose, payload, record = started
+        nursery.start_soon(self._send, step, purpose, payload, record.generation, valid_to)
+        return True
+
+    def _start_step(
+        self, step: Step, governed: set[tuple[str, int]], now_s: float, valid_to: datetime
+    ) -> tuple[Purpose, dict[str, Any], EvseRecord] | None:
+        """Record one step as sent, if it is to be sent: its purpose, payload and EVSE (``None``: not sent).
+        A forked child foreseeing the next round does this on its copy (:mod:`balancing.settling`)."""
         station = self._stations.get(step.station_id)
         if station is None or not self._connected(step.station_id, station):
-            return False  # nothing to send to; it stays counted at its maximum until it is back
+            return None  # nothing to send to; it stays counted at its maximum until it is back
         if step.key in governed:
-            return False  # a CSMS profile outranks ours there: sending changes nothing
+            return None  # a CSMS profile outranks ours there: sending changes nothing
         record = station.evses[step.evse_id]
         if record.renewing:
-            return False  # one call of ours per EVSE: planned again once the renewal is answered
+            return None  # one call of ours per EVSE: planned again once the renewal is answered
         purpose: Purpose = "TxProfile" if record.transaction_id is not None else "TxDefaultProfile"
         payload = self.profile_payload(record, purpose, step.current_amperes, valid_to, step.phases)
         self.rollout.sent(step, now_s)
         self._dirty.add(step.station_id)  # written before it goes out: a crash never forgets it
         self.metrics.profiles.labels(step.kind, "sent").inc()
-        nursery.start_soon(self._send, step, purpose, payload, record.generation, valid_to)
-        return True
+        return purpose, payload, record
 
     def profile_payload(
         self,
@@ -107,7 +118,7 @@ class ProfileSending(LoopCore):
                 f" ({outcome.detail or status_info})" if outcome.detail or status_info else "",
             )
         self._settle(step, purpose, record, generation, accepted, outcome.status, valid_to)
-        self.wake()
+        self._answered(step.key, accepted)
 
     def _settle(
         self,

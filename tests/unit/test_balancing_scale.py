@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import pickle
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -26,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from balancing import forked, rollout
 from balancing.allocator import Allocation, SiteLimits
-from balancing.forked_round import bounds_rose
+from balancing.forked_round import PackedRound, bounds_rose
 from balancing.loop import Balancer
 from balancing.rollout import RolloutState, plan
 from balancing.scheduling import GATHER_S, MAX_CHILD_FAILURES, RoundRunner
@@ -42,6 +43,7 @@ from tests.unit.test_balancing_loop import (
 
 T = TypeVar("T")
 needs_fork = pytest.mark.skipif(not forked.AVAILABLE, reason="needs fork (Linux)")
+pytestmark = needs_fork  # every round here is computed in a forked child, as on a large site
 
 
 class GatedRunner(RoundRunner):
@@ -60,12 +62,15 @@ class GatedRunner(RoundRunner):
         self.forked += 1
         return True
 
-    async def compute(self, function: Callable[[], T]) -> T | None:
+    async def compute(self, function: Callable[[], T], afterwards: forked.Afterwards | None = None) -> T | None:
         gate = self.gates[min(self.started, len(self.gates) - 1)]
         self.started += 1
-        answer = function()  # the state at the fork
+        # The state at the fork, and the parent's left as it is.
+        answer, *later = computed_in_a_fork(function, None if afterwards is None else afterwards.compute)
         self.answers.append(answer)
         await gate.wait()
+        if afterwards is not None:
+            afterwards.nursery.start_soon(deliver_soon, afterwards.deliver, later[0])
         return answer
 
     def open_all(self) -> None:
@@ -73,8 +78,38 @@ class GatedRunner(RoundRunner):
             gate.set()
 
 
-def sessions_served(allocation: Allocation) -> int:
-    return sum(1 for evse in allocation.evses.values() if evse.current_amperes > 0)
+def computed_in_a_fork(function: Callable[[], Any], then: Callable[[], Any] | None = None) -> list[Any]:
+    """``function()`` (and ``then()`` after it) in a forked child, as the controller computes them, waited
+    for with the loop blocked (the virtual clock does not move meanwhile)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read_fd)
+        forked._child(function, write_fd, 30.0, 0, then)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    values = []
+    while data:
+        size = int.from_bytes(data[:8], "big")
+        outcome, value = pickle.loads(data[8 : 8 + size])
+        assert outcome == "ok", value
+        values.append(value)
+        data = data[8 + size :]
+    return values
+
+
+async def deliver_soon(deliver: Callable[[Any], None], value: Any) -> None:
+    """The child's second answer, a checkpoint after its first (as it arrives from a real child)."""
+    await trio.lowlevel.checkpoint()
+    deliver(value)
+
+
+def served_by(answer: PackedRound) -> int:
+    """How many EVSEs a child's answer gives current (its allocation comes back as arrays)."""
+    _, (allocated, *_), _, _ = pickle.loads(answer.allocation)
+    return int((allocated > 0).sum())
 
 
 def reallocations(registry: CollectorRegistry) -> float:
@@ -174,7 +209,7 @@ async def test_a_burst_on_a_large_site_is_gathered_into_one_round(autojump_clock
                 # may leave the last few waiting behind the hysteresis of the others' decreases).
                 assert all(fake.effective((f"CS{index}", 1)) == 8.0 for index in range(50))  # 400 A / 50
             # The sessions each round allocated for: without gathering, the first event's round sees it alone.
-            rounds.append([sessions_served(pickle.loads(answer.allocation)) for answer in gated.answers])
+            rounds.append([served_by(answer) for answer in gated.answers])
             for index in range(50):
                 fake.end_transaction((f"CS{index}", 1))  # the station drops the TxProfile with it
                 balancer.station_call(
@@ -184,6 +219,102 @@ async def test_a_burst_on_a_large_site_is_gathered_into_one_round(autojump_clock
         without, gathered = rounds
         assert without[0] < 50 and gathered[0] == 50
         assert len(gathered) < len(without)
+
+
+def foreseen(registry: CollectorRegistry) -> float:
+    return registry.get_sample_value("ocpp_lc_balancing_child_rounds_total", {"outcome": "foreseen"}) or 0.0
+
+
+def installed(fake: FakeStations, indexes: range) -> list[float | None]:
+    return [fake.effective((f"CS{index}", 1)) for index in indexes]
+
+
+async def test_the_round_the_answers_wake_is_foreseen_empty_and_no_child_is_forked_for_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Every answer to a profile wakes the loop (an accepted decrease may make room for an increase), and on
+    a large site every round is a fork that stops the relay. When the limit drops, the round whose 50
+    decreases are accepted would find nothing more to send: the child that computed the decreases
+    foresaw it, so no child is forked for it. The timers go on as before."""
+    fake = FakeStations(limit_amperes=400.0)
+    registry = CollectorRegistry()
+    balancer = make_balancer(fake, registry=registry)
+    gated = balancer.round_runner = GatedRunner()
+    gated.open_all()
+    async with running(balancer):
+        await start_sessions(balancer, 50)
+        await trio.sleep(1.0)
+        assert installed(fake, range(50)) == [8.0] * 50  # 400 A / 50
+        forked_before, foreseen_before = gated.started, foreseen(registry)
+        fake.limit_amperes = 350.0  # K14: the EMS lowers the site's limit
+        balancer.wake()
+        await trio.sleep(1.0)  # well before the next periodic round (10 s)
+        assert installed(fake, range(50)) == [7.0] * 50
+        assert fake.total_drawable() <= 350.0
+        assert gated.started - forked_before == 1  # the decreases' round; none for their 50 answers
+        assert foreseen(registry) - foreseen_before == 1
+        await trio.sleep(10.0)
+        assert gated.started - forked_before == 2  # the periodic round still comes
+
+
+async def test_an_increase_that_waits_for_decreases_goes_out_once_they_are_accepted(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Ten transactions start beside fifty served sessions: their shares wait until the fifty decreases
+    are accepted (K-rules: a decrease is in force before an increase goes out). The child foresees a round
+    with increases to send, so the answers wake one at once, as before."""
+    fake = FakeStations(limit_amperes=400.0)
+    registry = CollectorRegistry()
+    balancer = make_balancer(fake, registry=registry)
+    gated = balancer.round_runner = GatedRunner()
+    gated.open_all()
+    async with running(balancer):
+        connect_idle(balancer, 60)
+        await settle()
+        start_transactions(balancer, 50)
+        await trio.sleep(1.0)
+        assert installed(fake, range(50)) == [8.0] * 50
+        forked_before, foreseen_before = gated.started, foreseen(registry)
+        for index in range(50, 60):
+            balancer.station_call(f"CS{index}", "TransactionEvent", transaction_event("Started", f"TX-{index}"))
+        await trio.sleep(1.0)
+        assert installed(fake, range(60)) == [6.6] * 60  # 400 A / 60, rounded down to 0.1 A
+        # The decreases' round, then the increases' (whose answers, in turn, wake nothing).
+        assert gated.started - forked_before == 2
+        assert foreseen(registry) - foreseen_before == 1
+        assert fake.violations == []
+
+
+async def test_a_limit_that_drops_while_the_child_computes_makes_the_answers_wake_a_real_round(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The child foresees the round after its own steps only. The limit drops again while it computes the
+    first drop's decreases: that is news to it, so the round their answers wake is computed, and the site
+    is within the second limit at once (not at the next periodic round, 10 s later)."""
+    fake = FakeStations(limit_amperes=400.0, raise_on_violation=False)
+    registry = CollectorRegistry()
+    balancer = make_balancer(fake, registry=registry)
+    gated = balancer.round_runner = GatedRunner()
+    gated.open_all()
+    async with running(balancer):
+        await start_sessions(balancer, 50)
+        await trio.sleep(1.0)
+        assert installed(fake, range(50)) == [8.0] * 50
+        gated.gates = [trio.Event() for _ in range(3)]
+        gated.started = 0
+        foreseen_before = foreseen(registry)
+        fake.limit_amperes = 350.0
+        balancer.wake()
+        await settle()
+        assert gated.started == 1  # the first drop's round has computed; its answer waits at the gate
+        fake.limit_amperes = 300.0  # K14: the EMS lowers it again
+        balancer.wake()
+        gated.open_all()
+        await trio.sleep(1.0)
+        assert installed(fake, range(50)) == [6.0] * 50
+        assert fake.total_drawable() <= 300.0
+        assert gated.started == 2  # the first drop's round, then the second's
+        assert foreseen(registry) - foreseen_before == 1  # the second's answers wake nothing more
 
 
 async def test_a_large_site_renews_its_profiles_before_they_lapse(autojump_clock: trio.abc.Clock) -> None:
