@@ -24,6 +24,11 @@ cut into slices of :data:`SLICE_S` with a checkpoint between them (a plan of a f
 few milliseconds of Python, which the relay should not wait for in one piece); after each, the checks
 above are made again. The child packs its answer for that (:class:`PackedRound`).
 
+Once its answer is written, the child goes on to the round after it: with every step recorded as sent and
+accepted on its copy, by the loop's own methods, it computes that round and sends a second answer, which
+says whether it would send nothing (:class:`~balancing.settling.Foreseen`). The loop, woken by those
+acceptances alone, then forks no child for it (:mod:`balancing.settling`).
+
 A child that failed costs the round on the loop (:meth:`~balancing.loop.Balancer.reallocate`), as on a
 small site.
 """

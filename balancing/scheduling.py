@@ -13,6 +13,8 @@ it; while a round is computed a burst of events only sets it again, and the next
 On a large site the loop also lets ``gather_s`` pass between the wake-up and the fork: a burst (a
 hundred transaction events arrive over a few milliseconds) is then one round rather than three, and
 every round is a fork that stops the loop for about two milliseconds (its page tables are copied).
+The round that the answers to a round's own profiles wake is foreseen by that round's child, and not
+forked when it would send nothing (:mod:`balancing.settling`): a burst is then one fork.
 
 Below ``threshold_evses`` a fork (about a millisecond) costs more than the round; unit tests on trio's
 virtual clock keep their exact timing there too. A child that fails (it crashed, or gave no answer within
