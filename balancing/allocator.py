@@ -35,8 +35,10 @@ the result does not depend on the order of the input. Amperes are returned unrou
 profile rounds down.
 
 How it runs (issue #17: a depot of 10,000 EVSEs in about 20 ms). The site's constraints are compiled
-once per configuration (:mod:`balancing.site_index`); a session costs one tuple read and a few array
-slots, and the rules run over whole arrays (:mod:`balancing.fill`): admission in rounds of prefix sums,
+once per configuration (:mod:`balancing.site_index`); a session costs a read of each field (a field
+that is ``None`` for every session is skipped) and a few array slots, its place in (station id, EVSE
+id) order is checked (or found) on numbered stations in numpy rather than by sorting the sessions, and
+the rules run over whole arrays (:mod:`balancing.fill`): admission in rounds of prefix sums,
 water-filling by levels computed for every constraint at once. The result is :class:`AllocatedEvses`,
 which builds an :class:`EvseAllocation` only for an EVSE someone looks at. The per-EVSE Python version
 this replaces is kept in ``tests/support/reference_allocator.py``, and a property test holds both to
@@ -49,13 +51,12 @@ import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any
 
 import numpy as np
 
 from .fill import EPSILON_AMPERES, BoolArray, FloatArray, IntArray, admit, water_fill
 from .site import AllocationPolicy, NodeLimits, SiteConfig
-from .site_index import site_index
+from .site_index import SiteIndex, site_index
 
 __all__ = ["EPSILON_AMPERES", "Allocation", "EvseAllocation", "Session", "SiteLimits", "allocate"]
 
@@ -258,18 +259,16 @@ def _lower(a: float | None, b: float | None) -> float | None:
 _BY_KEY = attrgetter("station_id", "evse_id")
 
 
-def _column(ordered: list[Session], name: str) -> list[Any]:
-    return list(map(attrgetter(name), ordered))
+def _floats(column: list[float | None], order: IntArray | None) -> FloatArray:
+    """A float column read in input order, put in ``order``; ``None`` is NaN (``np.fromiter`` converts it
+    as ``float`` arrays do)."""
+    values = np.fromiter(column, dtype=np.float64, count=len(column))
+    return values if order is None else values[order]
 
 
-def _floats(column: list[float | None]) -> FloatArray:
-    """A float column with ``None`` as NaN (most optional fields are ``None`` for almost every EVSE)."""
-    nones = column.count(None)
-    if nones == len(column):
-        return np.full(len(column), np.nan)
-    if nones:
-        column = [np.nan if value is None else value for value in column]
-    return np.array(column, dtype=np.float64)
+def _optional(column: list[float | None], order: IntArray | None) -> FloatArray | None:
+    """:func:`_floats`, or ``None`` if every value is ``None`` (most optional fields, for almost every EVSE)."""
+    return None if column.count(None) == len(column) else _floats(column, order)
 
 
 def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], now_s: float) -> Allocation:
@@ -283,19 +282,57 @@ def allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], 
         return _allocate(site, limits, sessions, now_s)
 
 
-def _allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], now_s: float) -> Allocation:
-    ordered = sorted(sessions, key=_BY_KEY)
-    if not ordered:
-        return Allocation(evses={}, overcommitted=False, computed_at_s=now_s)
-    station_ids: list[str] = _column(ordered, "station_id")
-    evse_ids: list[int] = _column(ordered, "evse_id")
-    keys = list(zip(station_ids, evse_ids, strict=True))
-    if len(set(keys)) != len(keys):
+def _in_order(index: SiteIndex, sessions: list[Session]) -> tuple[IntArray | None, list[str], list[int], IntArray]:
+    """Where each session goes in (station id, EVSE id) order: the input positions in that order (``None``
+    if the input is in it already), then the station ids, EVSE ids and station numbers in that order.
+
+    Raises ValueError on two sessions for one EVSE. When every station is known, the order is checked (and
+    found, if need be) on the station numbers' ranks by id, in numpy, without sorting Python objects; the
+    columns are then read in input order, which is the order the caller made the sessions in memory. A
+    station seen for the first time is numbered only after the check, in id order, as before.
+    """
+    station_ids = [session.station_id for session in sessions]
+    known = index.known_station_numbers(station_ids)
+    if known is None:
+        keys = list(map(_BY_KEY, sessions))
+        positions = sorted(range(len(keys)), key=keys.__getitem__)
+        keys = [keys[position] for position in positions]
         for before, after in itertools.pairwise(keys):
             if before == after:
                 raise ValueError(f"two sessions on station {after[0]!r} EVSE {after[1]}")
+        station_ids = [station_id for station_id, _ in keys]
+        number = np.array(index.station_numbers(station_ids), dtype=np.intp)
+        return np.array(positions, dtype=np.intp), station_ids, [evse_id for _, evse_id in keys], number
+    number = np.array(known, dtype=np.intp)
+    evse_ids = [session.evse_id for session in sessions]
+    rank = index.station_ranks()[number]
+    evse = np.fromiter(evse_ids, dtype=np.int64, count=len(evse_ids))
+    if _increasing(rank, evse):
+        return None, station_ids, evse_ids, number
+    order = np.lexsort((evse, rank))
+    rank, evse = rank[order], evse[order]
+    if not _increasing(rank, evse):
+        same = np.flatnonzero((rank[1:] == rank[:-1]) & (evse[1:] == evse[:-1]))
+        twice = sessions[order[same[0] + 1]]
+        raise ValueError(f"two sessions on station {twice.station_id!r} EVSE {twice.evse_id}")
+    positions = order.tolist()
+    station_ids = [station_ids[position] for position in positions]
+    evse_ids = [evse_ids[position] for position in positions]
+    return order, station_ids, evse_ids, number[order]
+
+
+def _increasing(rank: IntArray, evse: IntArray) -> bool:
+    """Whether (rank, EVSE id) strictly increases: sorted, and no EVSE twice."""
+    return bool(((rank[1:] > rank[:-1]) | ((rank[1:] == rank[:-1]) & (evse[1:] > evse[:-1]))).all())
+
+
+def _allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session], now_s: float) -> Allocation:
+    listed = sessions if isinstance(sessions, list) else list(sessions)
+    if not listed:
+        return Allocation(evses={}, overcommitted=False, computed_at_s=now_s)
     index = site_index(site)
-    number = np.array(index.station_numbers(station_ids), dtype=np.intp)
+    by_key, station_ids, evse_ids, number = _in_order(index, listed)
+    keys = list(zip(station_ids, evse_ids, strict=True))
     station_priority, station_phases, station_low, station_high, overrides = index.station_arrays()
     policy = site.policy
 
@@ -305,44 +342,57 @@ def _allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session],
     for position in np.flatnonzero(overrides[number]).tolist():
         station = index.columns.stations[number[position]]
         low[position], high[position] = station.evse_range_amperes(evse_ids[position])
-    cap = _floats(_column(ordered, "max_current_amperes"))
-    capped = ~np.isnan(cap)
-    high[capped] = np.maximum(0.0, np.minimum(high[capped], cap[capped]))
-    low[capped] = np.minimum(low[capped], high[capped])
-    compliant = np.array(_column(ordered, "compliant"), dtype=np.bool_)
-    reserve_amperes = _floats(_column(ordered, "reserve_amperes"))
-    idle = compliant & ~np.isnan(reserve_amperes)
-    high[idle] = low[idle] = np.maximum(0.0, np.minimum(high[idle], reserve_amperes[idle]))
-    measured_amperes = _floats(_column(ordered, "measured_current_amperes"))
-    underdraw_since = _floats(_column(ordered, "underdraw_since_s"))
-    with np.errstate(invalid="ignore"):
-        under = compliant & ~idle & ~np.isnan(measured_amperes) & (now_s - underdraw_since >= policy.underdraw_grace_s)
-    high[under] = np.maximum(
-        low[under], np.minimum(high[under], measured_amperes[under] + policy.underdraw_headroom_amperes)
-    )
+    cap = _optional([session.max_current_amperes for session in listed], by_key)
+    if cap is not None:
+        capped = ~np.isnan(cap)
+        high[capped] = np.maximum(0.0, np.minimum(high[capped], cap[capped]))
+        low[capped] = np.minimum(low[capped], high[capped])
+    compliant_column = [session.compliant for session in listed]
+    if compliant_column.count(True) == len(compliant_column):
+        compliant = np.ones(len(compliant_column), dtype=np.bool_)
+    else:
+        compliant = np.array(compliant_column, dtype=np.bool_)
+        compliant = compliant if by_key is None else compliant[by_key]
+    reserve_amperes = _optional([session.reserve_amperes for session in listed], by_key)
+    if reserve_amperes is None:
+        idle = np.zeros(len(compliant), dtype=np.bool_)
+    else:
+        idle = compliant & ~np.isnan(reserve_amperes)
+        high[idle] = low[idle] = np.maximum(0.0, np.minimum(high[idle], reserve_amperes[idle]))
+    measured_amperes = _optional([session.measured_current_amperes for session in listed], by_key)
+    underdraw_since = _optional([session.underdraw_since_s for session in listed], by_key)
+    if measured_amperes is not None and underdraw_since is not None:
+        with np.errstate(invalid="ignore"):
+            under = (
+                compliant & ~idle & ~np.isnan(measured_amperes) & (now_s - underdraw_since >= policy.underdraw_grace_s)
+            )
+        high[under] = np.maximum(
+            low[under], np.minimum(high[under], measured_amperes[under] + policy.underdraw_headroom_amperes)
+        )
 
     # Each EVSE's constraints: one row per (station, phase count), compiled once per site.
-    used = _floats(_column(ordered, "phases_used"))
+    used = _optional([session.phases_used for session in listed], by_key)
     phases_of_station = station_phases[number]
-    count = np.where(np.isnan(used), phases_of_station, np.clip(np.nan_to_num(used), 1, phases_of_station))
+    if used is None:
+        count = phases_of_station
+    else:
+        count = np.where(np.isnan(used), phases_of_station, np.clip(np.nan_to_num(used), 1, phases_of_station))
     row = 3 * number + count.astype(np.intp) - 1
     grid = node_capacities(site, site.grid, limits)
     table = index.rows((grid[0] is not None, grid[1] is not None, grid[2] is not None, grid[3] is not None))
     row_index, row_weight, row_mask = table.arrays()
-    constraint, weight = row_index[row], row_weight[row]
     slack = np.maximum(0.0, index.capacities(grid))
 
     # Rule 1: fixed loads first.
     allocated = np.zeros(len(keys))
     fixed = ~compliant
     if fixed.any():
-        drawing = _floats(_column(ordered, "fixed_amperes"))
+        drawing = _floats([session.fixed_amperes for session in listed], by_key)
         allocated[fixed] = np.where(np.isnan(drawing), high, np.maximum(high, np.nan_to_num(drawing)))[fixed]
-        entries = weight[fixed] > 0
+        constraint, weight = row_index[row[fixed]], row_weight[row[fixed]]
+        entries = weight > 0
         slack -= np.bincount(
-            constraint[fixed][entries],
-            weights=(weight[fixed] * allocated[fixed][:, None])[entries],
-            minlength=len(slack),
+            constraint[entries], weights=(weight * allocated[fixed][:, None])[entries], minlength=len(slack)
         )
     overcommitted = bool((slack < -EPSILON_AMPERES).any())
     if overcommitted:
@@ -350,25 +400,29 @@ def _allocate(site: SiteConfig, limits: SiteLimits, sessions: Iterable[Session],
         np.maximum(slack, 0.0, out=slack)
 
     # Rules 2 and 4: levels from the highest, each in turn order (ties: station id, EVSE id).
-    level = np.array(_column(ordered, "priority"), dtype=np.int64) + station_priority[number]
-    served_since = _floats(_column(ordered, "served_since_s"))
-    waiting_since = _floats(_column(ordered, "waiting_since_s"))
-    has_turn = ~np.isnan(served_since)
-    with np.errstate(invalid="ignore"):
-        keeps_turn = has_turn & (now_s - served_since < policy.rotation_period_s)
-    rank = np.where(keeps_turn, 0, np.where(has_turn, 2, 1))
-    since = np.where(keeps_turn, served_since, np.where(has_turn, -served_since, waiting_since))
+    priority = np.fromiter([session.priority for session in listed], dtype=np.int64, count=len(listed))
+    level = (priority if by_key is None else priority[by_key]) + station_priority[number]
+    served_since = _optional([session.served_since_s for session in listed], by_key)
+    since = _floats([session.waiting_since_s for session in listed], by_key)
+    if served_since is None:  # nobody has a turn: all waiting
+        rank = np.ones(len(since), dtype=np.intp)
+    else:
+        has_turn = ~np.isnan(served_since)
+        with np.errstate(invalid="ignore"):
+            keeps_turn = has_turn & (now_s - served_since < policy.rotation_period_s)
+        rank = np.where(keeps_turn, 0, np.where(has_turn, 2, 1))
+        since = np.where(keeps_turn, served_since, np.where(has_turn, -served_since, since))
     steerable = np.flatnonzero(compliant & ~idle & (high > 0))
     order = steerable[np.lexsort((since[steerable], rank[steerable], -level[steerable]))]
     if len(order):
         ordered_level = level[order]
         bounds = np.flatnonzero(ordered_level[1:] != ordered_level[:-1]) + 1
         for members in np.split(order, bounds):
-            admitted = admit(members, low, constraint, weight, slack)
+            admitted = admit(members, low, row, row_index, row_weight, slack)
             allocated[admitted] = low[admitted]
-            water_fill(admitted, low, high, constraint, weight, slack, allocated)
+            water_fill(admitted, low, high, row, row_index, row_weight, slack, allocated)
     waiting_idle = np.flatnonzero(idle & (high > 0))  # rule 5: whole or nothing, after every session
-    granted = admit(waiting_idle, high, constraint, weight, slack)
+    granted = admit(waiting_idle, high, row, row_index, row_weight, slack)
     allocated[granted] = high[granted]
 
     evses = AllocatedEvses(keys, allocated, count.astype(np.intp), row_mask[row], fixed)

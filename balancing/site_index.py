@@ -95,6 +95,7 @@ class SiteIndex:
         self._tables: dict[GridKinds, RowTable] = {}
         self._capacity_base: FloatArray | None = None
         self._station_arrays: tuple[IntArray, IntArray, FloatArray, FloatArray, BoolArray] | None = None
+        self._station_ranks: IntArray | None = None
 
     # Constraint numbers: 4 per node; nodes of unlisted stations are appended as they are seen.
     def _node(self, node_id: str) -> int:
@@ -113,6 +114,22 @@ class SiteIndex:
                 if value is None:
                     found[position] = self._add_station(station_ids[position])
         return found  # type: ignore[return-value]
+
+    def known_station_numbers(self, station_ids: list[str]) -> list[int] | None:
+        """The station number of each id, or ``None`` if one is seen for the first time (nothing is added)."""
+        found = list(map(self.columns.number.get, station_ids))
+        return None if None in found else found  # type: ignore[return-value]
+
+    def station_ranks(self) -> IntArray:
+        """Per station number, the rank of its id among the known stations' ids (``str`` order): EVSEs in
+        (rank, EVSE id) order are in (station id, EVSE id) order."""
+        count = len(self.columns.stations)
+        if self._station_ranks is None or len(self._station_ranks) != count:
+            ids = list(self.columns.number)  # in number order
+            ranks = np.empty(count, dtype=np.intp)
+            ranks[sorted(range(count), key=ids.__getitem__)] = np.arange(count)
+            self._station_ranks = ranks
+        return self._station_ranks
 
     def _add_station(self, station_id: str) -> int:
         columns = self.columns
