@@ -253,8 +253,9 @@ class Balancer(SessionTracking, ProfileRenewal, ProfileSending, Persistence):
                     await self._wake.wait()
                 if self._wake.is_set() and self.settling.waiting():
                     # Maybe only answers the last round's child foresaw: then that round is computed already.
-                    await self.settling.delivered()
-                    if self.settling.waiting():
+                    with trio.move_on_at(self._deadline()):
+                        await self.settling.delivered()
+                    if self.settling.waiting() and self.settling.foreseen_in():
                         self._wake = trio.Event()
                         self._settle_foreseen()
                         continue

@@ -48,6 +48,7 @@ class Settling:
         self._changed = True
         self._foreseen: Foreseen | None = None
         self._delivered = trio.Event()
+        self._news = trio.Event()  # the foresight came, or something changed
 
     def round_forked(self) -> int:
         """A round's child is forked now: what happens from here on is news to it. Returns the round's
@@ -58,6 +59,7 @@ class Settling:
         self._changed = False
         self._foreseen = None
         self._delivered = trio.Event()
+        self._news = trio.Event()
         return self._round
 
     def foresight(self, round_number: int, foreseen: Foreseen | None) -> None:
@@ -65,10 +67,12 @@ class Settling:
         if round_number == self._round:
             self._foreseen = foreseen
             self._delivered.set()
+            self._news.set()
 
     def changed(self) -> None:
         """Something the child could not foresee happened: the next wake-up is a real round."""
         self._changed = True
+        self._news.set()
 
     def step_sent(self, key: EvseKey) -> None:
         self._expected.add(key)
@@ -78,7 +82,7 @@ class Settling:
         if accepted and key in self._expected:
             self._expected.discard(key)
         else:
-            self._changed = True
+            self.changed()
 
     def round_applied(self) -> None:
         """The round's answer is applied: its steps went out (those in :meth:`step_sent`)."""
@@ -90,8 +94,13 @@ class Settling:
         return self._applied and not self._changed and foreseen
 
     async def delivered(self) -> None:
-        """Until the child's foresight is in (at most the child's timeout: it is then ended)."""
-        await self._delivered.wait()
+        """Until the child's foresight is in (at most the child's timeout: it is then ended), or
+        something it could not foresee happens."""
+        await self._news.wait()
+
+    def foreseen_in(self) -> bool:
+        """Whether the child's foresight for the last round has come (empty or not)."""
+        return self._delivered.is_set()
 
     def settled(self) -> Foreseen | None:
         """Once the foresight is in and every step accepted: the foreseen round (once)."""

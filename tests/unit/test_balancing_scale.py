@@ -57,6 +57,8 @@ class GatedRunner(RoundRunner):
         self.gates = [trio.Event() for _ in range(3)]
         self.started = 0
         self.answers: list[Any] = []
+        #: While set to an Event that is not set, every child's second answer (its foresight) waits for it.
+        self.foresight_gate: trio.Event | None = None
 
     def forks(self, evses: int) -> bool:
         self.forked += 1
@@ -70,7 +72,7 @@ class GatedRunner(RoundRunner):
         self.answers.append(answer)
         await gate.wait()
         if afterwards is not None:
-            afterwards.nursery.start_soon(deliver_soon, afterwards.deliver, later[0])
+            afterwards.nursery.start_soon(deliver_soon, afterwards.deliver, later[0], self.foresight_gate)
         return answer
 
     def open_all(self) -> None:
@@ -100,9 +102,12 @@ def computed_in_a_fork(function: Callable[[], Any], then: Callable[[], Any] | No
     return values
 
 
-async def deliver_soon(deliver: Callable[[Any], None], value: Any) -> None:
-    """The child's second answer, a checkpoint after its first (as it arrives from a real child)."""
+async def deliver_soon(deliver: Callable[[Any], None], value: Any, gate: trio.Event | None = None) -> None:
+    """The child's second answer, a checkpoint after its first (as it arrives from a real child), or once
+    ``gate`` is set."""
     await trio.lowlevel.checkpoint()
+    if gate is not None:
+        await gate.wait()
     deliver(value)
 
 
@@ -315,6 +320,30 @@ async def test_a_limit_that_drops_while_the_child_computes_makes_the_answers_wak
         assert fake.total_drawable() <= 300.0
         assert gated.started == 2  # the first drop's round, then the second's
         assert foreseen(registry) - foreseen_before == 1  # the second's answers wake nothing more
+
+
+async def test_the_loop_waiting_for_a_foresight_still_answers_a_new_limit_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The decreases' answers are in, and the child's foresight is late (a busy machine): a limit that drops
+    meanwhile is a real round at once, not after the foresight."""
+    fake = FakeStations(limit_amperes=400.0, raise_on_violation=False)
+    balancer = make_balancer(fake)
+    gated = balancer.round_runner = GatedRunner()
+    gated.open_all()
+    async with running(balancer):
+        await start_sessions(balancer, 50)
+        await trio.sleep(1.0)
+        gated.foresight_gate = trio.Event()  # never set: no foresight comes from here on
+        fake.limit_amperes = 350.0
+        balancer.wake()
+        await trio.sleep(1.0)
+        assert installed(fake, range(50)) == [7.0] * 50  # the decreases are in; the loop awaits the foresight
+        fake.limit_amperes = 300.0  # K14: the EMS lowers it again
+        balancer.wake()
+        await trio.sleep(1.0)
+        assert installed(fake, range(50)) == [6.0] * 50
+        assert fake.total_drawable() <= 300.0
 
 
 async def test_a_large_site_renews_its_profiles_before_they_lapse(autojump_clock: trio.abc.Clock) -> None:
