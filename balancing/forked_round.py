@@ -152,43 +152,33 @@ class _ChildRound:
         return pack(self.answer, previous)
 
     def foresee(self) -> Foreseen | None:
-        assert self.answer is not None
-        return _foresee(self.balancer, self.answer, self.now_s, self.wall, self.limits, self.governed)
-
-
-def _foresee(
-    balancer: Balancer,
-    answer: RoundAnswer,
-    now_s: float,
-    wall: datetime,
-    limits: SiteLimits,
-    governed: set[EvseKey],
-) -> Foreseen | None:
-    """In the child, after its round: the round its steps' acceptances would wake, computed on the child's
-    copy with every step sent and accepted (the loop's own methods for both). If it would send nothing and
-    change no allocation or turn: its timers and the EVSEs its preparation counts anew (the parent does
-    that to those), else ``None`` (:mod:`balancing.settling`)."""
-    if answer.default_renewals:
-        return None  # the parent renews defaults after the round: their answers are a round of their own
-    balancer._take_answer(answer.allocation, answer.turns, answer.plan.next_due_s)
-    valid_to = wall + timedelta(seconds=balancer.settings.profile_validity_s)
-    for step in answer.plan.steps:
-        started = balancer._start_step(step, governed, now_s, valid_to)
-        if started is None:
+        """After :meth:`compute`: the round its steps' acceptances would wake, computed on the child's copy
+        with every step sent and accepted (the loop's own methods for both). If it would send nothing and
+        change no allocation or turn: its timers and the EVSEs its preparation counts anew (the parent
+        does that to those), else ``None`` (:mod:`balancing.settling`)."""
+        answer, balancer, now_s, wall = self.answer, self.balancer, self.now_s, self.wall
+        assert answer is not None
+        if answer.default_renewals:
+            return None  # the parent renews defaults after the round: their answers are a round of their own
+        balancer._take_answer(answer.allocation, answer.turns, answer.plan.next_due_s)
+        valid_to = wall + timedelta(seconds=balancer.settings.profile_validity_s)
+        for step in answer.plan.steps:
+            started = balancer._start_step(step, self.governed, now_s, valid_to)
+            if started is None:
+                return None
+            purpose, _, record = started
+            balancer._settle(step, purpose, record, record.generation, True, "answered", valid_to)
+        following = balancer.compute_round(now_s, wall, self.limits, prepare=True)
+        if (
+            following.plan.steps
+            or following.default_renewals
+            or following.turns
+            or following.forgotten
+            or following.lapsed
+            or not _same_allocation(following.allocation, answer.allocation)
+        ):
             return None
-        purpose, _, record = started
-        balancer._settle(step, purpose, record, record.generation, True, "answered", valid_to)
-    following = balancer.compute_round(now_s, wall, limits, prepare=True)
-    if (
-        following.plan.steps
-        or following.default_renewals
-        or following.turns
-        or following.forgotten
-        or following.lapsed
-        or not _same_allocation(following.allocation, answer.allocation)
-    ):
-        return None
-    return Foreseen(following.plan.next_due_s, following.next_renewal, tuple(following.prepared or ()))
+        return Foreseen(following.plan.next_due_s, following.next_renewal, tuple(following.prepared or ()))
 
 
 def _same_allocation(a: Allocation, b: Allocation) -> bool:

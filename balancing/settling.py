@@ -6,8 +6,8 @@ relay for a few milliseconds; and after a burst, the round the answers wake is m
 nothing to send (the decreases freed nothing anyone waits for). So the child of a round, once it has
 computed the round, also computes the next one on its own copy: it records the round's steps as sent and
 as accepted, through the same methods the loop uses for real answers, and looks at what the round after
-them would do. When that is nothing (no step, no renewal of a default, no turn or allocation changed), the
-answer says so (:attr:`~balancing.forked_round.PackedRound.settled`).
+them would do, and sends that as a second answer, after the first (:class:`Foreseen` when it would send
+nothing: no step, no renewal of a default, no turn or allocation changed; else ``None``).
 
 The loop then keeps a :class:`Settling` for the round: which steps went out, and whether anything else
 happened since the fork. A wake-up that only an acceptance of one of those steps caused computes nothing;
@@ -47,7 +47,7 @@ class Settling:
         self._applied = False
         self._changed = True
         self._foreseen: Foreseen | None = None
-        self._delivered = trio.Event()
+        self._delivered = False  # the child's foresight for the last round came
         self._news = trio.Event()  # the foresight came, or something changed
 
     def round_forked(self) -> int:
@@ -58,7 +58,7 @@ class Settling:
         self._applied = False
         self._changed = False
         self._foreseen = None
-        self._delivered = trio.Event()
+        self._delivered = False
         self._news = trio.Event()
         return self._round
 
@@ -66,7 +66,7 @@ class Settling:
         """The child's second answer for that round (``None``: the next round is not foreseen empty)."""
         if round_number == self._round:
             self._foreseen = foreseen
-            self._delivered.set()
+            self._delivered = True
             self._news.set()
 
     def changed(self) -> None:
@@ -90,7 +90,7 @@ class Settling:
 
     def waiting(self) -> bool:
         """Whether the loop may have only acceptances the child foresaw to wait for (compute nothing now)."""
-        foreseen = not self._delivered.is_set() or self._foreseen is not None
+        foreseen = not self._delivered or self._foreseen is not None
         return self._applied and not self._changed and foreseen
 
     async def delivered(self) -> None:
@@ -100,11 +100,11 @@ class Settling:
 
     def foreseen_in(self) -> bool:
         """Whether the child's foresight for the last round has come (empty or not)."""
-        return self._delivered.is_set()
+        return self._delivered
 
     def settled(self) -> Foreseen | None:
         """Once the foresight is in and every step accepted: the foreseen round (once)."""
-        if not self.waiting() or not self._delivered.is_set() or self._expected:
+        if not self.waiting() or not self._delivered or self._expected:
             return None
         self._applied = False
         return self._foreseen

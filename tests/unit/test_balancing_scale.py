@@ -234,6 +234,21 @@ def installed(fake: FakeStations, indexes: range) -> list[float | None]:
     return [fake.effective((f"CS{index}", 1)) for index in indexes]
 
 
+def gated_balancer(fake: FakeStations, registry: CollectorRegistry | None = None) -> tuple[Balancer, GatedRunner]:
+    """A balancer whose every round is computed in a fork (gates open)."""
+    balancer = make_balancer(fake, registry=registry)
+    gated = balancer.round_runner = GatedRunner()
+    gated.open_all()
+    return balancer, gated
+
+
+async def fifty_served(balancer: Balancer, fake: FakeStations) -> None:
+    """Fifty sessions, each with its 8 A of the site's 400 A installed."""
+    await start_sessions(balancer, 50)
+    await trio.sleep(1.0)
+    assert installed(fake, range(50)) == [8.0] * 50
+
+
 async def test_the_round_the_answers_wake_is_foreseen_empty_and_no_child_is_forked_for_it(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -243,13 +258,9 @@ async def test_the_round_the_answers_wake_is_foreseen_empty_and_no_child_is_fork
     foresaw it, so no child is forked for it. The timers go on as before."""
     fake = FakeStations(limit_amperes=400.0)
     registry = CollectorRegistry()
-    balancer = make_balancer(fake, registry=registry)
-    gated = balancer.round_runner = GatedRunner()
-    gated.open_all()
+    balancer, gated = gated_balancer(fake, registry)
     async with running(balancer):
-        await start_sessions(balancer, 50)
-        await trio.sleep(1.0)
-        assert installed(fake, range(50)) == [8.0] * 50  # 400 A / 50
+        await fifty_served(balancer, fake)
         forked_before, foreseen_before = gated.started, foreseen(registry)
         fake.limit_amperes = 350.0  # K14: the EMS lowers the site's limit
         balancer.wake()
@@ -270,9 +281,7 @@ async def test_an_increase_that_waits_for_decreases_goes_out_once_they_are_accep
     with increases to send, so the answers wake one at once, as before."""
     fake = FakeStations(limit_amperes=400.0)
     registry = CollectorRegistry()
-    balancer = make_balancer(fake, registry=registry)
-    gated = balancer.round_runner = GatedRunner()
-    gated.open_all()
+    balancer, gated = gated_balancer(fake, registry)
     async with running(balancer):
         connect_idle(balancer, 60)
         await settle()
@@ -298,13 +307,9 @@ async def test_a_limit_that_drops_while_the_child_computes_makes_the_answers_wak
     is within the second limit at once (not at the next periodic round, 10 s later)."""
     fake = FakeStations(limit_amperes=400.0, raise_on_violation=False)
     registry = CollectorRegistry()
-    balancer = make_balancer(fake, registry=registry)
-    gated = balancer.round_runner = GatedRunner()
-    gated.open_all()
+    balancer, gated = gated_balancer(fake, registry)
     async with running(balancer):
-        await start_sessions(balancer, 50)
-        await trio.sleep(1.0)
-        assert installed(fake, range(50)) == [8.0] * 50
+        await fifty_served(balancer, fake)
         gated.gates = [trio.Event() for _ in range(3)]
         gated.started = 0
         foreseen_before = foreseen(registry)
@@ -328,12 +333,9 @@ async def test_the_loop_waiting_for_a_foresight_still_answers_a_new_limit_at_onc
     """The decreases' answers are in, and the child's foresight is late (a busy machine): a limit that drops
     meanwhile is a real round at once, not after the foresight."""
     fake = FakeStations(limit_amperes=400.0, raise_on_violation=False)
-    balancer = make_balancer(fake)
-    gated = balancer.round_runner = GatedRunner()
-    gated.open_all()
+    balancer, gated = gated_balancer(fake)
     async with running(balancer):
-        await start_sessions(balancer, 50)
-        await trio.sleep(1.0)
+        await fifty_served(balancer, fake)
         gated.foresight_gate = trio.Event()  # never set: no foresight comes from here on
         fake.limit_amperes = 350.0
         balancer.wake()
